@@ -1,0 +1,7 @@
+"""keras-spft: regularised fine-tuning of pre-trained Keras 3 models."""
+
+from keras_spft.constraints import FrobeniusDistance, MARSDistance
+from keras_spft.regularizers import L2SP, MARSSP
+
+__version__ = "0.1.0"
+from keras_spft.wrap import WrapReport, wrap_pretrained

@@ -1,0 +1,176 @@
+"""Anchor storage shared by the constraints and regularizers.
+
+An anchored object keeps the pre-trained value of one kernel (its *anchor*) and
+its per-row radius as `keras.Variable`s that it owns. Both are written as
+binary weights by `model.save(...)` and `model.save_weights(...)`, next to the
+layer that holds the object, and read back by `keras.models.load_model` and
+`model.load_weights`: the layer config only records their shape and dtype.
+"""
+
+import numpy as np
+import keras
+from keras import ops
+from keras.src.saving.keras_saveable import KerasSaveable
+
+
+def _spec(value):
+    return {"shape": list(value.shape), "dtype": str(value.dtype)}
+
+
+def is_spec(value):
+    return isinstance(value, dict) and set(value) == {"shape", "dtype"}
+
+
+def check_positive(value, what, owner):
+    """Raises `ValueError` unless `value` is a finite number (or array) > 0."""
+    arr = np.asarray(value, dtype="float64") if not is_spec(value) else None
+    if arr is None:
+        return
+    if arr.size == 0 or not np.all(np.isfinite(arr)) or not np.all(arr > 0):
+        shown = value if arr.size == 1 else f"array with min {np.nanmin(arr) if arr.size else 'n/a'}"
+        raise ValueError(
+            f"{owner}: `{what}` must be positive and finite, got {shown}."
+        )
+
+
+class Anchored(KerasSaveable):
+    """Mixin for objects that own an anchor and a radius (or strength).
+
+    Subclasses call `_init_anchor` and `_init_scale` in `__init__` and read
+    `self.anchor` (a tensor, or `None` for the origin) and `self.scale`.
+    """
+
+    def _init_anchor(self, anchor, name):
+        self.name = name
+        self._anchor_ready = True
+        if anchor is None:
+            self._anchor = None
+            return
+        if isinstance(anchor, _SharedAnchor):
+            self._anchor = anchor.variable
+            return
+        if is_spec(anchor):
+            # Rebuilt from a config: the values come from the weights file.
+            value = np.zeros(anchor["shape"], dtype=anchor["dtype"])
+            self._anchor_ready = False
+        else:
+            value = np.array(ops.convert_to_numpy(anchor), copy=True)
+            if not np.issubdtype(value.dtype, np.floating):
+                raise ValueError(
+                    f"{self._owner()}: the anchor must be a floating point "
+                    f"array, got dtype {value.dtype}."
+                )
+            if not np.all(np.isfinite(value)):
+                raise ValueError(
+                    f"{self._owner()}: the anchor contains NaN or inf."
+                )
+        self._anchor = keras.Variable(
+            value, dtype=str(value.dtype), trainable=False, autocast=False,
+            name="anchor",
+        )
+
+    def _init_scale(self, value, what, shape):
+        """Stores a positive scalar or per-row array as a variable."""
+        check_positive(value, what, self._owner())
+        if is_spec(value):
+            arr = np.ones(value["shape"], dtype=value["dtype"])
+        else:
+            arr = np.asarray(ops.convert_to_numpy(value), dtype="float32")
+            if arr.ndim and shape is not None:
+                try:
+                    np.broadcast_to(arr, shape)
+                except ValueError:
+                    raise ValueError(
+                        f"{self._owner()}: `{what}` of shape {arr.shape} does "
+                        f"not broadcast to the per-row shape {tuple(shape)}."
+                    ) from None
+        self._scale_config = float(arr) if arr.ndim == 0 and not is_spec(value) else _spec(arr)
+        self._scale = keras.Variable(
+            arr, dtype="float32", trainable=False, autocast=False, name=what
+        )
+
+    def _owner(self):
+        return f"{type(self).__name__}({self.name or 'unnamed'})"
+
+    @property
+    def anchor(self):
+        """The anchor variable, or `None` when the anchor is the origin."""
+        return self._anchor
+
+    @property
+    def anchor_spec(self):
+        return None if self._anchor is None else _spec(self._anchor)
+
+    def _anchor_value(self, dtype):
+        if not self._anchor_ready:
+            raise RuntimeError(
+                f"{self._owner()} was rebuilt from a config but its anchor "
+                "was never loaded: load it with `keras.models.load_model` or "
+                "`model.load_weights` (cloning a wrapped model through its "
+                "config alone loses the anchors)."
+            )
+        return ops.cast(self._anchor.value, dtype)
+
+    def _check_shape(self, w):
+        if self._anchor is not None and tuple(w.shape) != tuple(self._anchor.shape):
+            raise ValueError(
+                f"{self._owner()}: the weight has shape {tuple(w.shape)} but "
+                f"the anchor has shape {tuple(self._anchor.shape)}."
+            )
+
+    # -- saving ---------------------------------------------------------
+    def _obj_type(self):
+        # Lets keras' saving library visit this object as a child of the
+        # layer that holds it (attribute `kernel_constraint` and the like).
+        return "Loss"
+
+    def _own_variables(self):
+        out = {"scale": self._scale}
+        if self._anchor is not None:
+            out["anchor"] = self._anchor
+        return out
+
+    def save_own_variables(self, store):
+        for key, var in self._own_variables().items():
+            store[key] = var
+
+    def load_own_variables(self, store):
+        own = self._own_variables()
+        keys = set(store.keys())
+        if keys != set(own):
+            raise ValueError(
+                f"{self._owner()}: the saved state holds {sorted(keys)} but "
+                f"this object needs {sorted(own)}."
+            )
+        for key, var in own.items():
+            value = np.asarray(store[key])
+            if tuple(value.shape) != tuple(var.shape):
+                raise ValueError(
+                    f"{self._owner()}: saved {key} has shape {value.shape}, "
+                    f"expected {tuple(var.shape)}."
+                )
+            var.assign(value.astype(var.dtype))
+        self._anchor_ready = True
+
+    def __reduce__(self):
+        # KerasSaveable pickles whole models; an anchored object pickles as
+        # its config plus its variables.
+        values = {k: ops.convert_to_numpy(v) for k, v in self._own_variables().items()}
+        return (_restore, (type(self), self.get_config(), values))
+
+    def __deepcopy__(self, memo):
+        cls, args = self.__reduce__()
+        return cls(*args)
+
+
+class _SharedAnchor:
+    """Passes an existing anchor variable to a new object without copying."""
+
+    def __init__(self, variable):
+        self.variable = variable
+
+
+def _restore(cls, config, values):
+    obj = cls.from_config(config)
+    obj.load_own_variables(values)
+    return obj

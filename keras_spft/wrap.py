@@ -1,0 +1,442 @@
+"""`wrap_pretrained`: anchor every pre-trained kernel of a model in one call."""
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import keras
+
+from keras_spft.anchors import Anchored, _SharedAnchor, check_positive
+from keras_spft.constraints import FrobeniusDistance, MARSDistance
+from keras_spft.kernels import UnsupportedLayerError, kernel_specs, own_weights
+from keras_spft.regularizers import L2SP, MARSSP
+
+METHODS = ("none", "l2-sp", "mars-sp", "l2-pgm", "mars-pgm", "mars-pgm-exact")
+PGM_METHODS = ("l2-pgm", "mars-pgm", "mars-pgm-exact")
+SP_METHODS = ("l2-sp", "mars-sp")
+BATCHNORM_MODES = (None, "gamma", "reference")
+
+
+@dataclass
+class WrappedWeight:
+    """One weight that `wrap_pretrained` attached an object to."""
+
+    path: str
+    weight: str
+    kind: str
+    role: str
+    rows: int
+    value: str
+    params: int
+    obj: object = field(repr=False)
+    note: str = ""
+
+
+@dataclass
+class SkippedLayer:
+    """A layer with weights that `wrap_pretrained` left alone, and why."""
+
+    path: str
+    kind: str
+    reason: str
+
+
+@dataclass
+class WrapReport:
+    """What `wrap_pretrained` did. `print(report)` shows it as a table.
+
+    Attributes:
+        method: the method applied.
+        wrapped: list of `WrappedWeight`, one per anchored weight or head kernel.
+        skipped: list of `SkippedLayer`, layers with weights left alone.
+    """
+
+    method: str
+    wrapped: list = field(default_factory=list)
+    skipped: list = field(default_factory=list)
+
+    @property
+    def params(self):
+        """Parameters covered by a constraint or penalty."""
+        return sum(w.params for w in self.wrapped)
+
+    @property
+    def anchor_bytes(self):
+        """Extra memory held by the anchors (one copy of each anchored weight)."""
+        seen, total = set(), 0
+        for w in self.wrapped:
+            a = w.obj.anchor
+            if a is not None and id(a) not in seen:
+                seen.add(id(a))
+                total += math.prod(a.shape) * np.dtype(a.dtype).itemsize
+        return total
+
+    def __getitem__(self, path):
+        for w in self.wrapped:
+            if w.path == path or w.path.endswith("/" + path):
+                return w.obj
+        raise KeyError(path)
+
+    def summary(self):
+        roles = {}
+        for w in self.wrapped:
+            roles[w.role] = roles.get(w.role, 0) + 1
+        parts = ", ".join(f"{k} {v}" for k, v in roles.items())
+        return (
+            f"{self.method}: {len(self.wrapped)} weights wrapped ({parts or 'none'}), "
+            f"{self.params:,} parameters covered, anchors {self.anchor_bytes:,} bytes; "
+            f"{len(self.skipped)} layers with weights skipped"
+        )
+
+    def __str__(self):
+        head = ("layer", "weight", "kind", "role", "rows", "radius/strength", "params")
+        rows = [head] + [
+            (w.path, w.weight, w.kind, w.role, f"{w.rows:,}", w.value + (f" ({w.note})" if w.note else ""), f"{w.params:,}")
+            for w in self.wrapped
+        ]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+        fmt = "  ".join("{:<%d}" % n for n in widths)
+        lines = [self.summary(), fmt.format(*head), fmt.format(*("-" * n for n in widths))]
+        lines += [fmt.format(*r) for r in rows[1:]]
+        if self.skipped:
+            lines.append("skipped:")
+            by_reason = {}
+            for s in self.skipped:
+                by_reason.setdefault(s.reason, []).append(s.path)
+            for reason, paths in by_reason.items():
+                shown = ", ".join(paths[:6]) + (f", ... ({len(paths)} layers)" if len(paths) > 6 else "")
+                lines.append(f"  {reason}: {shown}")
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+def _walk(layer, prefix=""):
+    """Yields (path, sublayer) for every nested sublayer, depth first."""
+    children = layer.layers if isinstance(layer, keras.Model) else getattr(layer, "_layers", [])
+    for sub in children:
+        path = prefix + sub.name
+        yield path, sub
+        yield from _walk(sub, path + "/")
+
+
+def _default_head(model, layers):
+    """Layers outside the nested pre-trained model(s); else the last kernel layer."""
+    top = model.layers if isinstance(model, keras.Model) else []
+    nested = [l for l in top if isinstance(l, keras.Model)]
+    if nested:
+        inside = set()
+        for base in nested:
+            inside.update(id(l) for _, l in _walk(base))
+            inside.add(id(base))
+        return [p for p, l in layers if id(l) not in inside and _has_kernel(l)]
+    with_kernel = [p for p, l in layers if _has_kernel(l)]
+    return with_kernel[-1:]
+
+
+def _has_kernel(layer):
+    try:
+        return bool(kernel_specs(layer))
+    except UnsupportedLayerError:
+        return True
+
+
+def _resolve(value, layer, path, what):
+    """A per-layer number from a scalar, a dict or a callable."""
+    if isinstance(value, dict):
+        for key in (path, layer.name, "*"):
+            if key in value:
+                value = value[key]
+                break
+        else:
+            raise ValueError(
+                f"`{what}` dict has no entry for layer '{path}' and no '*' default."
+            )
+    elif callable(value):
+        value = value(layer)
+        if value is None:
+            return None
+    check_positive(value, what, f"layer '{path}'")
+    return float(value)
+
+
+def _fmt(x):
+    return f"{x:.4g}"
+
+
+def wrap_pretrained(
+    model,
+    radius=None,
+    method="mars-pgm",
+    head=None,
+    head_radius=None,
+    *,
+    strength=None,
+    head_strength=None,
+    projection=None,
+    relative=False,
+    batchnorm=None,
+    exclude=(),
+):
+    """Anchors every pre-trained kernel of `model` at its current value.
+
+    Attaches a constraint (PGM methods) or a penalty (SP methods) to every
+    kernel of the supported layer types, inside nested models too, so that
+    an ordinary `model.compile(...)`/`model.fit(...)` fine-tunes with the
+    chosen method. Call it after loading the pre-trained weights and adding
+    the new head, before training. Biases, BatchNorm beta and the moving
+    statistics are never touched.
+
+    | method | backbone kernel | head kernel |
+    |---|---|---|
+    | `"none"` | nothing (removes keras-spft objects) | nothing |
+    | `"l2-sp"` | `L2SP(anchor, strength)` | `L2SP(None, head_strength)` |
+    | `"mars-sp"` | `MARSSP(anchor, strength)` | `MARSSP(None, head_strength)` |
+    | `"l2-pgm"` | `FrobeniusDistance(anchor, radius)` | `FrobeniusDistance(None, head_radius)` |
+    | `"mars-pgm"` | `MARSDistance(anchor, radius)` | `MARSDistance(None, head_radius)` |
+    | `"mars-pgm-exact"` | as mars-pgm with `projection="exact"` | same |
+
+    Args:
+        model: a built Keras model (e.g. a keras.applications base inside a
+            Sequential or functional model with a new head).
+        radius: PGM methods: the distance bound. A float, a dict
+            `{layer name or path: radius}` (key `"*"` is the default), or a
+            callable `layer -> radius` (returning `None` leaves that layer
+            free, and the report says so).
+        method: one of `"none"`, `"l2-sp"`, `"mars-sp"`, `"l2-pgm"`,
+            `"mars-pgm"`, `"mars-pgm-exact"`.
+        head: names (or paths) of the new head layers, bounded around zero.
+            Default: the kernel layers outside the nested pre-trained
+            model(s), or, when the model has no nested model, its last kernel
+            layer. `[]`: no head, every kernel is anchored.
+        head_radius: PGM methods: radius of the head around zero (scalar,
+            dict or callable). `None` leaves the head free.
+        strength: SP methods: the penalty strength (scalar, dict or callable).
+        head_strength: SP methods: penalty strength on the head (around zero).
+            `None` leaves the head free.
+        projection: MARS-PGM only: `"scale"` (the paper's, default) or
+            `"exact"` (Euclidean projection onto each row's L1 ball).
+        relative: if `True`, backbone radii are fractions of each anchor row's
+            own norm (MARS: row L1 norm; L2: the kernel's Frobenius norm).
+        batchnorm: `None` (default) leaves BatchNorm gamma free, as in
+            L2-SP; `"gamma"` bounds or penalises gamma around its pre-trained
+            value (element-wise for MARS, as one vector for L2) with the
+            backbone radius; `"reference"` (PGM only) follows the authors'
+            code: the effective scale `gamma / sqrt(moving_variance + eps)`
+            stays within `radius` of its pre-trained value, element-wise,
+            with the pre-trained moving variance.
+        exclude: names (or paths) of layers to leave alone; listed in the
+            report.
+
+    Returns:
+        A `WrapReport`; `print(report)` shows every wrapped weight (kind,
+        rows, radius, parameters) and the skipped layers with the reason.
+
+    Raises:
+        ValueError: unknown method or option, a radius/strength that is not
+            positive and finite, a head or excluded name that does not exist,
+            a layer with LoRA enabled or quantized, a kernel that already has a
+            foreign constraint or regularizer, or no eligible layer.
+
+    Example:
+
+    ```python
+    base = keras.applications.MobileNet(
+        alpha=0.25, include_top=False, weights=None, pooling="avg",
+        input_shape=(96, 96, 3))
+    model = keras.Sequential([base, keras.layers.Dense(5)])
+    report = keras_spft.wrap_pretrained(model, radius=10.0, head_radius=8.0)
+    print(report)
+    ```
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}.")
+    if batchnorm not in BATCHNORM_MODES:
+        raise ValueError(
+            f"unknown batchnorm option {batchnorm!r}; expected one of {BATCHNORM_MODES}."
+        )
+    if method == "mars-pgm-exact":
+        if projection not in (None, "exact"):
+            raise ValueError(f"method 'mars-pgm-exact' conflicts with projection={projection!r}.")
+        method, projection = "mars-pgm", "exact"
+    if projection is not None and method != "mars-pgm":
+        raise ValueError(f"`projection` applies to mars-pgm only, not {method!r}.")
+    projection = projection or "scale"
+    pgm, sp = method in PGM_METHODS, method in SP_METHODS
+    if sp:
+        if radius is not None or head_radius is not None:
+            raise ValueError(
+                f"method {method!r} is a penalty: pass `strength=`/`head_strength=`, "
+                "not `radius=`/`head_radius=`."
+            )
+        if strength is None:
+            raise ValueError(f"method {method!r} needs `strength=`.")
+        if relative:
+            raise ValueError("`relative=True` applies to PGM radii only.")
+        if batchnorm == "reference":
+            raise ValueError("batchnorm='reference' applies to PGM methods only.")
+    elif pgm:
+        if strength is not None or head_strength is not None:
+            raise ValueError(
+                f"method {method!r} is a constraint: pass `radius=`/`head_radius=`, "
+                "not `strength=`/`head_strength=`."
+            )
+        if radius is None:
+            raise ValueError(f"method {method!r} needs `radius=`.")
+    if not getattr(model, "built", False):
+        raise ValueError("the model is not built: call it on data or `model.build(...)` first.")
+
+    layers = list(_walk(model))
+    by_name = {}
+    for path, layer in layers:
+        by_name.setdefault(path, layer)
+        by_name.setdefault(layer.name, layer)
+
+    def lookup(names, what):
+        if isinstance(names, str):
+            names = [names]
+        found = []
+        for n in names:
+            if n not in by_name:
+                top = ", ".join(l.name for l in getattr(model, "layers", []))
+                raise ValueError(f"{what} layer '{n}' does not exist in the model (top-level layers: {top}).")
+            found.append(id(by_name[n]))
+        return set(found)
+
+    excluded = lookup(exclude or (), "excluded")
+    if head is None:
+        head_ids = lookup(_default_head(model, layers), "head")
+    else:
+        head_ids = lookup(head, "head")
+
+    backbone_value = strength if sp else radius
+    head_value = head_strength if sp else head_radius
+    report = WrapReport(method=method + ("-exact" if projection == "exact" else ""))
+    seen = set()
+    plan = []
+    for path, layer in layers:
+        if id(layer) in seen:
+            continue
+        seen.add(id(layer))
+        kind = type(layer).__name__
+        if id(layer) in excluded:
+            if own_weights(layer):
+                report.skipped.append(SkippedLayer(path, kind, "excluded by the user"))
+            continue
+        try:
+            specs = kernel_specs(layer, batchnorm=batchnorm is not None)
+        except UnsupportedLayerError as e:
+            raise ValueError(str(e)) from None
+        if not specs:
+            if own_weights(layer):
+                if isinstance(layer, keras.layers.BatchNormalization):
+                    reason = "BatchNorm: gamma left free (batchnorm=None); beta and moving statistics are never touched"
+                    if batchnorm is not None:
+                        reason = "BatchNorm without a scale (gamma)"
+                elif not isinstance(layer, keras.Model) and any(
+                    v.trainable for v in own_weights(layer)
+                ):
+                    reason = f"layer type {kind} is not supported (weights: " + ", ".join(
+                        v.name for v in own_weights(layer)
+                    ) + ")"
+                else:
+                    continue
+                report.skipped.append(SkippedLayer(path, kind, reason))
+            continue
+        is_head = id(layer) in head_ids
+        for spec in specs:
+            plan.append((path, layer, spec, is_head))
+
+    if method != "none" and not any(not h for *_, h in plan):
+        raise ValueError(
+            "no eligible layer: the model has no pre-trained kernel of a supported "
+            "type outside the head (supported: Dense, Conv1D/2D/3D, their Transpose, "
+            "DepthwiseConv1D/2D, SeparableConv1D/2D, EinsumDense)."
+        )
+
+    attachments = []
+    for path, layer, spec, is_head in plan:
+        var = spec.variable
+        if method == "none":
+            attachments.append((layer, spec, None, None))
+            continue
+        is_bn = isinstance(layer, keras.layers.BatchNormalization)
+        if is_head:
+            value = _resolve(head_value, layer, path, "head_strength" if sp else "head_radius") if head_value is not None else None
+            if value is None:
+                report.skipped.append(SkippedLayer(path, spec.kind, "head left free (no head_radius/head_strength)"))
+                attachments.append((layer, spec, None, None))
+                continue
+            _existing(var, path)
+            anchor, note, shown = None, "", _fmt(value)
+        else:
+            value = _resolve(backbone_value, layer, path, "strength" if sp else "radius")
+            if value is None:
+                report.skipped.append(SkippedLayer(path, spec.kind, "the radius callable returned None"))
+                attachments.append((layer, spec, None, None))
+                continue
+            existing = _existing(var, path)
+            if existing is not None and existing.anchor is not None:
+                anchor, note = _SharedAnchor(existing.anchor), "kept existing anchor"
+            else:
+                anchor, note = var, ""
+            shown = (f"{_fmt(value)} x row norm" if relative and not (is_bn and batchnorm == "reference") else _fmt(value))
+        obj = _make(method, projection, anchor, value, spec, layer, path, relative and not is_head, is_bn and batchnorm == "reference")
+        if is_bn and batchnorm == "reference":
+            shown = f"{_fmt(value)} on gamma/sqrt(var+eps)"
+        role = "head" if is_head else ("batchnorm" if is_bn else "backbone")
+        report.wrapped.append(WrappedWeight(path, spec.weight, spec.kind, role, spec.rows, shown, spec.params, obj, note))
+        attachments.append((layer, spec, obj, pgm))
+
+    for layer, spec, obj, is_constraint in attachments:
+        _attach(layer, spec, obj, is_constraint)
+    return report
+
+
+def _existing(var, path):
+    """The keras-spft object already on `var`, or None; refuses foreign ones."""
+    found = None
+    for what in ("constraint", "regularizer"):
+        obj = getattr(var, what, None)
+        if obj is None:
+            continue
+        if not isinstance(obj, Anchored):
+            raise ValueError(
+                f"layer '{path}': weight '{var.name}' already has a {what} "
+                f"{type(obj).__name__}, which keras-spft would replace; remove it first."
+            )
+        found = found or obj
+    return found
+
+
+def _make(method, projection, anchor, value, spec, layer, path, relative, reference):
+    name = f"{path}/{spec.weight}"
+    if reference:
+        eps = layer.epsilon
+        var0 = keras.ops.convert_to_numpy(layer.moving_variance)
+        per_element = value * np.sqrt(var0.astype("float64") + eps)
+        return MARSDistance(anchor, per_element.astype("float32"), axis=(), projection="exact", name=name)
+    if method == "mars-pgm":
+        return MARSDistance(anchor, value, axis=spec.axis, projection=projection, relative=relative, name=name)
+    if method == "l2-pgm":
+        return FrobeniusDistance(anchor, value, relative=relative, name=name)
+    if method == "mars-sp":
+        return MARSSP(anchor, value, axis=spec.axis, name=name)
+    return L2SP(anchor, value, name=name)
+
+
+def _attach(layer, spec, obj, is_constraint):
+    var = spec.variable
+    if obj is None:
+        # Leave the weight free: remove keras-spft objects, keep anything else.
+        for what, attr in (("constraint", spec.constraint_attr), ("regularizer", spec.regularizer_attr)):
+            if isinstance(getattr(var, what, None), Anchored):
+                setattr(var, what, None)
+                setattr(layer, attr, None)
+        return
+    c = obj if is_constraint else None
+    r = obj if (obj is not None and not is_constraint) else None
+    var.constraint = c
+    var.regularizer = r
+    setattr(layer, spec.constraint_attr, c)
+    setattr(layer, spec.regularizer_attr, r)
