@@ -303,6 +303,12 @@ def wrap_pretrained(
             found.append(id(by_name[n]))
         return set(found)
 
+    for what, value in (("radius", radius), ("head_radius", head_radius),
+                        ("strength", strength), ("head_strength", head_strength)):
+        if isinstance(value, dict):
+            for key in value:
+                if key != "*" and key not in by_name:
+                    raise ValueError(f"`{what}` names layer '{key}' which does not exist in the model.")
     excluded = lookup(exclude or (), "excluded")
     if head is None:
         head_ids = lookup(_default_head(model, layers), "head")

@@ -1,0 +1,145 @@
+"""Constraints and regularizers as standalone Keras objects."""
+
+import json
+
+import numpy as np
+import pytest
+import keras
+from keras import ops
+
+import keras_spft
+from tests.core.helpers import assert_within_bound, to_np
+
+
+def _w(shape, seed=0):
+    return np.random.default_rng(seed).normal(size=shape).astype("float32")
+
+
+def test_mars_distance_is_anchor_plus_scaled_offset():
+    a, w = _w((3, 3, 4, 6)), _w((3, 3, 4, 6), 1) * 2
+    c = keras_spft.MARSDistance(a, radius=1.5, axis=[0, 1, 2])
+    got = to_np(c(ops.convert_to_tensor(w)))
+    t = (w - a).astype(np.float64)
+    n = np.abs(t).sum(axis=(0, 1, 2), keepdims=True)
+    np.testing.assert_allclose(got, a + t / np.maximum(1, n / 1.5), rtol=1e-5, atol=1e-6)
+    assert_within_bound(c, got)
+
+
+def test_constraint_copies_the_anchor():
+    a = _w((4, 3))
+    c = keras_spft.MARSDistance(a, radius=1.0)
+    a += 100.0  # the caller's array changes; the stored anchor must not
+    assert np.all(np.abs(to_np(c.anchor) - (a - 100.0)) < 1e-5)
+
+
+def test_head_constraint_centred_at_origin():
+    c = keras_spft.MARSDistance(None, radius=0.5, axis=0)
+    got = to_np(c(ops.convert_to_tensor(np.full((4, 2), 1.0, "float32"))))
+    np.testing.assert_allclose(np.abs(got).sum(axis=0), [0.5, 0.5], rtol=1e-6)
+    f = keras_spft.FrobeniusDistance(None, radius=2.0)
+    got = to_np(f(ops.convert_to_tensor(np.ones((4, 4), "float32"))))
+    assert np.sqrt((got ** 2).sum()) == pytest.approx(2.0, rel=1e-6)
+
+
+def test_relative_radius_is_fraction_of_anchor_row_norm():
+    a = _w((5, 4))
+    c = keras_spft.MARSDistance(a, radius=0.1, axis=0, relative=True)
+    np.testing.assert_allclose(to_np(c.radius)[0], 0.1 * np.abs(a).sum(axis=0), rtol=1e-6)
+    w = to_np(c(ops.convert_to_tensor(a + 10.0)))
+    d = np.abs(w - a).sum(axis=0)
+    np.testing.assert_allclose(d, 0.1 * np.abs(a).sum(axis=0), rtol=1e-4)
+    f = keras_spft.FrobeniusDistance(a, radius=0.1, relative=True)
+    assert float(to_np(f.radius)) == pytest.approx(0.1 * np.sqrt((a.astype(np.float64) ** 2).sum()), rel=1e-6)
+
+
+def test_exact_projection_option():
+    a, w = _w((8, 3)), _w((8, 3), 2) * 3
+    c = keras_spft.MARSDistance(a, radius=1.0, axis=0, projection="exact")
+    got = to_np(c(ops.convert_to_tensor(w)))
+    assert_within_bound(c, got)
+    scaled = to_np(keras_spft.MARSDistance(a, 1.0, axis=0)(ops.convert_to_tensor(w)))
+    assert ((got - w) ** 2).sum() < ((scaled - w) ** 2).sum()
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf")])
+def test_bad_radius_is_rejected(bad):
+    with pytest.raises(ValueError, match="radius.*positive and finite"):
+        keras_spft.MARSDistance(_w((3, 2)), radius=bad, name="dense/kernel")
+    with pytest.raises(ValueError, match="radius"):
+        keras_spft.FrobeniusDistance(_w((3, 2)), radius=bad)
+    with pytest.raises(ValueError, match="strength"):
+        keras_spft.L2SP(_w((3, 2)), strength=bad)
+
+
+def test_bad_arguments_name_the_problem():
+    with pytest.raises(ValueError, match="unknown projection 'fast'"):
+        keras_spft.MARSDistance(_w((3, 2)), 1.0, projection="fast")
+    with pytest.raises(ValueError, match="relative=True.*needs an anchor"):
+        keras_spft.MARSDistance(None, 1.0, relative=True)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        keras_spft.MARSDistance(np.array([[np.nan, 1.0]], "float32"), 1.0)
+    with pytest.raises(ValueError, match="out of range"):
+        keras_spft.MARSDistance(_w((3, 2)), 1.0, axis=2)
+    with pytest.raises(ValueError, match="does not broadcast"):
+        keras_spft.MARSDistance(_w((3, 2)), np.ones(3, "float32"), axis=0)
+    c = keras_spft.MARSDistance(_w((3, 2)), 1.0, name="conv/kernel")
+    with pytest.raises(ValueError, match=r"conv/kernel.*shape \(4, 2\).*anchor has shape \(3, 2\)"):
+        c(ops.zeros((4, 2)))
+
+
+def test_config_round_trip_keeps_no_anchor_values():
+    a = _w((64, 32))
+    c = keras_spft.MARSDistance(a, radius=2.0, axis=0, projection="exact", name="d/kernel")
+    cfg = keras.constraints.serialize(c)
+    text = json.dumps(cfg)
+    assert len(text) < 600, "anchor values must not be stored as JSON"
+    c2 = keras.constraints.deserialize(json.loads(text))
+    assert isinstance(c2, keras_spft.MARSDistance) and c2.projection == "exact"
+    with pytest.raises(RuntimeError, match="anchor was never loaded"):
+        c2(ops.convert_to_tensor(a))
+    # state transfer as keras' saving library does it
+    store = {}
+    c.save_own_variables(store)
+    c2.load_own_variables(store)
+    np.testing.assert_array_equal(to_np(c2.anchor), to_np(c.anchor))
+    np.testing.assert_array_equal(to_np(c2(ops.convert_to_tensor(a + 1))), to_np(c(ops.convert_to_tensor(a + 1))))
+
+
+def test_copy_and_pickle_keep_the_anchor():
+    import copy
+    import pickle
+
+    a = _w((4, 3))
+    for obj in (keras_spft.MARSDistance(a, 1.0), keras_spft.L2SP(a, 0.1)):
+        for clone in (copy.deepcopy(obj), pickle.loads(pickle.dumps(obj))):
+            np.testing.assert_array_equal(to_np(clone.anchor), a)
+            assert clone.anchor is not obj.anchor
+
+
+def test_penalty_values_against_numpy():
+    a, w = _w((3, 3, 4, 5)), _w((3, 3, 4, 5), 1)
+    x = ops.convert_to_tensor(w)
+    t = w.astype(np.float64) - a
+    l2 = float(keras_spft.L2SP(a, 0.01)(x))
+    assert l2 == pytest.approx(0.01 * (t ** 2).sum(), rel=1e-5)
+    mars = float(keras_spft.MARSSP(a, 0.2, axis=[0, 1, 2])(x))
+    assert mars == pytest.approx(0.2 * np.abs(t).sum(axis=(0, 1, 2)).max(), rel=1e-5)
+    head = float(keras_spft.L2SP(None, 0.5)(x))
+    assert head == pytest.approx(0.5 * (w.astype(np.float64) ** 2).sum(), rel=1e-5)
+
+
+def test_penalty_enters_model_losses_exactly():
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(4, name="a"), keras.layers.Dense(3, name="b")])
+    a0 = to_np(model.get_layer("a").kernel)
+    keras_spft.wrap_pretrained(model, method="l2-sp", strength=0.03, head_strength=0.2)
+    new = np.random.default_rng(1).normal(size=a0.shape).astype("float32")
+    model.get_layer("a").kernel.assign(new)
+    b = to_np(model.get_layer("b").kernel)
+    want = 0.03 * ((new.astype(np.float64) - a0) ** 2).sum() + 0.2 * (b.astype(np.float64) ** 2).sum()
+    got = sum(float(to_np(l)) for l in model.losses)
+    assert got == pytest.approx(want, rel=1e-5)
+    keras_spft.wrap_pretrained(model, method="mars-sp", strength=0.5, head_strength=0.1)
+    want = 0.5 * np.abs(new.astype(np.float64) - a0).sum(axis=0).max() + 0.1 * np.abs(b).sum(axis=0).max()
+    got = sum(float(to_np(l)) for l in model.losses)
+    assert got == pytest.approx(want, rel=1e-5)

@@ -1,0 +1,103 @@
+"""The projections and norms against independent numpy computations."""
+
+import numpy as np
+import pytest
+from keras import ops
+
+from keras_spft import ops as sops
+from tests.core.helpers import l1_projection_reference, row_sums, to_np
+
+AXES = [((6, 5), (0,)), ((3, 3, 4, 5), (0, 1, 2)), ((3, 3, 4, 2), (0, 1)),
+        ((3, 3, 5, 4), (0, 1, 3)), ((7,), ())]
+
+
+def _offsets(shape, seed=0):
+    """Rows inside, on and outside a unit ball, plus zero rows."""
+    rng = np.random.default_rng(seed)
+    t = rng.normal(size=shape).astype("float32")
+    flat = t.reshape(-1)
+    flat[: max(1, flat.size // 7)] = 0.0
+    return t
+
+
+@pytest.mark.parametrize("shape,axis", AXES)
+@pytest.mark.parametrize("radius", [1e-6, 0.3, 2.0, 1e6])
+def test_scale_matches_paper_formula(shape, axis, radius):
+    t = _offsets(shape)
+    got = to_np(sops.scale_to_l1_ball(ops.convert_to_tensor(t), radius, axis))
+    n = row_sums(t, axis)
+    want = t / np.maximum(1.0, n / radius)
+    np.testing.assert_allclose(got, want, rtol=2e-6, atol=1e-12)
+    assert np.isfinite(got).all()
+    assert np.all(row_sums(got, axis) <= radius * (1 + 1e-5))
+
+
+@pytest.mark.parametrize("shape,axis", AXES)
+@pytest.mark.parametrize("radius", [1e-6, 0.3, 2.0, 1e6])
+def test_exact_matches_euclidean_projection(shape, axis, radius):
+    t = _offsets(shape, seed=1)
+    got = to_np(sops.project_l1_ball(ops.convert_to_tensor(t), radius, axis))
+    keep = [a for a in range(len(shape)) if a not in axis]
+    rows = np.transpose(t, keep + list(axis)).reshape(-1, int(np.prod([shape[a] for a in axis])) if axis else 1)
+    got_rows = np.transpose(got, keep + list(axis)).reshape(rows.shape)
+    for row, g in zip(rows, got_rows):
+        want = l1_projection_reference(row, radius)
+        # float32 inputs: the threshold is known to a few ulps of the row's
+        # largest entry, which bounds the absolute error of every output.
+        atol = 8 * np.finfo(np.float32).eps * np.abs(row).max() + 1e-6 * radius
+        np.testing.assert_allclose(g, want, rtol=1e-5, atol=atol)
+        assert np.abs(g).sum() <= radius * (1 + 1e-5)
+    assert np.isfinite(got).all()
+
+
+def test_exact_is_closer_than_scale_and_both_idempotent():
+    t = _offsets((4, 4, 8, 6), seed=3) * 3
+    axis = (0, 1, 2)
+    x = ops.convert_to_tensor(t)
+    exact = to_np(sops.project_l1_ball(x, 1.0, axis))
+    scale = to_np(sops.scale_to_l1_ball(x, 1.0, axis))
+    d_exact = ((exact - t) ** 2).sum(axis=axis)
+    d_scale = ((scale - t) ** 2).sum(axis=axis)
+    assert np.all(d_exact <= d_scale + 1e-5)
+    assert np.any(d_exact < d_scale - 1e-3)
+    for f, once in ((sops.project_l1_ball, exact), (sops.scale_to_l1_ball, scale)):
+        twice = to_np(f(ops.convert_to_tensor(once), 1.0, axis))
+        np.testing.assert_allclose(twice, once, rtol=1e-5, atol=1e-7)
+
+
+def test_per_row_radii():
+    t = _offsets((5, 4), seed=4) * 4
+    radii = np.array([[0.5, 1.0, 2.0, 4.0]], "float32")
+    for f in (sops.scale_to_l1_ball, sops.project_l1_ball):
+        got = to_np(f(ops.convert_to_tensor(t), ops.convert_to_tensor(radii), (0,)))
+        assert np.all(np.abs(got).sum(axis=0) <= radii[0] * (1 + 1e-5))
+    got = to_np(sops.project_l1_ball(ops.convert_to_tensor(t), ops.convert_to_tensor(radii), (0,)))
+    for j in range(4):
+        np.testing.assert_allclose(got[:, j], l1_projection_reference(t[:, j], radii[0, j]), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("radius", [1e-6, 0.5, 1e6])
+def test_frobenius_projection_closed_form(radius):
+    t = _offsets((3, 3, 4, 5), seed=5)
+    got = to_np(sops.scale_to_frobenius_ball(ops.convert_to_tensor(t), radius))
+    n = np.sqrt((t.astype(np.float64) ** 2).sum())
+    np.testing.assert_allclose(got, t / max(1.0, n / radius), rtol=2e-6, atol=1e-12)
+    zero = to_np(sops.scale_to_frobenius_ball(ops.zeros((3, 4)), radius))
+    assert np.all(zero == 0)
+
+
+def test_norms():
+    t = _offsets((3, 3, 4, 5), seed=6)
+    assert float(sops.mars_norm(ops.convert_to_tensor(t), (0, 1, 2))) == pytest.approx(
+        np.abs(t).sum(axis=(0, 1, 2)).max(), rel=1e-6)
+    assert float(sops.frobenius_norm(ops.convert_to_tensor(t))) == pytest.approx(
+        np.sqrt((t.astype(np.float64) ** 2).sum()), rel=1e-6)
+
+
+def test_normalize_axis_errors():
+    assert sops.normalize_axis(-1, 3) == (2,)
+    assert sops.normalize_axis([2, 0], 3) == (0, 2)
+    with pytest.raises(ValueError, match="out of range"):
+        sops.normalize_axis(3, 3)
+    with pytest.raises(ValueError, match="repeats"):
+        sops.normalize_axis([0, -3], 3)

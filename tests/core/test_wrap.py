@@ -1,0 +1,213 @@
+"""wrap_pretrained: which object goes where, options and errors."""
+
+import numpy as np
+import pytest
+import keras
+from keras import ops
+
+import keras_spft
+from tests.core.helpers import to_np
+from tests.core.models import OUTPUT_AXES, all_kernel_types_model, small_cnn
+
+
+def _key(w):
+    name = w.path.split("/")[-1]
+    return name if w.weight in ("kernel",) else f"{name}.{w.weight}"
+
+
+def test_every_supported_layer_type_gets_the_right_rows():
+    model = all_kernel_types_model()
+    report = keras_spft.wrap_pretrained(model, radius=0.5, head_radius=1.0, batchnorm="gamma")
+    keys = {_key(w): w for w in report.wrapped}
+    assert set(keys) == set(OUTPUT_AXES)
+    assert keys["head"].role == "head" and keys["head"].obj.anchor is None
+    for key, w in keys.items():
+        var = next(v for v in model.weights if v.constraint is w.obj)
+        shape = tuple(var.shape)
+        out_axes = OUTPUT_AXES[key]
+        assert w.rows == int(np.prod([shape[a] for a in out_axes])), key
+        # Push every element by +1 and project: each row (output unit) must end
+        # exactly on its L1 sphere of radius r, whatever the layout.
+        anchor = 0.0 if w.obj.anchor is None else to_np(w.obj.anchor)
+        moved = to_np(w.obj(ops.convert_to_tensor(to_np(var) + 1.0))) - anchor
+        summed = tuple(a for a in range(len(shape)) if a not in out_axes)
+        per_row = np.abs(moved).sum(axis=summed) if summed else np.abs(moved)
+        r = 1.0 if key == "head" else 0.5
+        np.testing.assert_allclose(per_row, r, rtol=1e-5, err_msg=key)
+
+
+def test_biases_batchnorm_beta_and_statistics_are_never_touched():
+    model = all_kernel_types_model()
+    for bn in (None, "gamma", "reference"):
+        keras_spft.wrap_pretrained(model, radius=0.5, head_radius=1.0, batchnorm=bn)
+        for v in model.weights:
+            if v.name in ("bias", "beta", "moving_mean", "moving_variance"):
+                assert v.constraint is None and v.regularizer is None, v.path
+            if v.name == "gamma":
+                assert (v.constraint is None) == (bn is None)
+
+
+def test_batchnorm_reference_bounds_the_effective_scale():
+    model = small_cnn()
+    bn = model.layers[0].get_layer("bn1")
+    bn.moving_variance.assign(np.array([0.25, 1, 4, 9, 16, 0.01], "float32"))
+    report = keras_spft.wrap_pretrained(model, radius=0.1, head_radius=1.0, batchnorm="reference")
+    c = report["bn1"]
+    g0 = to_np(bn.gamma).copy()
+    var = to_np(bn.moving_variance)
+    new = to_np(c(ops.convert_to_tensor(g0 + 5.0)))
+    eff = (new - g0) / np.sqrt(var + bn.epsilon)
+    np.testing.assert_allclose(eff, 0.1, rtol=1e-5)
+
+
+def test_default_head_is_what_follows_the_nested_base():
+    model = small_cnn()
+    report = keras_spft.wrap_pretrained(model, radius=1.0, head_radius=2.0)
+    roles = {w.path: w.role for w in report.wrapped}
+    assert roles == {"base/c1": "backbone", "base/dw": "backbone", "base/c2": "backbone",
+                     "base/fc": "backbone", "head": "head"}
+    # flat model: the last kernel layer is the head
+    flat = keras.Sequential([keras.Input((5,)), keras.layers.Dense(4, name="a"), keras.layers.Dense(2, name="b")])
+    report = keras_spft.wrap_pretrained(flat, radius=1.0, head_radius=2.0)
+    assert {w.path: w.role for w in report.wrapped} == {"a": "backbone", "b": "head"}
+    # explicit head, by name or path
+    report = keras_spft.wrap_pretrained(model, radius=1.0, head=["base/fc", "head"], head_radius=2.0)
+    assert {w.path for w in report.wrapped if w.role == "head"} == {"base/fc", "head"}
+    # no head: everything anchored
+    report = keras_spft.wrap_pretrained(model, radius=1.0, head=[])
+    assert all(w.role == "backbone" and w.obj.anchor is not None for w in report.wrapped)
+
+
+def test_head_left_free_is_reported():
+    model = small_cnn()
+    report = keras_spft.wrap_pretrained(model, radius=1.0)
+    assert model.layers[-1].kernel.constraint is None
+    assert any(s.path == "head" and "head left free" in s.reason for s in report.skipped)
+
+
+def test_radius_forms():
+    model = small_cnn()
+    report = keras_spft.wrap_pretrained(model, radius={"c1": 0.5, "base/dw": 0.25, "*": 2.0}, head_radius=3.0)
+    got = {w.path: float(to_np(w.obj.radius)) for w in report.wrapped}
+    assert got == {"base/c1": 0.5, "base/dw": 0.25, "base/c2": 2.0, "base/fc": 2.0, "head": 3.0}
+    report = keras_spft.wrap_pretrained(
+        model, radius=lambda layer: None if layer.name == "fc" else 1.5, head_radius=3.0)
+    assert model.layers[0].get_layer("fc").kernel.constraint is None
+    assert any(s.path == "base/fc" and "returned None" in s.reason for s in report.skipped)
+    with pytest.raises(ValueError, match="no entry for layer 'base/dw'"):
+        keras_spft.wrap_pretrained(model, radius={"c1": 0.5}, head_radius=3.0)
+    with pytest.raises(ValueError, match="`radius` names layer 'cl' which does not exist"):
+        keras_spft.wrap_pretrained(model, radius={"cl": 0.5, "*": 1.0})
+
+
+def test_relative_radius_per_row():
+    model = small_cnn()
+    c2 = model.layers[0].get_layer("c2")
+    report = keras_spft.wrap_pretrained(model, radius=0.05, relative=True, head_radius=3.0)
+    k0 = to_np(c2.kernel)
+    np.testing.assert_allclose(to_np(report["c2"].radius).reshape(-1), 0.05 * np.abs(k0).sum(axis=(0, 1, 2)), rtol=1e-6)
+    assert "row norm" in str(report)
+
+
+def test_report_prints_a_table():
+    model = small_cnn()
+    report = keras_spft.wrap_pretrained(model, radius=1.0, head_radius=2.0, method="mars-pgm-exact")
+    text = str(report)
+    assert text.splitlines()[0].startswith("mars-pgm-exact: 5 weights wrapped (backbone 4, head 1)")
+    for col in ("layer", "kind", "rows", "radius/strength", "params"):
+        assert col in text.splitlines()[1]
+    assert "base/dw" in text and "DepthwiseConv2D" in text and "BatchNorm: gamma left free" in text
+    n = sum(int(np.prod(v.shape)) for v in model.weights if v.name == "kernel")
+    assert report.params == n
+    assert report.anchor_bytes == 4 * (n - int(np.prod(model.layers[-1].kernel.shape)))
+
+
+def test_rewrapping_never_reanchors():
+    model = small_cnn()
+    c1 = model.layers[0].get_layer("c1")
+    original = to_np(c1.kernel).copy()
+    keras_spft.wrap_pretrained(model, radius=1.0, head_radius=2.0)
+    c1.kernel.assign(original + 0.3)  # "fine-tuned"
+    report = keras_spft.wrap_pretrained(model, method="l2-pgm", radius=0.5, head_radius=2.0)
+    np.testing.assert_array_equal(to_np(report["c1"].anchor), original)
+    assert "kept existing anchor" in str(report)
+    report = keras_spft.wrap_pretrained(model, method="none")
+    assert all(v.constraint is None and v.regularizer is None for v in model.weights)
+
+
+def test_applications_models_wrap(app_models):
+    for name, model, expected in app_models:
+        report = keras_spft.wrap_pretrained(model, radius=5.0, head_radius=5.0)
+        kernels = [v for v in model.trainable_weights if v.name in ("kernel", "depthwise_kernel", "pointwise_kernel")]
+        assert len(report.wrapped) == len(kernels) == expected, name
+        assert all(v.constraint is not None for v in kernels), name
+        assert [w.role for w in report.wrapped].count("head") == 1
+
+
+@pytest.fixture(scope="module")
+def app_models():
+    out = []
+    for name, fn, kw, n in [
+        ("mobilenet", keras.applications.MobileNet, dict(alpha=0.25), 28),
+        ("efficientnetb0", keras.applications.EfficientNetB0, {}, 82),
+        ("resnet101", keras.applications.ResNet101, {}, 105),
+    ]:
+        base = fn(include_top=False, weights=None, input_shape=(32, 32, 3), pooling="avg", **kw)
+        model = keras.Sequential([keras.Input((32, 32, 3)), base, keras.layers.Dense(7)])
+        out.append((name, model, n))
+    return out
+
+
+# -- errors -------------------------------------------------------------------
+
+def test_errors_name_the_option_or_layer():
+    model = small_cnn()
+    with pytest.raises(ValueError, match="unknown method 'mars'"):
+        keras_spft.wrap_pretrained(model, radius=1.0, method="mars")
+    with pytest.raises(ValueError, match="layer 'base/c1'.*radius.*positive and finite"):
+        keras_spft.wrap_pretrained(model, radius={"c1": -1.0, "*": 1.0})
+    for bad in (0.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="positive and finite"):
+            keras_spft.wrap_pretrained(model, radius=bad)
+    with pytest.raises(ValueError, match="head_radius"):
+        keras_spft.wrap_pretrained(model, radius=1.0, head_radius=-2.0)
+    with pytest.raises(ValueError, match="head layer 'classifier' does not exist"):
+        keras_spft.wrap_pretrained(model, radius=1.0, head="classifier")
+    with pytest.raises(ValueError, match="excluded layer 'nope' does not exist"):
+        keras_spft.wrap_pretrained(model, radius=1.0, exclude=["nope"])
+    with pytest.raises(ValueError, match="needs `radius=`"):
+        keras_spft.wrap_pretrained(model)
+    with pytest.raises(ValueError, match="pass `strength=`"):
+        keras_spft.wrap_pretrained(model, radius=1.0, method="l2-sp")
+    with pytest.raises(ValueError, match="applies to mars-pgm only"):
+        keras_spft.wrap_pretrained(model, radius=1.0, method="l2-pgm", projection="exact")
+    with pytest.raises(ValueError, match="unknown batchnorm option"):
+        keras_spft.wrap_pretrained(model, radius=1.0, batchnorm="all")
+    only_head = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    with pytest.raises(ValueError, match="no eligible layer"):
+        keras_spft.wrap_pretrained(only_head, radius=1.0)
+    unbuilt = keras.Sequential([keras.layers.Dense(2)])
+    with pytest.raises(ValueError, match="not built"):
+        keras_spft.wrap_pretrained(unbuilt, radius=1.0)
+
+
+def test_lora_layers_are_refused_with_a_reason():
+    model = small_cnn()
+    model.layers[0].get_layer("fc").enable_lora(2)
+    with pytest.raises(ValueError, match="layer 'fc' has LoRA enabled"):
+        keras_spft.wrap_pretrained(model, radius=1.0)
+    report = keras_spft.wrap_pretrained(model, radius=1.0, exclude=["fc"])
+    assert any(s.path == "base/fc" and "excluded" in s.reason for s in report.skipped)
+    # and once wrapped, Keras itself refuses LoRA on a constrained layer
+    model = small_cnn()
+    keras_spft.wrap_pretrained(model, radius=1.0)
+    with pytest.raises(ValueError, match="constraint"):
+        model.layers[0].get_layer("fc").enable_lora(2)
+
+
+def test_foreign_constraint_is_not_replaced():
+    model = small_cnn()
+    fc = model.layers[0].get_layer("fc")
+    fc.kernel.constraint = fc.kernel_constraint = keras.constraints.MaxNorm(2.0)
+    with pytest.raises(ValueError, match="layer 'base/fc'.*already has a constraint MaxNorm"):
+        keras_spft.wrap_pretrained(model, radius=1.0)
