@@ -84,6 +84,7 @@ class Anchored(KerasSaveable):
                         f"{self._owner()}: `{what}` of shape {arr.shape} does "
                         f"not broadcast to the per-row shape {tuple(shape)}."
                     ) from None
+        self._scale_name = what
         self._scale_config = float(arr) if arr.ndim == 0 and not is_spec(value) else _spec(arr)
         self._scale = keras.Variable(
             arr, dtype="float32", trainable=False, autocast=False, name=what
@@ -125,7 +126,7 @@ class Anchored(KerasSaveable):
         return "Loss"
 
     def _own_variables(self):
-        out = {"scale": self._scale}
+        out = {self._scale_name: self._scale}
         if self._anchor is not None:
             out["anchor"] = self._anchor
         return out

@@ -1,0 +1,130 @@
+"""Saving: anchors are binary weights; load_model/load_weights restore them
+bit-identically and the constraints stay active."""
+
+import json
+import os
+import zipfile
+
+import numpy as np
+import pytest
+import keras
+
+import keras_spft
+from tests.core.helpers import assert_within_bound, to_np
+from tests.core.models import small_cnn
+from tests.core.test_training import BoundChecker, _constrained, _data
+
+
+def _anchors(model):
+    """Anchors by position of their variable in model.trainable_variables
+    (variable paths differ between a model and its reloaded copy)."""
+    out = {}
+    for i, v in enumerate(model.trainable_variables):
+        obj = v.constraint or v.regularizer
+        if obj is not None and obj.anchor is not None:
+            out[i] = to_np(obj.anchor)
+    return out
+
+
+def _compile(model):
+    model.compile(optimizer=keras.optimizers.Adam(0.05),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+
+
+@pytest.mark.parametrize("method", ["mars-pgm-exact", "l2-pgm"])
+def test_keras_file_round_trip(tmp_path, method):
+    keras.utils.set_random_seed(0)
+    model = small_cnn()
+    plain = tmp_path / "plain.keras"
+    model.save(plain)
+    keras_spft.wrap_pretrained(model, radius=0.05, head_radius=0.5, method=method, relative=method == "l2-pgm")
+    _compile(model)
+    x, y = _data(16)
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    path = tmp_path / "m.keras"
+    model.save(path)
+
+    with zipfile.ZipFile(path) as z:
+        config = z.read("config.json").decode()
+    assert "keras_spft>" in config
+    assert len(config) < 4 * len(zipfile.ZipFile(plain).read("config.json")), "anchors leaked into JSON"
+
+    loaded = keras.models.load_model(path)
+    a, b = _anchors(model), _anchors(loaded)
+    assert a.keys() == b.keys() and len(a) == 4
+    for k in a:
+        assert a[k].dtype == b[k].dtype
+        np.testing.assert_array_equal(a[k], b[k])
+    for v, w in zip(model.weights, loaded.weights):
+        np.testing.assert_array_equal(to_np(v), to_np(w))
+    # still active: keep training the loaded model, the bound holds around
+    # the ORIGINAL anchors and rows move
+    checker = BoundChecker()
+    loaded.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[checker])
+    assert checker.checks == 2
+    for var, c in _constrained(loaded):
+        assert_within_bound(c, var)
+
+
+def test_keras_file_size_is_about_twice_the_plain_one(tmp_path):
+    keras.utils.set_random_seed(0)
+    base = keras.applications.MobileNet(alpha=0.25, include_top=False, weights=None,
+                                        input_shape=(32, 32, 3), pooling="avg")
+    model = keras.Sequential([keras.Input((32, 32, 3)), base, keras.layers.Dense(5)])
+    model.save(tmp_path / "plain.keras")
+    keras_spft.wrap_pretrained(model, radius=1.0, head_radius=1.0)
+    model.save(tmp_path / "wrapped.keras")
+    plain = os.path.getsize(tmp_path / "plain.keras")
+    wrapped = os.path.getsize(tmp_path / "wrapped.keras")
+    assert 1.5 < wrapped / plain < 2.2, (plain, wrapped)
+
+
+def test_penalties_survive_save_and_load(tmp_path):
+    keras.utils.set_random_seed(1)
+    model = small_cnn()
+    keras_spft.wrap_pretrained(model, method="mars-sp", strength=0.3, head_strength=0.1)
+    model.layers[0].get_layer("c2").kernel.assign(to_np(model.layers[0].get_layer("c2").kernel) + 0.2)
+    model.save(tmp_path / "sp.keras")
+    loaded = keras.models.load_model(tmp_path / "sp.keras")
+    want = sum(float(to_np(l)) for l in model.losses)
+    got = sum(float(to_np(l)) for l in loaded.losses)
+    assert want > 0 and got == pytest.approx(want, rel=1e-6)
+    np.testing.assert_array_equal(
+        to_np(loaded.layers[0].get_layer("c2").kernel_regularizer.anchor),
+        to_np(model.layers[0].get_layer("c2").kernel_regularizer.anchor))
+
+
+def test_save_weights_resume_keeps_the_original_anchors(tmp_path):
+    keras.utils.set_random_seed(2)
+    model = small_cnn()
+    keras_spft.wrap_pretrained(model, radius=0.05, head_radius=0.5)
+    original = _anchors(model)
+    _compile(model)
+    x, y = _data(16)
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    ckpt = tmp_path / "ckpt.weights.h5"
+    model.save_weights(ckpt)
+
+    # A new process would rebuild the model: here with different initial
+    # weights, wrapped at those (wrong) values, then resumed from the file.
+    keras.utils.set_random_seed(99)
+    resumed = small_cnn()
+    keras_spft.wrap_pretrained(resumed, radius=0.05, head_radius=0.5)
+    assert any(not np.array_equal(original[k], v) for k, v in _anchors(resumed).items())
+    resumed.load_weights(ckpt)
+    for k, v in _anchors(resumed).items():
+        np.testing.assert_array_equal(original[k], v)
+    for v, w in zip(model.weights, resumed.weights):
+        np.testing.assert_array_equal(to_np(v), to_np(w))
+
+
+def test_loading_into_a_mismatched_wrapper_fails_loudly(tmp_path):
+    keras.utils.set_random_seed(3)
+    model = small_cnn()
+    keras_spft.wrap_pretrained(model, radius=0.05, head_radius=0.5)
+    model.save_weights(tmp_path / "w.weights.h5")
+    other = small_cnn()
+    keras_spft.wrap_pretrained(other, radius=0.05, head_radius=0.5, relative=True)
+    # relative radii are per-row: the stored scalar radius cannot fill them
+    with pytest.raises(ValueError, match=r"saved radius has shape \(\), expected \(1, 1, 1, 6\)"):
+        other.load_weights(tmp_path / "w.weights.h5")
