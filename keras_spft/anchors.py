@@ -7,6 +7,8 @@ layer that holds the object, and read back by `keras.models.load_model` and
 `model.load_weights`: the layer config only records their shape and dtype.
 """
 
+import warnings
+
 import numpy as np
 import keras
 from keras import ops
@@ -102,7 +104,10 @@ class Anchored(KerasSaveable):
     def anchor_spec(self):
         return None if self._anchor is None else _spec(self._anchor)
 
-    def _anchor_value(self, dtype):
+    def _anchor_value(self, dtype, traced_with=None):
+        if traced_with is not None and _is_jax_tracer(traced_with):
+            # The compiled JAX step now holds this anchor as a constant.
+            self._captured_by_jit = True
         if not self._anchor_ready:
             raise RuntimeError(
                 f"{self._owner()} was rebuilt from a config but its anchor "
@@ -143,6 +148,7 @@ class Anchored(KerasSaveable):
                 f"{self._owner()}: the saved state holds {sorted(keys)} but "
                 f"this object needs {sorted(own)}."
             )
+        changed = False
         for key, var in own.items():
             value = np.asarray(store[key])
             if tuple(value.shape) != tuple(var.shape):
@@ -150,7 +156,18 @@ class Anchored(KerasSaveable):
                     f"{self._owner()}: saved {key} has shape {value.shape}, "
                     f"expected {tuple(var.shape)}."
                 )
-            var.assign(value.astype(var.dtype))
+            value = value.astype(var.dtype)
+            changed = changed or not np.array_equal(value, ops.convert_to_numpy(var))
+            var.assign(value)
+        if changed and getattr(self, "_captured_by_jit", False):
+            warnings.warn(
+                f"{self._owner()}: new anchor/radius values were loaded into a "
+                "model whose train step JAX has already compiled with the old "
+                "ones as constants; call `model.compile(...)` again before "
+                "training, or the old values stay in force.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         self._anchor_ready = True
 
     def __reduce__(self):
@@ -162,6 +179,14 @@ class Anchored(KerasSaveable):
     def __deepcopy__(self, memo):
         cls, args = self.__reduce__()
         return cls(*args)
+
+
+def _is_jax_tracer(x):
+    if keras.backend.backend() != "jax":
+        return False
+    import jax
+
+    return isinstance(x, jax.core.Tracer)
 
 
 class _SharedAnchor:

@@ -46,7 +46,7 @@ class _DistanceConstraint(Anchored, keras.constraints.Constraint):
         if self._anchor is None:
             out = self._project(x, radius)
         else:
-            a = self._anchor_value(dtype)
+            a = self._anchor_value(dtype, traced_with=w)
             out = a + self._project(x - a, radius)
         return ops.cast(out, w.dtype)
 

@@ -25,7 +25,7 @@ class _DistancePenalty(Anchored, keras.regularizers.Regularizer):
         x = ops.cast(x, dtype)
         if self._anchor is None:
             return x
-        return x - self._anchor_value(dtype)
+        return x - self._anchor_value(dtype, traced_with=x)
 
     @property
     def strength(self):

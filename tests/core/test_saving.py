@@ -128,3 +128,23 @@ def test_loading_into_a_mismatched_wrapper_fails_loudly(tmp_path):
     # relative radii are per-row: the stored scalar radius cannot fill them
     with pytest.raises(ValueError, match=r"saved radius has shape \(\), expected \(1, 1, 1, 6\)"):
         other.load_weights(tmp_path / "w.weights.h5")
+
+
+def test_jax_warns_when_loaded_anchors_differ_from_compiled_ones(tmp_path):
+    if keras.backend.backend() != "jax":
+        pytest.skip("only the JAX compiled step captures anchors as constants")
+    keras.utils.set_random_seed(4)
+    model = small_cnn()
+    keras_spft.wrap_pretrained(model, radius=0.05, head_radius=0.5)
+    model.save_weights(tmp_path / "a.weights.h5")
+    other = small_cnn()  # other initial weights, so other anchors
+    keras_spft.wrap_pretrained(other, radius=0.05, head_radius=0.5)
+    _compile(other)
+    x, y = _data(8)
+    other.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    with pytest.warns(RuntimeWarning, match="call `model.compile"):
+        other.load_weights(tmp_path / "a.weights.h5")
+    _compile(other)  # the documented remedy: the new anchors are then in force
+    other.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    for var, c in _constrained(other):
+        assert_within_bound(c, var)
