@@ -1,0 +1,141 @@
+"""Step-time and memory overhead of each method against plain fine-tuning.
+
+Every method trains its own copy of the same model (same seed, weights=None,
+identical inputs). Repetitions are interleaved in a shuffled order so that
+machine noise hits all methods alike; the figure is the median over
+repetitions of (method step time / plain step time), with the min-max spread.
+"naive" is a reference port of the MARS projection written the obvious way
+(rows moved into a matrix, norms, rescale, moved back: separate passes), kept
+here for comparison only.
+
+    python benchmarks/overhead.py --model resnet101 --image-size 64 --batch 8
+    KERAS_BACKEND=jax python benchmarks/overhead.py --model resnet101 --image-size 224 --batch 32
+"""
+
+import argparse
+import json
+import platform
+import random
+import statistics
+import time
+
+import numpy as np
+import keras
+from keras import ops
+
+import keras_spft
+
+METHODS = ["none", "l2-sp", "mars-sp", "l2-pgm", "mars-pgm", "mars-pgm-exact", "naive"]
+APPS = {"resnet101": keras.applications.ResNet101, "efficientnetb0": keras.applications.EfficientNetB0,
+        "mobilenet": keras.applications.MobileNet}
+
+
+class NaiveMARS(keras.constraints.Constraint):
+    """MARS-PGM 'scale' projection as a naive port would write it."""
+
+    def __init__(self, anchor, radius, axis):
+        self.anchor = keras.Variable(ops.convert_to_numpy(anchor), trainable=False)
+        self.radius = radius
+        nd = len(anchor.shape)
+        keep = [a for a in range(nd) if a not in axis]
+        self.perm = keep + list(axis)
+        self.inv = [self.perm.index(a) for a in range(nd)]
+        self.moved = tuple(anchor.shape[a] for a in self.perm)
+        self.rows = int(np.prod([anchor.shape[a] for a in keep]))
+
+    def __call__(self, w):
+        t = ops.subtract(w, self.anchor)
+        rows = ops.reshape(ops.transpose(t, self.perm), (self.rows, -1))
+        norms = ops.sum(ops.abs(rows), axis=1, keepdims=True)
+        factor = ops.divide(1.0, ops.maximum(1.0, ops.divide(norms, self.radius)))
+        rows = ops.multiply(rows, factor)
+        return ops.add(self.anchor, ops.transpose(ops.reshape(rows, self.moved), self.inv))
+
+
+def build(name, size, classes, seed):
+    keras.utils.set_random_seed(seed)
+    base = APPS[name](include_top=False, weights=None, input_shape=(size, size, 3), pooling="avg")
+    return keras.Sequential([keras.Input((size, size, 3)), base, keras.layers.Dense(classes)])
+
+
+def wrap(model, method):
+    if method == "none":
+        return 0
+    if method == "naive":
+        report = keras_spft.wrap_pretrained(model, radius=1.0, head_radius=1.0)
+        for w in report.wrapped:
+            var = next(v for v in model.trainable_variables if v.constraint is w.obj)
+            axis = w.obj.axis if w.obj.axis is not None else tuple(range(len(var.shape) - 1))
+            naive = NaiveMARS(var if w.obj.anchor is None else w.obj.anchor, 1.0, axis)
+            if w.obj.anchor is None:
+                naive.anchor.assign(np.zeros(var.shape, "float32"))
+            var.constraint = naive
+        return report.anchor_bytes
+    if method.endswith("-sp"):
+        report = keras_spft.wrap_pretrained(model, method=method, strength=1e-3, head_strength=1e-3)
+    else:
+        report = keras_spft.wrap_pretrained(model, method=method, radius=1.0, head_radius=1.0)
+    return report.anchor_bytes
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="resnet101", choices=sorted(APPS))
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--steps", type=int, default=3, help="steps per timed block")
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--jit-compile", default="auto")
+    p.add_argument("--out", default=None, help="write the result as JSON here")
+    a = p.parse_args()
+    methods = a.methods.split(",")
+    assert methods[0] == "none", "the first method must be the plain baseline 'none'"
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(a.batch, a.image_size, a.image_size, 3)).astype("float32")
+    y = rng.integers(0, 10, a.batch)
+    jit = {"auto": "auto", "true": True, "false": False}[a.jit_compile.lower()]
+    models, extra = {}, {}
+    for m in methods:
+        model = build(a.model, a.image_size, 10, seed=0)
+        extra[m] = wrap(model, m)
+        model.compile(optimizer=keras.optimizers.Adam(1e-4),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=jit)
+        t0 = time.perf_counter()
+        model.train_on_batch(x, y)
+        model.train_on_batch(x, y)
+        print(f"built {m}: warm-up {time.perf_counter() - t0:.1f}s", flush=True)
+        models[m] = model
+    kernel_bytes = sum(int(np.prod(v.shape)) * 4 for v in models["none"].trainable_variables
+                       if v.name in ("kernel", "depthwise_kernel", "pointwise_kernel"))
+    times = {m: [] for m in methods}
+    order = list(methods)
+    for rep in range(a.reps):
+        random.Random(rep).shuffle(order)
+        for m in order:
+            t0 = time.perf_counter()
+            for _ in range(a.steps):
+                loss = models[m].train_on_batch(x, y)
+            float(np.asarray(loss).ravel()[0])  # synchronise
+            times[m].append((time.perf_counter() - t0) / a.steps)
+    rows = []
+    for m in methods:
+        ratios = [t / b for t, b in zip(times[m], times["none"])]
+        rows.append(dict(method=m, step_s=statistics.median(times[m]), ratio=statistics.median(ratios),
+                         ratio_min=min(ratios), ratio_max=max(ratios), extra_bytes=extra[m]))
+    result = dict(model=a.model, image_size=a.image_size, batch=a.batch, steps=a.steps, reps=a.reps,
+                  backend=keras.backend.backend(), jit_compile=a.jit_compile, machine=platform.node(),
+                  processor=platform.processor() or platform.machine(), kernel_bytes=kernel_bytes, rows=rows)
+    print(f"\n{a.model} {a.image_size}x{a.image_size} batch {a.batch}, backend {result['backend']}, "
+          f"jit_compile={a.jit_compile}, {a.reps} interleaved reps x {a.steps} steps; kernels {kernel_bytes:,} bytes")
+    print("| method | median step (s) | ratio to plain (median) | spread (min-max) | extra memory (bytes) |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['method']} | {r['step_s']:.4f} | {r['ratio']:.3f} | {r['ratio_min']:.3f}-{r['ratio_max']:.3f} | {r['extra_bytes']:,} |")
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
