@@ -79,8 +79,8 @@ class MARSDistance(_DistanceConstraint):
             DepthwiseConv2D `[0, 1]`; `[]` makes every element its own row.
         projection: `"scale"`, the paper's per-row rescale
             `t / max(1, ||t||_1 / radius)`, or `"exact"`, the Euclidean
-            projection of each row onto its L1 ball (sort-based, all rows at
-            once). Both leave rows inside the ball unchanged.
+            projection of each row onto its L1 ball (Michelot's
+            active-set iteration, all rows at once, no sort). Both leave rows inside the ball unchanged.
         relative: if `True`, `radius` is a fraction of each anchor row's own
             L1 norm (`radius * ||a_r||_1`), so one number fits layers of any
             scale. Needs an anchor.

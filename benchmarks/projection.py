@@ -1,0 +1,135 @@
+"""Time of one projection pass over all kernels of a model, per implementation.
+
+Isolates the constraint from training: every kernel of the model gets an
+anchor and an offset (a random step of realistic size), and each
+implementation projects all kernels once inside one compiled function
+(`jit`: tf.function(jit_compile=True) on TensorFlow, jax.jit on JAX; eager on
+PyTorch). Interleaved repetitions; median time and its ratio to "floor", the
+physical minimum of any projection: read W and W0, write W (here
+`where(isnan(W0), W0, W)`, which no compiler can drop).
+
+    python benchmarks/projection.py --model resnet101
+"""
+
+import argparse
+import random
+import statistics
+import time
+
+import numpy as np
+import keras
+from keras import ops
+
+from keras_spft import ops as sops
+from keras_spft.kernels import kernel_specs
+from benchmarks.overhead import APPS
+
+
+def exact_sort(t, radius, axis):
+    """Reference: the sort-based exact projection (Duchi et al. 2008)."""
+    nd = len(t.shape)
+    keep = [a for a in range(nd) if a not in axis]
+    perm = keep + list(axis)
+    inv = [perm.index(a) for a in range(nd)]
+    moved = tuple(t.shape[a] for a in perm)
+    rows = ops.reshape(ops.transpose(t, perm), (-1, int(np.prod([t.shape[a] for a in axis]))))
+    a = ops.abs(rows)
+    u = -ops.sort(-a, axis=-1)
+    k = ops.arange(1, rows.shape[-1] + 1, dtype=rows.dtype)
+    theta = ops.maximum(ops.max((ops.cumsum(u, axis=-1) - radius) / k, axis=-1, keepdims=True), 0.0)
+    out = ops.sign(rows) * ops.maximum(a - theta, 0.0)
+    return ops.transpose(ops.reshape(out, moved), inv)
+
+
+def naive(t, radius, axis):
+    """Reference: the scale projection written with explicit row matrices."""
+    nd = len(t.shape)
+    keep = [a for a in range(nd) if a not in axis]
+    perm = keep + list(axis)
+    inv = [perm.index(a) for a in range(nd)]
+    moved = tuple(t.shape[a] for a in perm)
+    rows = ops.reshape(ops.transpose(t, perm), (int(np.prod([t.shape[a] for a in keep])), -1))
+    norms = ops.sum(ops.abs(rows), axis=1, keepdims=True)
+    rows = rows / ops.maximum(1.0, norms / radius)
+    return ops.transpose(ops.reshape(rows, moved), inv)
+
+
+IMPLS = {
+    "floor": None,
+    "scale": sops.scale_to_l1_ball,
+    "exact": sops.project_l1_ball,
+    "frobenius": lambda t, r, axis: sops.scale_to_frobenius_ball(t, r),
+    "exact-sort": exact_sort,
+    "naive-scale": naive,
+}
+
+
+def make_fn(name):
+    f = IMPLS[name]
+
+    def project_all(ws, anchors):
+        out = []
+        for (w, a, axis) in zip(ws, anchors, AXES):
+            if f is None:
+                out.append(ops.where(ops.isnan(a), a, w))
+            else:
+                out.append(a + f(w - a, RADIUS, axis))
+        return out
+
+    b = keras.backend.backend()
+    if b == "tensorflow":
+        import tensorflow as tf
+        return tf.function(project_all, jit_compile=True)
+    if b == "jax":
+        import jax
+        return jax.jit(project_all)
+    return project_all
+
+
+def main():
+    global AXES, RADIUS
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="resnet101", choices=sorted(APPS))
+    p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--radius", type=float, default=0.5,
+                   help="row L1 radius; the offsets are scaled so about half the rows are outside")
+    p.add_argument("--impls", default=",".join(IMPLS))
+    a = p.parse_args()
+    keras.utils.set_random_seed(0)
+    base = APPS[a.model](include_top=False, weights=None, input_shape=(32, 32, 3))
+    specs = [s for l in base._flatten_layers() for s in kernel_specs(l)]
+    rng = np.random.default_rng(0)
+    AXES = [s.axis for s in specs]
+    RADIUS = a.radius
+    anchors = [ops.convert_to_tensor(np.asarray(ops.convert_to_numpy(s.variable))) for s in specs]
+    ws = []
+    for s, w0 in zip(specs, anchors):
+        rows = np.prod([s.variable.shape[i] for i in s.axis])
+        step = rng.normal(size=s.variable.shape).astype("float32") * (a.radius / rows) * 1.25
+        ws.append(w0 + ops.convert_to_tensor(step))
+    nbytes = sum(int(np.prod(s.variable.shape)) * 4 for s in specs)
+    names = a.impls.split(",")
+    fns = {n: make_fn(n) for n in names}
+    for n in names:  # compile and warm up
+        ops.convert_to_numpy(fns[n](ws, anchors)[-1])
+    times = {n: [] for n in names}
+    for rep in range(a.reps):
+        order = list(names)
+        random.Random(rep).shuffle(order)
+        for n in order:
+            t0 = time.perf_counter()
+            out = fns[n](ws, anchors)
+            ops.convert_to_numpy(out[-1])
+            times[n].append(time.perf_counter() - t0)
+    floor = statistics.median(times["floor"]) if "floor" in times else None
+    print(f"\n{a.model}: {len(specs)} kernels, {nbytes:,} bytes; backend {keras.backend.backend()}; {a.reps} interleaved reps")
+    print("| projection | median time (ms) | ratio to floor | effective GB/s (3 x kernel bytes / time) |")
+    print("|---|---|---|---|")
+    for n in names:
+        m = statistics.median(times[n])
+        ratio = f"{m / floor:.2f}" if floor else "-"
+        print(f"| {n} | {1000 * m:.1f} | {ratio} | {3 * nbytes / m / 1e9:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
