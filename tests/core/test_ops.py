@@ -101,3 +101,12 @@ def test_normalize_axis_errors():
         sops.normalize_axis(3, 3)
     with pytest.raises(ValueError, match="repeats"):
         sops.normalize_axis([0, -3], 3)
+
+
+def test_rows_on_the_sphere_are_fixed_points():
+    rng = np.random.default_rng(7)
+    t = rng.normal(size=(9, 4)).astype("float64")
+    t = (t / np.abs(t).sum(axis=0, keepdims=True) * 1.5).astype("float32")  # every row on the sphere
+    for f in (sops.scale_to_l1_ball, sops.project_l1_ball):
+        got = to_np(f(ops.convert_to_tensor(t), 1.5, (0,)))
+        np.testing.assert_allclose(got, t, rtol=1e-5, atol=1e-7)
