@@ -5,3 +5,4 @@ from keras_spft.regularizers import L2SP, MARSSP
 
 __version__ = "0.1.0"
 from keras_spft.wrap import WrapReport, wrap_pretrained
+from keras_spft.guards import TerminateOnNonFinite

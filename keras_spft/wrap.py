@@ -249,6 +249,12 @@ def wrap_pretrained(
     print(report)
     ```
     """
+    if method == "delta":
+        raise ValueError(
+            "method 'delta' regularises feature maps, not weights, and needs a new model: "
+            "use `delta_model = keras_spft.add_delta(model, x, y, alpha=..., beta=...)` "
+            "(or `keras_spft.DeltaModel`) and train `delta_model`."
+        )
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {METHODS}.")
     if batchnorm not in BATCHNORM_MODES:
@@ -320,34 +326,37 @@ def wrap_pretrained(
     report = WrapReport(method=method + ("-exact" if projection == "exact" else ""))
     seen = set()
     plan = []
+    attachments = []
     for path, layer in layers:
         if id(layer) in seen:
             continue
         seen.add(id(layer))
         kind = type(layer).__name__
-        if id(layer) in excluded:
-            if own_weights(layer):
-                report.skipped.append(SkippedLayer(path, kind, "excluded by the user"))
-            continue
         try:
-            specs = kernel_specs(layer, batchnorm=batchnorm is not None)
+            specs = kernel_specs(layer, batchnorm=True)
         except UnsupportedLayerError as e:
+            if id(layer) in excluded:
+                report.skipped.append(SkippedLayer(path, kind, "excluded by the user"))
+                continue
             raise ValueError(str(e)) from None
-        if not specs:
-            if own_weights(layer):
-                if isinstance(layer, keras.layers.BatchNormalization):
-                    reason = "BatchNorm: gamma left free (batchnorm=None); beta and moving statistics are never touched"
-                    if batchnorm is not None:
-                        reason = "BatchNorm without a scale (gamma)"
-                elif not isinstance(layer, keras.Model) and any(
-                    v.trainable for v in own_weights(layer)
-                ):
-                    reason = f"layer type {kind} is not supported (weights: " + ", ".join(
-                        v.name for v in own_weights(layer)
-                    ) + ")"
-                else:
-                    continue
-                report.skipped.append(SkippedLayer(path, kind, reason))
+        is_bn = isinstance(layer, keras.layers.BatchNormalization)
+        reason = None
+        if id(layer) in excluded:
+            reason = "excluded by the user"
+        elif is_bn and batchnorm is None:
+            reason = "BatchNorm: gamma left free (batchnorm=None); beta and moving statistics are never touched"
+        elif not specs and own_weights(layer):
+            if is_bn:
+                reason = "BatchNorm without a scale (gamma)"
+            elif not isinstance(layer, keras.Model) and any(v.trainable for v in own_weights(layer)):
+                reason = f"layer type {kind} is not supported (weights: " + ", ".join(
+                    v.name for v in own_weights(layer)) + ")"
+        if reason is not None:
+            report.skipped.append(SkippedLayer(path, kind, reason))
+        if reason is not None or not specs:
+            # After a call, the model's keras-spft objects are exactly those
+            # in the report: clear any left by an earlier call here.
+            attachments.extend((layer, spec, None, None) for spec in specs)
             continue
         is_head = id(layer) in head_ids
         for spec in specs:
@@ -360,7 +369,6 @@ def wrap_pretrained(
             "DepthwiseConv1D/2D, SeparableConv1D/2D, EinsumDense)."
         )
 
-    attachments = []
     for path, layer, spec, is_head in plan:
         var = spec.variable
         if method == "none":

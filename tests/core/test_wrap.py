@@ -211,3 +211,14 @@ def test_foreign_constraint_is_not_replaced():
     fc.kernel.constraint = fc.kernel_constraint = keras.constraints.MaxNorm(2.0)
     with pytest.raises(ValueError, match="layer 'base/fc'.*already has a constraint MaxNorm"):
         keras_spft.wrap_pretrained(model, radius=1.0)
+
+
+def test_after_a_call_the_objects_are_exactly_those_reported():
+    model = all_kernel_types_model()
+    keras_spft.wrap_pretrained(model, radius=0.5, head_radius=1.0, batchnorm="gamma")
+    report = keras_spft.wrap_pretrained(model, radius=0.5, head_radius=1.0, exclude=["dense"])
+    attached = {id(v.constraint) for v in model.weights if v.constraint is not None}
+    assert attached == {id(w.obj) for w in report.wrapped}
+    gamma = next(v for v in model.weights if v.name == "gamma")
+    assert gamma.constraint is None
+    assert model.get_layer("base").get_layer("dense").kernel.constraint is None

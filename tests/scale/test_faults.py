@@ -1,0 +1,96 @@
+"""Faults: non-finite values, diverging runs, kill-and-resume."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import keras
+from keras import ops
+
+import keras_spft
+from keras_spft import ops as sops
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1.0, 1e18, 1e36])
+@pytest.mark.parametrize("radius", [1e-30, 1e-3, 1.0, 1e30])
+def test_projections_keep_finite_weights_finite(scale, radius):
+    rng = np.random.default_rng(0)
+    w = (rng.normal(size=(3, 3, 4, 5)) * scale).astype("float32")
+    w[..., 0] = 0.0  # a zero row
+    a = (rng.normal(size=w.shape) * scale).astype("float32")
+    for c in (keras_spft.MARSDistance(a, radius, axis=[0, 1, 2]),
+              keras_spft.MARSDistance(a, radius, axis=[0, 1, 2], projection="exact"),
+              keras_spft.FrobeniusDistance(a, radius),
+              keras_spft.MARSDistance(None, radius, axis=[0, 1, 2])):
+        out = ops.convert_to_numpy(c(ops.convert_to_tensor(w)))
+        assert np.all(np.isfinite(out)), (type(c).__name__, scale, radius)
+
+
+def test_diverging_run_stops_before_checkpointing(tmp_path):
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, name="a"), keras.layers.Dense(1, name="h")])
+    keras_spft.wrap_pretrained(model, radius=1e6, head_radius=1e6)
+    model.compile(optimizer=keras.optimizers.SGD(1e6), loss="mse")  # diverges
+    ckpt = tmp_path / "last.keras"
+    x = np.random.default_rng(0).normal(size=(64, 4)).astype("float32") * 100
+    y = np.ones((64, 1), "float32") * 1e3
+    with pytest.raises(FloatingPointError, match=r"loss became (nan|inf) at epoch 0, batch \d+"):
+        model.fit(x, y, batch_size=4, epochs=3, verbose=0,
+                  callbacks=[keras_spft.TerminateOnNonFinite(),
+                             keras.callbacks.ModelCheckpoint(ckpt)])
+    assert not ckpt.exists()
+
+
+KILLED_RUN = """
+import os, sys
+import numpy as np, keras, keras_spft
+out, kill = sys.argv[1], sys.argv[2] == "kill"
+keras.utils.set_random_seed(0)
+base = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(4, 3, name="c"),
+                         keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(6, name="fc")], name="base")
+model = keras.Sequential([keras.Input((8, 8, 3)), base, keras.layers.Dense(3, name="head")])
+report = keras_spft.wrap_pretrained(model, radius=0.05, head_radius=0.5)
+if kill:
+    np.savez(os.path.join(out, "anchors.npz"), **{w.path: keras.ops.convert_to_numpy(w.obj.anchor)
+                                                  for w in report.wrapped if w.obj.anchor is not None})
+model.compile(optimizer=keras.optimizers.Adam(0.05),
+              loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+class Kill(keras.callbacks.Callback):
+    def on_train_batch_end(self, batch, logs=None):
+        if kill and self.params and getattr(self, "_epoch", 0) == 1 and batch == 2:
+            os._exit(17)  # killed mid-epoch
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+x = np.random.default_rng(0).random((32, 8, 8, 3)).astype("float32")
+y = np.arange(32) % 3
+backup = keras.callbacks.BackupAndRestore(os.path.join(out, "backup"), save_freq=1)
+model.fit(x, y, batch_size=4, epochs=3, verbose=0, callbacks=[backup, Kill()])
+saved = np.load(os.path.join(out, "anchors.npz"))
+for w in report.wrapped:
+    if w.obj.anchor is None:
+        continue
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(w.obj.anchor), saved[w.path])
+    var = next(v for v in model.trainable_variables if v.constraint is w.obj)
+    d = np.abs(keras.ops.convert_to_numpy(var).astype("float64") - saved[w.path]).sum(axis=tuple(range(len(var.shape) - 1)))
+    assert d.max() <= 0.05 * (1 + 1e-5) + 1e-6, d.max()
+print("RESUMED OK")
+"""
+
+
+def test_killed_run_resumes_with_the_same_anchors(tmp_path):
+    """BackupAndRestore: a run killed mid-epoch and restarted (re-wrapped at
+    its own fresh start) ends with the original anchors and within bounds."""
+    script = textwrap.dedent(KILLED_RUN)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    first = subprocess.run([sys.executable, "-c", script, str(tmp_path), "kill"], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert first.returncode == 17, first.stderr[-3000:]
+    assert (tmp_path / "backup").exists()
+    second = subprocess.run([sys.executable, "-c", script, str(tmp_path), "resume"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0 and "RESUMED OK" in second.stdout, second.stderr[-3000:]

@@ -1,0 +1,93 @@
+"""Hostile input: every wrap_pretrained / constraint call either works with
+the guarantee or raises a clear ValueError; never a silent wrong result."""
+
+import math
+
+import numpy as np
+import keras
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import keras_spft
+from tests.core.helpers import assert_within_bound
+
+NUMBERS = st.one_of(
+    st.none(),
+    st.sampled_from([0.0, -1.0, math.nan, math.inf, -math.inf, 1e-30, 1e30, True]),
+    st.floats(min_value=1e-6, max_value=1e3),
+    st.dictionaries(st.sampled_from(["c", "base/fc", "head", "nope", "*"]),
+                    st.one_of(st.floats(min_value=-1, max_value=10), st.just(math.nan)), max_size=3),
+)
+
+
+def _model():
+    keras.utils.set_random_seed(0)
+    base = keras.Sequential([keras.Input((6, 6, 2)), keras.layers.Conv2D(3, 3, name="c"),
+                             keras.layers.BatchNormalization(name="bn"),
+                             keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(4, name="fc")], name="base")
+    return keras.Sequential([keras.Input((6, 6, 2)), base, keras.layers.Dense(2, name="head")])
+
+
+MODEL = None
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(method=st.sampled_from(["none", "l2-sp", "mars-sp", "l2-pgm", "mars-pgm", "mars-pgm-exact", "mars", ""]),
+       radius=NUMBERS, head_radius=NUMBERS, strength=NUMBERS,
+       head=st.sampled_from([None, [], "head", ["fc", "head"], "missing"]),
+       projection=st.sampled_from([None, "scale", "exact", "fast"]),
+       relative=st.booleans(), batchnorm=st.sampled_from([None, "gamma", "reference", "yes"]),
+       exclude=st.sampled_from([(), ["c"], ["ghost"]]))
+def test_wrap_pretrained_works_or_refuses(method, radius, head_radius, strength, head, projection,
+                                          relative, batchnorm, exclude):
+    global MODEL
+    if MODEL is None:
+        MODEL = _model()
+    model = MODEL
+    keras_spft.wrap_pretrained(model, method="none")  # start clean
+    kwargs = dict(method=method, radius=radius, head_radius=head_radius, head=head, projection=projection,
+                  relative=relative, batchnorm=batchnorm, exclude=exclude)
+    if method.endswith("-sp"):
+        kwargs.update(strength=strength, head_strength=head_radius, radius=None, head_radius=None)
+    try:
+        report = keras_spft.wrap_pretrained(model, **kwargs)
+    except ValueError as e:
+        msg = str(e)
+        assert len(msg) > 20 and "Traceback" not in msg
+        # nothing half-attached: a refused call leaves the model clean
+        assert all(v.constraint is None and v.regularizer is None for v in model.weights), msg
+        return
+    # accepted: every attached object is ours and every PGM kernel keeps its bound
+    rng = np.random.default_rng(0)
+    grads = [keras.ops.convert_to_tensor(rng.normal(size=v.shape).astype("float32")) for v in model.trainable_variables]
+    keras.optimizers.SGD(1.0).apply(grads, model.trainable_variables)
+    for v in model.trainable_variables:
+        c = v.constraint
+        if c is not None:
+            assert isinstance(c, (keras_spft.MARSDistance, keras_spft.FrobeniusDistance))
+            assert_within_bound(c, v)
+        if v.regularizer is not None:
+            assert math.isfinite(float(keras.ops.convert_to_numpy(v.regularizer(v))))
+    for w in report.wrapped:
+        r = keras.ops.convert_to_numpy(getattr(w.obj, "radius", None) if hasattr(w.obj, "radius") else w.obj.strength)
+        assert np.all(np.isfinite(r)) and np.all(r > 0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(shape=st.sampled_from([(4, 3), (2, 2, 3, 4), (3, 3, 2)]),
+       radius=st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.just(0.0)),
+       axis=st.sampled_from([0, -1, [0, 1], [], None, 5, [0, 0]]),
+       projection=st.sampled_from(["scale", "exact", "none"]),
+       relative=st.booleans())
+def test_mars_distance_works_or_refuses(shape, radius, axis, projection, relative):
+    rng = np.random.default_rng(1)
+    anchor = rng.normal(size=shape).astype("float32")
+    try:
+        c = keras_spft.MARSDistance(anchor, radius, axis=axis, projection=projection, relative=relative)
+    except ValueError as e:
+        assert str(e)
+        return
+    assert math.isfinite(radius) and radius > 0 and projection in ("scale", "exact")
+    w = anchor + rng.normal(size=shape).astype("float32") * 10
+    out = keras.ops.convert_to_numpy(c(keras.ops.convert_to_tensor(w)))
+    assert np.all(np.isfinite(out))
+    assert_within_bound(c, out)
