@@ -105,7 +105,7 @@ def main():
     ws = []
     for s, w0 in zip(specs, anchors):
         rows = np.prod([s.variable.shape[i] for i in s.axis])
-        step = rng.normal(size=s.variable.shape).astype("float32") * (a.radius / rows) * 1.25
+        step = (rng.normal(size=s.variable.shape) * (a.radius / rows) * 1.25).astype("float32")
         ws.append(w0 + ops.convert_to_tensor(step))
     nbytes = sum(int(np.prod(s.variable.shape)) * 4 for s in specs)
     names = a.impls.split(",")

@@ -128,7 +128,11 @@ def _l1_threshold(a, radius, axis):
         mask = ops.cast(ops.greater(a, theta), a.dtype)
         new_count = ops.maximum(ops.sum(mask, axis=axis, keepdims=True), 1.0)
         new_s = ops.sum(a * mask, axis=axis, keepdims=True)
-        return (new_s - radius) / new_count, new_count, count, i + 1
+        # theta never decreases in exact arithmetic; taking the maximum keeps
+        # rounding from growing the set back (which could oscillate), so the
+        # set size strictly decreases until the loop stops.
+        new_theta = ops.maximum((new_s - radius) / new_count, theta)
+        return new_theta, new_count, count, i + 1
 
     theta, _, _, _ = ops.while_loop(
         cond, body, (theta, count, -one, ops.convert_to_tensor(0, "int32"))
