@@ -1,0 +1,249 @@
+"""The distance-based generalisation bounds of Gouk et al. (2021), evaluated.
+
+For a network `x -> V phi_L(... phi_1(x))` with `phi_j(x) = act(W_j x)`, a
+1-Lipschitz activation, a `rho`-Lipschitz loss, `m` training examples, `c`
+classes, and for every layer `||W_j|| <= B_j`, `||W0_j|| <= B_j`,
+`||W_j - W0_j|| <= D_j`, `||V|| <= B_V`, the paper bounds the empirical
+Rademacher complexity of the fine-tuned class:
+
+Theorem 2 (MARS norm `||M||_inf = max_r sum_i |M_ri|`, inputs `x in R^d`
+with `||x||_inf <= C_inf`):
+
+    R(F_inf) <= 2 sqrt(log(2d)) * c * rho * C_inf * B_V
+                * (sum_j D_j / B_j) * (prod_j 2 B_j) / sqrt(m)
+
+Theorem 3 (Frobenius norm, ReLU activations, `||x||_2 <= C_2`):
+
+    R(F_F) <= sqrt(2c) * rho * C_2 * B_V
+              * (sum_j D_j / B_j) * (prod_j 2 B_j) / sqrt(m)
+
+These are the statements of the main text. The appendix's chain of lemmas
+gives the same expressions with `sum_j D_j / (2 B_j)`, i.e. half the value:
+the stated bounds are valid, a factor 2 loose; `BoundTerms.value` follows
+the statements.
+
+Here the `W_j` are the backbone kernels of a (wrapped) model, in layer
+order, taken as if they formed a plain chain (residual connections,
+BatchNorm and biases are outside the theorems' class), and `V` is its head
+kernel. Norms are those of each layer's linear map: for a convolution the
+MARS norm is the largest row L1 norm of its kernel (exact when some output
+position sees the whole kernel); its Frobenius norm is
+`sqrt(P) * ||K||_F` with `P` the number of output positions (exact for
+"valid" padding, an upper bound otherwise). The theorems hold for any upper
+bounds `B_j`, `D_j`, `B_V`, and the bound increases with each of them, so
+upper bounds keep it valid.
+"""
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import keras
+
+from keras_spft.constraints import FrobeniusDistance, MARSDistance
+from keras_spft.diagnostics import _np, _row_l1, tracked_kernels
+
+_CONV = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D,
+         keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D,
+         keras.layers.SeparableConv1D, keras.layers.SeparableConv2D,
+         keras.layers.Conv1DTranspose, keras.layers.Conv2DTranspose,
+         keras.layers.Conv3DTranspose)
+
+
+@dataclass
+class LayerTerm:
+    """One layer's contribution: its path, `B_j`, `D_j`."""
+
+    path: str
+    bound: float
+    distance: float
+
+
+@dataclass
+class BoundTerms:
+    """The terms of a bound and its value.
+
+    Attributes:
+        theorem: 2 (MARS) or 3 (Frobenius).
+        value: the bound (may be `inf` when the product overflows; see
+            `log_value`).
+        log_value: natural log of `value`.
+        constant: the data-dependent prefactor, `2 sqrt(log(2d)) c rho C_inf`
+            (Theorem 2) or `sqrt(2c) rho C_2` (Theorem 3), over `sqrt(m)`.
+        head_bound: `B_V`.
+        distance_sum: `sum_j D_j / B_j`.
+        log_product: `log prod_j 2 B_j`.
+        layers: list of `LayerTerm`.
+    """
+
+    theorem: int
+    value: float
+    log_value: float
+    constant: float
+    head_bound: float
+    distance_sum: float
+    log_product: float
+    layers: list = field(default_factory=list)
+
+
+def _positions(layer):
+    try:
+        shape = tuple(layer.output.shape)
+    except (AttributeError, ValueError):
+        return 1
+    dims = shape[1:-1] if keras.config.image_data_format() == "channels_last" else shape[2:]
+    if any(d is None for d in dims):
+        return 1
+    return int(np.prod(dims)) if dims else 1
+
+
+def _terms(model, norm, distances, head, layer_bounds, head_bound, conv_positions):
+    kernels = tracked_kernels(model, head)
+    heads = [k for k in kernels if k.role == "head"]
+    body = [k for k in kernels if k.role == "backbone"]
+    if head_bound is None and len(heads) != 1:
+        raise ValueError(
+            f"the bound needs exactly one head kernel V, found {len(heads)} "
+            f"({[k.name for k in heads]}); pass `head=` or `head_bound=`."
+        )
+    if not body:
+        raise ValueError("the model has no backbone kernel.")
+    layers = {p: l for p, l in _walk_paths(model)}
+
+    def mat_norm(t, k):
+        if norm == "mars":
+            return float(_row_l1(t, k.axis).max())
+        scale = math.sqrt(_positions(layers[k.path])) if (
+            conv_positions and isinstance(layers[k.path], _CONV)) else 1.0
+        return scale * float(np.sqrt((t ** 2).sum()))
+
+    out = []
+    for k in body:
+        w = _np(k.variable)
+        if k.obj is not None and k.obj.anchor is not None:
+            w0 = _np(k.obj.anchor)
+        elif distances == "current":
+            raise ValueError(
+                f"kernel '{k.name}' has no keras-spft anchor: wrap the model "
+                "(wrap_pretrained) or use the monitor's anchors."
+            )
+        else:
+            w0 = None
+        if distances == "radius":
+            want = MARSDistance if norm == "mars" else FrobeniusDistance
+            if not isinstance(k.obj, want):
+                raise ValueError(
+                    f"distances='radius' needs a {want.__name__} on '{k.name}' "
+                    f"for this theorem, found {type(k.obj).__name__}."
+                )
+            d = float(_np(k.obj.radius).max())
+            if norm == "frobenius" and conv_positions and isinstance(layers[k.path], _CONV):
+                d *= math.sqrt(_positions(layers[k.path]))
+        else:
+            d = mat_norm(w - w0, k)
+        if layer_bounds is not None and k.name in layer_bounds:
+            b = float(layer_bounds[k.name])
+        else:
+            b = max(mat_norm(w, k), mat_norm(w0, k) if w0 is not None else 0.0)
+        out.append(LayerTerm(k.name, b, d))
+    if head_bound is None:
+        v = heads[0]
+        head_bound = mat_norm(_np(v.variable), v)
+    return out, float(head_bound)
+
+
+def _walk_paths(model):
+    from keras_spft.diagnostics import _unwrap
+    from keras_spft.wrap import _walk
+
+    return _walk(_unwrap(model))
+
+
+def _assemble(theorem, constant, head_bound, layers):
+    dsum = 0.0
+    for t in layers:
+        if t.distance > 0:
+            dsum += t.distance / t.bound if t.bound > 0 else math.inf
+    log_prod = sum(math.log(2 * t.bound) if t.bound > 0 else -math.inf for t in layers)
+    parts = [constant, head_bound, dsum]
+    if any(p == 0 for p in parts) or log_prod == -math.inf:
+        log_value = -math.inf
+    else:
+        log_value = math.log(constant) + math.log(head_bound) + math.log(dsum) + log_prod
+    value = math.exp(log_value) if log_value < 709 else math.inf
+    return BoundTerms(theorem, value, log_value, constant, head_bound, dsum, log_prod, layers)
+
+
+def theorem2_bound(model, *, num_examples, num_classes, input_dim, input_bound,
+                   lipschitz=1.0, distances="current", head=None,
+                   layer_bounds=None, head_bound=None):
+    """Theorem 2 of Gouk et al. (2021): the MARS-norm bound.
+
+        2 sqrt(log(2d)) c rho C_inf B_V (sum_j D_j / B_j) (prod_j 2 B_j) / sqrt(m)
+
+    with `D_j = ||W_j - W0_j||_inf` (the MARS distance), `B_j =
+    max(||W_j||_inf, ||W0_j||_inf)` unless given, `B_V = ||V||_inf`.
+
+    Args:
+        model: a model wrapped with keras-spft (the anchors are `W0_j`).
+        num_examples: `m`.
+        num_classes: `c`.
+        input_dim: `d`, the input dimension.
+        input_bound: `C_inf >= max_i ||x_i||_inf` over the training inputs.
+        lipschitz: `rho`, the Lipschitz constant of the loss.
+        distances: `"current"` (measured `D_j`) or `"radius"` (the MARS-PGM
+            radii, which bound `D_j` for every weight the training can reach).
+        head: head layer names, if not wrapped around the origin.
+        layer_bounds: optional `{kernel name: B_j}` overrides.
+        head_bound: optional `B_V` override.
+
+    Returns:
+        `BoundTerms` (value, log_value and every term).
+
+    Example:
+
+    ```python
+    terms = keras_spft.bounds.theorem2_bound(
+        model, num_examples=1000, num_classes=10, input_dim=32 * 32 * 3,
+        input_bound=1.0)
+    terms.value, terms.distance_sum
+    ```
+    """
+    m, c, d = int(num_examples), int(num_classes), int(input_dim)
+    if m < 1 or c < 1 or d < 1:
+        raise ValueError("num_examples, num_classes and input_dim must be >= 1.")
+    layers, hb = _terms(model, "mars", distances, head, layer_bounds, head_bound, False)
+    constant = 2.0 * math.sqrt(math.log(2 * d)) * c * float(lipschitz) * float(input_bound) / math.sqrt(m)
+    return _assemble(2, constant, hb, layers)
+
+
+def theorem3_bound(model, *, num_examples, num_classes, input_bound,
+                   lipschitz=1.0, distances="current", head=None,
+                   layer_bounds=None, head_bound=None, conv_positions=True):
+    """Theorem 3 of Gouk et al. (2021): the Frobenius-norm bound (ReLU nets).
+
+        sqrt(2c) rho C_2 B_V (sum_j D_j / B_j) (prod_j 2 B_j) / sqrt(m)
+
+    with `D_j = ||W_j - W0_j||_F`, `B_j = max(||W_j||_F, ||W0_j||_F)` unless
+    given, `B_V = ||V||_F`; convolutions scaled by `sqrt(output positions)`
+    (`conv_positions=True`, see the module docstring).
+
+    Args:
+        model: a model wrapped with keras-spft.
+        num_examples: `m`.
+        num_classes: `c`.
+        input_bound: `C_2 >= max_i ||x_i||_2`.
+        lipschitz: `rho`.
+        distances: `"current"` or `"radius"` (the L2-PGM radii).
+        head, layer_bounds, head_bound: as `theorem2_bound`.
+        conv_positions: scale convolution norms to their linear map.
+
+    Returns:
+        `BoundTerms`.
+    """
+    m, c = int(num_examples), int(num_classes)
+    if m < 1 or c < 1:
+        raise ValueError("num_examples and num_classes must be >= 1.")
+    layers, hb = _terms(model, "frobenius", distances, head, layer_bounds, head_bound, conv_positions)
+    constant = math.sqrt(2 * c) * float(lipschitz) * float(input_bound) / math.sqrt(m)
+    return _assemble(3, constant, hb, layers)

@@ -1,0 +1,432 @@
+"""Training diagnostics: distances to the anchors and gradient norms.
+
+`DistanceMonitor` reproduces the per-layer quantities of Gouk et al. (2021),
+Figure 2 (MARS distance of each fine-tuned kernel to its pre-trained value)
+and the fraction of rows held on the constraint boundary; `GradientNormMonitor`
+the quantity of their Figure 1 (Euclidean norm of the gradient of the training
+loss). Both are `keras.callbacks.Callback`s that write into `logs`, so
+`History`, `TensorBoard` and `CSVLogger` record them, on every backend.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+import keras
+from keras import ops
+
+from keras_spft.anchors import Anchored
+from keras_spft.constraints import FrobeniusDistance, MARSDistance
+from keras_spft.kernels import UnsupportedLayerError, kernel_specs
+from keras_spft.wrap import _default_head, _walk
+
+
+@dataclass
+class TrackedKernel:
+    """One kernel followed by the diagnostics.
+
+    Attributes:
+        path: layer path, e.g. `"resnet50/conv1_conv"`.
+        weight: the weight's role in the layer (`"kernel"`, ...).
+        variable: the `keras.Variable`.
+        axis: axes summed per row (MARS).
+        role: `"backbone"` or `"head"`.
+        obj: the keras-spft constraint/regularizer on it, or `None`.
+    """
+
+    path: str
+    weight: str
+    variable: object
+    axis: tuple
+    role: str
+    obj: object = None
+
+    @property
+    def name(self):
+        return self.path if self.weight == "kernel" else f"{self.path}.{self.weight}"
+
+
+def _unwrap(model):
+    from keras_spft.delta import DeltaModel
+
+    return model.model if isinstance(model, DeltaModel) else model
+
+
+def tracked_kernels(model, head=None):
+    """The trainable kernels of `model` with their row axes and roles.
+
+    A kernel is `"head"` when its keras-spft object is centred at the origin,
+    when its layer is in `head`, or (no keras-spft objects, `head=None`) when
+    `wrap_pretrained` would take it as the head. BatchNorm gamma is not
+    tracked. For a `DeltaModel` the wrapped model is used (not its frozen copy).
+
+    Args:
+        model: a built model.
+        head: optional names/paths of head layers.
+
+    Returns:
+        List of `TrackedKernel`, in layer order.
+    """
+    model = _unwrap(model)
+    layers = list(_walk(model))
+    if head is None:
+        head_paths = set(_default_head(model, layers))
+    else:
+        head_paths = set([head] if isinstance(head, str) else head)
+    out, seen = [], set()
+    for path, layer in layers:
+        if id(layer) in seen:
+            continue
+        seen.add(id(layer))
+        try:
+            specs = kernel_specs(layer)
+        except UnsupportedLayerError:
+            continue
+        for spec in specs:
+            var = spec.variable
+            if not var.trainable or not layer.trainable:
+                continue
+            obj = None
+            for what in ("constraint", "regularizer"):
+                cand = getattr(var, what, None)
+                if isinstance(cand, Anchored):
+                    obj = cand
+            if obj is not None:
+                role = "head" if obj.anchor is None else "backbone"
+            else:
+                role = "head" if (path in head_paths or layer.name in head_paths) else "backbone"
+            out.append(TrackedKernel(path, spec.weight, var, tuple(spec.axis), role, obj))
+    return out
+
+
+def _np(x):
+    return np.asarray(ops.convert_to_numpy(x), dtype="float64")
+
+
+def _row_l1(t, axis):
+    return np.abs(t) if len(axis) == 0 else np.abs(t).sum(axis=axis, keepdims=True)
+
+
+def kernel_distances(kernel, value, anchor, tol=1e-3):
+    """MARS and Frobenius distance of `value` to `anchor` for one kernel.
+
+    Args:
+        kernel: a `TrackedKernel` (gives the row axes and the constraint).
+        value: the kernel's current value (numpy).
+        anchor: its anchor (numpy; zeros for a head centred at the origin).
+        tol: a row is *at the bound* when its distance is at least
+            `(1 - tol) * radius`.
+
+    Returns:
+        Dict with `mars` (largest row L1 distance), `frobenius`, `rows` (the
+        per-row L1 distances, flat) and, for a MARS-PGM or L2-PGM constraint,
+        `at_bound` (fraction of rows at the bound; for L2-PGM 0 or 1) and
+        `radius` (largest radius).
+    """
+    t = np.asarray(value, "float64") - np.asarray(anchor, "float64")
+    rows = _row_l1(t, kernel.axis)
+    out = {"mars": float(rows.max()), "frobenius": float(np.sqrt((t ** 2).sum())),
+           "rows": rows.reshape(-1)}
+    obj = kernel.obj
+    if isinstance(obj, MARSDistance):
+        r = np.broadcast_to(_np(obj.radius), rows.shape)
+        out["at_bound"] = float((rows >= (1.0 - tol) * r).mean())
+        out["radius"] = float(r.max())
+    elif isinstance(obj, FrobeniusDistance):
+        r = float(_np(obj.radius))
+        out["at_bound"] = float(out["frobenius"] >= (1.0 - tol) * r)
+        out["radius"] = r
+    return out
+
+
+def snapshot_anchors(model, head=None):
+    """Anchors for every tracked kernel: keras-spft anchors where present,
+    zeros for heads centred at the origin, else the current value.
+
+    Returns:
+        Dict `{TrackedKernel.name: numpy array}`.
+    """
+    out = {}
+    for k in tracked_kernels(model, head):
+        if k.obj is not None:
+            a = k.obj.anchor
+            out[k.name] = np.zeros(k.variable.shape) if a is None else _np(a)
+        else:
+            out[k.name] = _np(k.variable)
+    return out
+
+
+class DistanceMonitor(keras.callbacks.Callback):
+    """Logs per-layer distances of the kernels to their anchors.
+
+    At the end of every `every`-th epoch, for every trainable kernel, it adds
+    to `logs` (so `History`, `TensorBoard` and `CSVLogger` receive them):
+
+    | key | value |
+    |---|---|
+    | `spft/<layer>/mars` | MARS distance: largest row L1 norm of `W - W0` |
+    | `spft/<layer>/frobenius` | `||W - W0||_F` |
+    | `spft/<layer>/at_bound` | PGM only: fraction of rows with distance `>= (1 - tol) * radius` |
+    | `spft/head/<layer>/...` | the same for head kernels (distance to the origin if the head is anchored at 0, else to its value at the start) |
+    | `spft/mars_max`, `spft/mars_mean`, `spft/frobenius_mean` | over backbone kernels |
+    | `spft/at_bound` | over all constrained rows (backbone and head) |
+
+    The anchor `W0` is the keras-spft anchor of a wrapped kernel, the origin
+    for a head wrapped around zero, and otherwise a snapshot taken at the
+    first `on_train_begin` (so unwrapped and DELTA runs get the same numbers).
+    Cost: one host copy of every kernel per logged epoch.
+
+    Place it *before* `keras.callbacks.TensorBoard` (and `CSVLogger`) in the
+    callbacks list: Keras passes one `logs` dict to the callbacks in order,
+    and `History` is always last. `monitor.history` keeps one dict per logged
+    epoch with every value, per-layer rows included, whatever `per_layer` is.
+
+    Args:
+        every: log every this many epochs (the last epoch of a `fit` call is
+            always logged).
+        tol: relative tolerance for `at_bound`.
+        per_layer: write per-layer keys to `logs` (`False`: aggregates only,
+            which keeps the progress bar short for deep models).
+        prefix: key prefix.
+        head: head layer names, for unwrapped models (see `tracked_kernels`).
+
+    Example:
+
+    ```python
+    monitor = keras_spft.DistanceMonitor()
+    history = model.fit(x, y, epochs=2, callbacks=[monitor,
+                        keras.callbacks.TensorBoard("logs")])
+    history.history["spft/mars_max"]
+    ```
+    """
+
+    def __init__(self, every=1, tol=1e-3, per_layer=True, prefix="spft", head=None):
+        super().__init__()
+        if int(every) < 1:
+            raise ValueError(f"`every` must be >= 1, got {every}.")
+        self.every = int(every)
+        self.tol = float(tol)
+        self.per_layer = bool(per_layer)
+        self.prefix = prefix
+        self.head = head
+        self.history = []
+        self._anchors = None
+        self._epochs = None
+
+    def on_train_begin(self, logs=None):
+        self._epochs = self.params.get("epochs") if self.params else None
+        if self._anchors is None:
+            self._anchors = snapshot_anchors(self.model, self.head)
+
+    def compute(self):
+        """Distances now, as a flat dict of log entries plus `"_rows"`."""
+        model = self.model  # on JAX this syncs the variables
+        if self._anchors is None:
+            self._anchors = snapshot_anchors(model, self.head)
+        out, rows = {}, {}
+        mars, fro = [], []
+        at, n_rows = 0.0, 0
+        p = self.prefix
+        for k in tracked_kernels(model, self.head):
+            if k.name not in self._anchors:
+                continue
+            d = kernel_distances(k, _np(k.variable), self._anchors[k.name], self.tol)
+            key = f"{p}/{k.name}" if k.role == "backbone" else f"{p}/head/{k.name}"
+            out[f"{key}/mars"] = d["mars"]
+            out[f"{key}/frobenius"] = d["frobenius"]
+            if "at_bound" in d:
+                out[f"{key}/at_bound"] = d["at_bound"]
+                n = d["rows"].size if isinstance(k.obj, MARSDistance) else 1
+                at += d["at_bound"] * n
+                n_rows += n
+            rows[k.name] = d["rows"]
+            if k.role == "backbone":
+                mars.append(d["mars"])
+                fro.append(d["frobenius"])
+        if mars:
+            out[f"{p}/mars_max"] = float(np.max(mars))
+            out[f"{p}/mars_mean"] = float(np.mean(mars))
+            out[f"{p}/frobenius_mean"] = float(np.mean(fro))
+        if n_rows:
+            out[f"{p}/at_bound"] = at / n_rows
+        out["_rows"] = rows
+        return out
+
+    def on_epoch_end(self, epoch, logs=None):
+        last = self._epochs is not None and epoch + 1 == self._epochs
+        if (epoch + 1) % self.every and not last:
+            return
+        values = self.compute()
+        rows = values.pop("_rows")
+        self.history.append(dict(values, epoch=epoch, rows=rows))
+        if logs is not None:
+            for key, v in values.items():
+                if self.per_layer or key.count("/") == 1:
+                    logs[key] = v
+
+    def get_config(self):
+        return {"every": self.every, "tol": self.tol, "per_layer": self.per_layer,
+                "prefix": self.prefix, "head": self.head}
+
+
+# -- gradients ------------------------------------------------------------------
+def _as_tensor(x):
+    if isinstance(x, (list, tuple)):
+        return type(x)(_as_tensor(v) for v in x)
+    if isinstance(x, dict):
+        return {k: _as_tensor(v) for k, v in x.items()}
+    return ops.convert_to_tensor(np.asarray(x))
+
+
+def _gradients(model, x, y, sample_weight, training):
+    """Gradients of `model.compute_loss` w.r.t. `model.trainable_variables`."""
+    backend = keras.backend.backend()
+    variables = model.trainable_variables
+    x, y = _as_tensor(x), _as_tensor(y)
+    sw = None if sample_weight is None else _as_tensor(sample_weight)
+    if backend == "jax":
+        import jax
+
+        tv = [v.value for v in variables]
+        ntv = [v.value for v in model.non_trainable_variables]
+        mv = [v.value for v in model.metrics_variables]
+
+        opt = getattr(model, "optimizer", None)
+        ov = [v.value for v in opt.variables] if opt is not None else None
+
+        def f(tv_):
+            _, aux = model.compute_loss_and_updates(
+                tv_, ntv, mv, x, y, sw, training=training, optimizer_variables=ov)
+            return aux[0], aux  # the unscaled loss (no mixed-precision scaling)
+
+        (loss, _), grads = jax.value_and_grad(f, has_aux=True)(tv)
+        return float(loss), [np.asarray(g) for g in grads]
+    saved = [np.array(ops.convert_to_numpy(v)) for v in model.non_trainable_variables]
+    try:
+        if backend == "tensorflow":
+            import tensorflow as tf
+
+            with tf.GradientTape() as tape:
+                y_pred = model(x, training=training)
+                loss = model.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sw, training=training)
+            grads = tape.gradient(loss, [v.value for v in variables])
+        elif backend == "torch":
+            import torch
+
+            with torch.enable_grad():
+                y_pred = model(x, training=training)
+                loss = model.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sw, training=training)
+                grads = torch.autograd.grad(loss, [v.value for v in variables], allow_unused=True)
+        else:
+            raise NotImplementedError(f"gradient norms are not implemented for backend {backend!r}.")
+    finally:
+        if training:
+            for v, s in zip(model.non_trainable_variables, saved):
+                v.assign(s)
+    grads = [np.zeros(v.shape) if g is None else np.asarray(ops.convert_to_numpy(g)) for v, g in zip(variables, grads)]
+    return float(ops.convert_to_numpy(loss)), grads
+
+
+def gradient_norms(model, x, y, sample_weight=None, training=True, head=None):
+    """Euclidean norms of the gradient of the training loss on one batch.
+
+    The loss is `model.compute_loss`: the compiled loss plus `model.losses`
+    (keras-spft penalties, DELTA's term, other regularizers), with the model
+    in training mode by default (dropout active, BatchNorm on batch
+    statistics). Non-trainable state (BatchNorm moving statistics, seeds)
+    is restored afterwards, so calling this does not change the model.
+    Constraints are not involved: it is the gradient the optimizer receives
+    before any projection. The model must be compiled.
+
+    Args:
+        model: a compiled model.
+        x, y: one batch (arrays).
+        sample_weight: optional per-example weights.
+        training: run the forward pass in training mode.
+        head: head layer names for unwrapped models (see `tracked_kernels`).
+
+    Returns:
+        Dict: `"global"`: `||dL/dtheta||_2` over all trainable variables (the
+        quantity of Gouk et al., Figure 1); `"loss"`: the loss; and one entry
+        per tracked kernel (`TrackedKernel.name`, head kernels prefixed
+        `"head/"`): the norm of that kernel's gradient.
+    """
+    if not getattr(model, "compiled", False):
+        raise ValueError("gradient_norms needs a compiled model (model.compile(loss=...)).")
+    loss, grads = _gradients(model, x, y, sample_weight, training)
+    by_id = {id(v): g for v, g in zip(model.trainable_variables, grads)}
+    out = {"global": float(np.sqrt(sum(float((g.astype("float64") ** 2).sum()) for g in grads))),
+           "loss": loss}
+    for k in tracked_kernels(model, head):
+        g = by_id.get(id(k.variable))
+        if g is not None:
+            name = k.name if k.role == "backbone" else f"head/{k.name}"
+            out[name] = float(np.sqrt((g.astype("float64") ** 2).sum()))
+    return out
+
+
+class GradientNormMonitor(keras.callbacks.Callback):
+    """Logs the gradient norm of the training loss on a fixed probe batch.
+
+    At the start of training (epoch `-1` in `monitor.history`, not in `logs`)
+    and at the end of every `every`-th epoch, computes `gradient_norms` on the
+    probe batch `(x, y)` and writes `grad/global` (the Euclidean norm of the
+    gradient w.r.t. all trainable parameters, Gouk et al.'s Figure 1),
+    `grad/loss` and, with `per_layer=True`, `grad/<layer>` for every kernel
+    into `logs`. A fixed batch makes epochs comparable; a larger batch gives
+    a less noisy estimate. Cost per logged epoch: one forward and backward
+    pass on the probe batch, eager (not compiled). Place it before
+    `TensorBoard` in the callbacks list.
+
+    Args:
+        x, y: the probe batch (arrays).
+        sample_weight: optional per-example weights.
+        every: log every this many epochs (the last epoch is always logged).
+        training: forward pass in training mode (see `gradient_norms`).
+        per_layer: write per-kernel norms to `logs`.
+        prefix: key prefix.
+        head: head layer names for unwrapped models.
+
+    Example:
+
+    ```python
+    grads = keras_spft.GradientNormMonitor(x[:32], y[:32])
+    model.fit(x, y, epochs=2, callbacks=[grads])
+    [h["grad/global"] for h in grads.history]
+    ```
+    """
+
+    def __init__(self, x, y, sample_weight=None, every=1, training=True,
+                 per_layer=True, prefix="grad", head=None):
+        super().__init__()
+        if int(every) < 1:
+            raise ValueError(f"`every` must be >= 1, got {every}.")
+        self.x, self.y, self.sample_weight = x, y, sample_weight
+        self.every = int(every)
+        self.training = bool(training)
+        self.per_layer = bool(per_layer)
+        self.prefix = prefix
+        self.head = head
+        self.history = []
+        self._epochs = None
+
+    def _measure(self, epoch):
+        norms = gradient_norms(self.model, self.x, self.y, self.sample_weight,
+                               self.training, self.head)
+        values = {f"{self.prefix}/{k}": v for k, v in norms.items()}
+        self.history.append(dict(values, epoch=epoch))
+        return values
+
+    def on_train_begin(self, logs=None):
+        self._epochs = self.params.get("epochs") if self.params else None
+        if not self.history:
+            self._measure(-1)
+
+    def on_epoch_end(self, epoch, logs=None):
+        last = self._epochs is not None and epoch + 1 == self._epochs
+        if (epoch + 1) % self.every and not last:
+            return
+        values = self._measure(epoch)
+        if logs is not None:
+            for key, v in values.items():
+                if self.per_layer or key in (f"{self.prefix}/global", f"{self.prefix}/loss"):
+                    logs[key] = v

@@ -1,0 +1,165 @@
+"""PNG plots of the diagnostics (matplotlib, imported only when plotting).
+
+`results` arguments map a method name to what one run produced: a
+`keras.callbacks.History`, its `.history` dict (as written to JSON), a
+`DistanceMonitor`/`GradientNormMonitor`, or a plain `{key: value}` dict of
+one epoch's logs.
+"""
+
+import math
+
+import numpy as np
+
+
+def _history_dict(run):
+    """`{key: [values per epoch]}` from any supported run object."""
+    if hasattr(run, "history") and isinstance(getattr(run, "history"), dict):
+        return run.history  # keras History
+    if hasattr(run, "history") and isinstance(getattr(run, "history"), list):
+        keys = {}
+        for entry in run.history:  # monitor: list of dicts
+            for k, v in entry.items():
+                if isinstance(v, (int, float)):
+                    keys.setdefault(k, []).append(v)
+        return keys
+    if isinstance(run, dict):
+        return {k: (v if isinstance(v, (list, tuple)) else [v]) for k, v in run.items()}
+    raise TypeError(f"cannot read diagnostics from {type(run).__name__}.")
+
+
+def layer_distances(run, metric="mars", prefix="spft", epoch=-1, head=False):
+    """Per-layer distances of one run at one logged epoch.
+
+    Args:
+        run: History, history dict, `DistanceMonitor` or logs dict.
+        metric: `"mars"`, `"frobenius"` or `"at_bound"`.
+        prefix: the monitor's key prefix.
+        epoch: index into the logged values (default: the last).
+        head: include head kernels.
+
+    Returns:
+        Dict `{layer: value}` for the backbone kernels (and the head ones,
+        prefixed `"head/"`, if `head=True`).
+    """
+    h = _history_dict(run)
+    out = {}
+    start, end = prefix + "/", "/" + metric
+    for key, values in h.items():
+        if not (key.startswith(start) and key.endswith(end)) or not values:
+            continue
+        layer = key[len(start):-len(end)]
+        if layer.startswith("head/") and not head:
+            continue
+        vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+        if vals:
+            out[layer] = float(vals[epoch])
+    return out
+
+
+def _figure(nrows, ncols=1, width=6.4, height=2.2):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width * ncols, max(2.6, height * nrows)), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def plot_distance_histograms(results, path, metric="mars", radius=None, bins=20,
+                             prefix="spft", title=None):
+    """Histograms of per-layer distances, one panel per method (Figure 2).
+
+    Each panel counts the backbone kernels by their final MARS (or
+    Frobenius) distance to the pre-trained weights; a dashed line marks the
+    radius of a constrained run. Panels share the x axis.
+
+    Args:
+        results: `{method: run}` (see the module docstring).
+        path: output PNG path.
+        metric: `"mars"` or `"frobenius"`.
+        radius: a float for every panel or `{method: radius}`; `None`: no line.
+        bins: number of bins (shared edges across panels).
+        prefix: the monitor's key prefix.
+        title: figure title.
+
+    Returns:
+        `path`.
+
+    Example:
+
+    ```python
+    keras_spft.plots.plot_distance_histograms(
+        {"mars-pgm": hist_pgm, "none": hist_none}, "distances.png", radius={"mars-pgm": 2.0})
+    ```
+    """
+    data = {m: np.array(list(layer_distances(r, metric, prefix).values())) for m, r in results.items()}
+    data = {m: v for m, v in data.items() if v.size}
+    if not data:
+        raise ValueError(f"no '{prefix}/<layer>/{metric}' values in the results: was DistanceMonitor used?")
+    radii = radius if isinstance(radius, dict) else {m: radius for m in data}
+    hi = max(max(v.max() for v in data.values()),
+             max((r for r in radii.values() if r is not None), default=0.0))
+    edges = np.linspace(0.0, hi * 1.05 if hi > 0 else 1.0, bins + 1)
+    fig = _figure(len(data))
+    axes = fig.subplots(len(data), 1, sharex=True, squeeze=False)[:, 0]
+    label = {"mars": "MARS distance to pre-trained weights",
+             "frobenius": "Frobenius distance to pre-trained weights"}.get(metric, metric)
+    for ax, (method, values) in zip(axes, data.items()):
+        ax.hist(values, bins=edges, color="tab:blue", alpha=0.8)
+        r = radii.get(method)
+        if r is not None:
+            ax.axvline(r, color="k", linestyle="--", linewidth=1.2, label=f"radius {r:g}")
+            ax.legend(loc="upper right", fontsize=8)
+        ax.set_ylabel("layers")
+        ax.set_title(f"{method}  ({values.size} layers, median {np.median(values):.3g}, "
+                     f"max {values.max():.3g})", fontsize=9)
+    axes[-1].set_xlabel(label)
+    if title:
+        fig.suptitle(title)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def plot_gradient_norms(results, path, key="grad/global", log_scale=True, title=None):
+    """Gradient-norm curves over training, one line per method (Figure 1).
+
+    Args:
+        results: `{method: run}`, runs holding `key` per epoch (a
+            `GradientNormMonitor` also has the value before training, drawn
+            at epoch 0; History values are drawn at epochs 1, 2, ...).
+        path: output PNG path.
+        key: the logged quantity, e.g. `"grad/global"` or `"grad/<layer>"`.
+        log_scale: logarithmic y axis.
+        title: figure title.
+
+    Returns:
+        `path`.
+    """
+    fig = _figure(1, height=3.6)
+    ax = fig.subplots()
+    drawn = 0
+    for method, run in results.items():
+        if hasattr(run, "history") and isinstance(run.history, list):
+            pts = [(e["epoch"] + 1, e[key]) for e in run.history if key in e]
+        else:
+            vals = _history_dict(run).get(key, [])
+            pts = [(i + 1, v) for i, v in enumerate(vals) if v is not None]
+        if not pts:
+            continue
+        xs, ys = zip(*pts)
+        ax.plot(xs, ys, marker="o", markersize=3, label=method)
+        drawn += 1
+    if not drawn:
+        raise ValueError(f"no '{key}' values in the results: was GradientNormMonitor used?")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if log_scale:
+        ax.set_yscale("log")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(f"{key}  (L2 norm of the gradient)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title or "Gradient norm of the training loss")
+    fig.savefig(path, dpi=110)
+    return path

@@ -1,0 +1,114 @@
+"""Theorem 2/3 bound terms against a hand computation; PNG plots."""
+
+import math
+
+import numpy as np
+import keras
+import pytest
+from keras import layers as L
+
+import keras_spft
+from keras_spft import bounds, plots
+
+
+def two_layer_net(method="mars-pgm", radius=5.0):
+    """x -> W1 -> relu -> W2 -> relu -> V, no biases, hand-picked weights."""
+    model = keras.Sequential([keras.Input((2,)),
+                              L.Dense(2, use_bias=False, activation="relu", name="w1"),
+                              L.Dense(2, use_bias=False, activation="relu", name="w2"),
+                              L.Dense(2, use_bias=False, name="v")])
+    model.get_layer("w1").kernel.assign(np.array([[1.0, 0.0], [0.0, 1.0]]))    # W0_1
+    model.get_layer("w2").kernel.assign(np.array([[2.0, 0.0], [1.0, 1.0]]))    # W0_2
+    keras_spft.wrap_pretrained(model, radius=radius, method=method, head=["v"])
+    model.get_layer("w1").kernel.assign(np.array([[1.0, 0.5], [0.0, 1.0]]))    # fine-tuned W1
+    model.get_layer("v").kernel.assign(np.array([[1.0, 2.0], [3.0, -1.0]]))
+    return model
+
+
+def test_theorem2_by_hand():
+    # Dense rows are output units = kernel columns.
+    # W1 - W0_1 = [[0, .5], [0, 0]]: column L1 norms 0, .5 -> D1 = 0.5
+    # ||W1||_inf = max(1, 1.5) = 1.5, ||W0_1||_inf = 1 -> B1 = 1.5
+    # W2 = W0_2: D2 = 0, B2 = max(2 + 1, 0 + 1) = 3
+    # ||V||_inf = max(1 + 3, 2 + 1) = 4
+    # bound = 2 sqrt(log(2d)) c rho C B_V (D1/B1 + D2/B2) (2 B1)(2 B2) / sqrt(m)
+    t = bounds.theorem2_bound(two_layer_net(), num_examples=100, num_classes=2, input_dim=2,
+                              input_bound=1.0, lipschitz=1.0)
+    expected = 2 * math.sqrt(math.log(4)) * 2 * 1 * 1 * 4 * (0.5 / 1.5 + 0) * (3 * 6) / 10
+    assert t.value == pytest.approx(expected, rel=1e-6)
+    assert [(l.path, l.bound, l.distance) for l in t.layers] == [("w1", 1.5, 0.5), ("w2", 3.0, 0.0)]
+    assert t.head_bound == 4.0 and t.distance_sum == pytest.approx(1 / 3)
+    # The radius (5) bounds every reachable D_j: D = (5, 5).
+    r = bounds.theorem2_bound(two_layer_net(), num_examples=100, num_classes=2, input_dim=2,
+                              input_bound=1.0, distances="radius")
+    assert r.value == pytest.approx(2 * math.sqrt(math.log(4)) * 2 * 4 * (5 / 1.5 + 5 / 3) * 18 / 10, rel=1e-6)
+    # Data constants enter as stated: linear in c, rho, C_inf; 1/sqrt(m).
+    t2 = bounds.theorem2_bound(two_layer_net(), num_examples=400, num_classes=4, input_dim=2,
+                               input_bound=3.0, lipschitz=0.5)
+    assert t2.value == pytest.approx(expected * 2 * 3 * 0.5 / 2, rel=1e-6)
+
+
+def test_theorem3_by_hand():
+    # ||W1 - W0_1||_F = 0.5; ||W1||_F = sqrt(1 + .25 + 1) = 1.5 >= ||W0_1||_F = sqrt 2
+    # W2: D2 = 0, B2 = sqrt(4 + 1 + 1) = sqrt 6; ||V||_F = sqrt(1 + 4 + 9 + 1) = sqrt 15
+    # bound = sqrt(2c) rho C_2 B_V (sum D/B) prod(2B) / sqrt(m)
+    t = bounds.theorem3_bound(two_layer_net("l2-pgm", 5.0), num_examples=100, num_classes=2,
+                              input_bound=2.0)
+    expected = math.sqrt(4) * 1 * 2.0 * math.sqrt(15) * (0.5 / 1.5) * (3 * 2 * math.sqrt(6)) / 10
+    assert t.value == pytest.approx(expected, rel=1e-6)
+    assert t.log_value == pytest.approx(math.log(expected), rel=1e-9)
+    with pytest.raises(ValueError, match="FrobeniusDistance"):
+        bounds.theorem3_bound(two_layer_net("mars-pgm"), num_examples=1, num_classes=2,
+                              input_bound=1.0, distances="radius")
+
+
+def test_conv_frobenius_counts_output_positions():
+    model = keras.Sequential([keras.Input((4, 4, 1)), L.Conv2D(1, 3, use_bias=False, name="c"),
+                              L.Flatten(), L.Dense(2, use_bias=False, name="v")])
+    k = np.zeros((3, 3, 1, 1), "float32")
+    k[1, 1] = 1.0
+    model.get_layer("c").kernel.assign(k)
+    keras_spft.wrap_pretrained(model, radius=1.0, method="l2-pgm", head=["v"])
+    model.get_layer("c").kernel.assign(k * 2)
+    # valid 3x3 conv on 4x4: 4 output positions -> ||map||_F = 2 ||K||_F
+    t = bounds.theorem3_bound(model, num_examples=1, num_classes=2, input_bound=1.0)
+    assert (t.layers[0].bound, t.layers[0].distance) == pytest.approx((4.0, 2.0))
+    t1 = bounds.theorem3_bound(model, num_examples=1, num_classes=2, input_bound=1.0, conv_positions=False)
+    assert (t1.layers[0].bound, t1.layers[0].distance) == pytest.approx((2.0, 1.0))
+
+
+def fake_history(scale, n_layers=12, radius=None):
+    rng = np.random.default_rng(int(scale * 10))
+    h = {"loss": [1.0, 0.5], "spft/mars_max": [0.0, 0.0]}
+    for i in range(n_layers):
+        d = rng.gamma(2.0, scale)
+        if radius is not None:
+            d = min(d, radius)
+        h[f"spft/base/conv{i}/mars"] = [d / 2, d]
+        h[f"spft/base/conv{i}/frobenius"] = [d / 4, d / 2]
+    h["spft/head/head/mars"] = [100.0, 100.0]  # heads are not in Figure 2
+    h["grad/global"] = [3.0 / scale, 2.0 / scale]
+    return h
+
+
+def test_layer_distances_reads_backbone_layers_only():
+    d = plots.layer_distances(fake_history(1.0))
+    assert len(d) == 12 and "head/head" not in d and "mars_max" not in d
+    assert len(plots.layer_distances(fake_history(1.0), head=True)) == 13
+    assert plots.layer_distances(fake_history(1.0), epoch=0)["base/conv0"] == fake_history(1.0)["spft/base/conv0/mars"][0]
+
+
+def test_plots_write_readable_pngs(tmp_path):
+    import matplotlib.image
+
+    results = {"none": fake_history(2.0), "mars-pgm": fake_history(1.0, radius=1.5),
+               "delta": fake_history(3.0)}
+    p = plots.plot_distance_histograms(results, str(tmp_path / "dist.png"), radius={"mars-pgm": 1.5})
+    img = matplotlib.image.imread(p)
+    assert img.shape[0] > 300 and img.shape[1] > 500
+    g = plots.plot_gradient_norms(results, str(tmp_path / "grad.png"))
+    assert matplotlib.image.imread(g).shape[1] > 500
+    with pytest.raises(ValueError, match="DistanceMonitor"):
+        plots.plot_distance_histograms({"none": {"loss": [1.0]}}, str(tmp_path / "x.png"))
+    with pytest.raises(ValueError, match="GradientNormMonitor"):
+        plots.plot_gradient_norms({"none": {"loss": [1.0]}}, str(tmp_path / "x.png"))

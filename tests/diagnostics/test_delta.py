@@ -1,0 +1,211 @@
+"""DELTA: loss against a hand computation, attention, frozen copy, saving."""
+
+import os
+
+import numpy as np
+import keras
+import pytest
+from keras import layers as L
+
+import keras_spft
+from keras_spft import delta as D
+
+
+def to_np(x):
+    return np.asarray(keras.ops.convert_to_numpy(x), dtype="float64")
+
+
+def pointwise_net(seed=0):
+    """Base of two 1x1 convs (so feature maps are matrix products) + head."""
+    rng = np.random.default_rng(seed)
+    base = keras.Sequential([keras.Input((3, 3, 2)), L.Conv2D(3, 1, name="c1"),
+                             L.Conv2D(2, 1, name="c2")], name="base")
+    model = keras.Sequential([keras.Input((3, 3, 2)), base, L.GlobalAveragePooling2D(),
+                              L.Dense(2, name="head")])
+    for w in model.weights:
+        w.assign(rng.normal(size=w.shape).astype("float32"))
+    return model
+
+
+def features_np(model, x):
+    base = model.layers[0]
+    k1, b1 = (to_np(w) for w in base.get_layer("c1").weights)
+    k2, b2 = (to_np(w) for w in base.get_layer("c2").weights)
+    f1 = x.astype("float64") @ k1[0, 0] + b1
+    f2 = f1 @ k2[0, 0] + b2
+    return [f1, f2]
+
+
+def test_delta_loss_matches_hand_computation():
+    model = pointwise_net()
+    x = np.random.default_rng(1).normal(size=(4, 3, 3, 2)).astype("float32")
+    dm = D.DeltaModel(model, feature_layers=["c1", "base/c2"], alpha=0.3, beta=0.2)
+    assert dm.feature_layers == ["base/c1", "base/c2"]
+    # Before any change the model and its frozen copy agree exactly.
+    assert float(to_np(dm.delta_loss(x))) == pytest.approx(0.0, abs=1e-10)
+    ref = features_np(model, x)
+    w = [np.array([0.2, 0.5, 0.3]), np.array([0.9, 0.1])]
+    dm.set_attention(w)
+    rng = np.random.default_rng(2)
+    for v in model.weights:  # fine-tuning moved every weight
+        v.assign(to_np(v) + rng.normal(scale=0.1, size=v.shape))
+    now = features_np(model, x)
+    expected = 0.0
+    for f, f0, wc in zip(now, ref, w):
+        c, hw = f.shape[-1], f.shape[1] * f.shape[2]
+        per_ex = 0.5 * (c / hw) * ((f - f0) ** 2).sum(axis=(1, 2)) @ wc
+        expected += per_ex.mean()
+    assert float(to_np(dm.delta_loss(x))) == pytest.approx(expected, rel=1e-4)
+    # In training mode the forward pass adds alpha * term + beta/2 ||V||^2.
+    dm(x, training=True)
+    v = to_np(model.get_layer("head").kernel)
+    total = sum(float(to_np(l)) for l in dm.losses)
+    assert total == pytest.approx(0.3 * expected + 0.5 * 0.2 * (v ** 2).sum(), rel=1e-4)
+    # ... and nothing in inference mode.
+    dm(x, training=False)
+    assert not dm.losses
+
+
+def test_last_layer_variant_is_weighted_mean_squared_difference():
+    model = pointwise_net()
+    x = np.random.default_rng(1).normal(size=(4, 3, 3, 2)).astype("float32")
+    dm = D.DeltaModel(model, alpha=1.0, beta=0.0, variant="last-layer")
+    assert dm.feature_layers == ["base/c2"]
+    f0 = features_np(model, x)[1]
+    w = np.array([0.7, 0.2])
+    dm.set_attention([w])
+    k = model.layers[0].get_layer("c2").kernel
+    k.assign(to_np(k) * 1.5)
+    f = features_np(model, x)[1]
+    assert float(to_np(dm.delta_loss(x))) == pytest.approx(((f - f0) ** 2 * w).mean(), rel=1e-4)
+
+
+def test_attention_from_importance_by_hand():
+    imp = np.array([1.0, 2.0, 3.0, 6.0])
+    z = (imp - 3.0) / np.sqrt(((imp - 3.0) ** 2).mean())
+    e = np.exp(z / 5)
+    np.testing.assert_allclose(D.attention_from_importance(imp), e / e.sum(), rtol=1e-6)
+    np.testing.assert_allclose(D.attention_from_importance(np.zeros(3)), np.full(3, 1 / 3), rtol=1e-6)
+    np.testing.assert_allclose(D.attention_from_importance(imp, "last-layer"), 1 / (1 + np.exp(-imp)), rtol=1e-6)
+
+
+def small_cnn():
+    keras.utils.set_random_seed(3)
+    base = keras.Sequential([keras.Input((6, 6, 3)), L.Conv2D(4, 3, padding="same", name="c1"),
+                             L.BatchNormalization(name="bn"), L.ReLU(name="r1"),
+                             L.Conv2D(5, 3, strides=2, name="c2"), L.ReLU(name="r2")], name="base")
+    return keras.Sequential([keras.Input((6, 6, 3)), base, L.GlobalAveragePooling2D(),
+                             L.Dense(3, name="head")])
+
+
+def data(n=16):
+    rng = np.random.default_rng(0)
+    return rng.random((n, 6, 6, 3)).astype("float32"), np.arange(n) % 3
+
+
+def test_attention_sums_to_one_per_layer_and_is_cached(tmp_path):
+    model = small_cnn()
+    x, y = data()
+    before = [to_np(w) for w in model.weights]
+    cache = str(tmp_path / "att.npz")
+    att = D.compute_attention(model, x, y, feature_layers=["r1", "r2"], batch_size=8, steps=2,
+                              head_epochs=1, cache=cache)
+    assert [a.shape for a in att] == [(4,), (5,)]
+    for a in att:
+        assert a.sum() == pytest.approx(1.0, abs=1e-6)
+        assert np.all(a > 0)
+        assert not np.allclose(a, a[0])  # the ablation told the channels apart
+    # The model itself was not touched (the head was trained on a copy).
+    for b, w in zip(before, model.weights):
+        np.testing.assert_array_equal(b, to_np(w))
+    # The cache answers without computing: these inputs would fail.
+    again = D.compute_attention(model, np.zeros((2, 1)), np.zeros(2), feature_layers=["r1", "r2"], cache=cache)
+    for a, b in zip(att, again):
+        np.testing.assert_array_equal(a, b)
+    dm = keras_spft.add_delta(model, feature_layers=["r1", "r2"], cache=cache)
+    for a, b in zip(att, dm.get_attention()):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_ablating_a_dead_channel_changes_nothing():
+    # The head ignores channel 1 of the last map: its loss increase is 0,
+    # so the sigmoid weight is exactly 1/2; the live channels differ.
+    model = small_cnn()
+    head = model.get_layer("head")
+    k = to_np(head.kernel)
+    k[1] = 0.0
+    head.kernel.assign(k)
+    x, y = data()
+    (att,) = D.compute_attention(model, x, y, variant="last-layer", head_epochs=0,
+                                 batch_size=8, steps=2)
+    assert att.shape == (5,)
+    assert att[1] == pytest.approx(0.5, abs=1e-6)
+    assert np.all(np.abs(np.delete(att, 1) - 0.5) > 1e-6)
+
+
+def test_frozen_copy_does_not_change_during_fit():
+    model = small_cnn()
+    x, y = data()
+    dm = D.DeltaModel(model, feature_layers=["r1", "r2"], alpha=1.0)
+    frozen = [to_np(w) for w in dm.frozen.weights]
+    start = [to_np(w) for w in model.weights]
+    assert not dm.frozen.trainable_weights
+    assert {id(v) for v in dm.trainable_variables} == {id(v) for v in model.trainable_variables}
+    dm.compile(optimizer=keras.optimizers.SGD(0.1),
+               loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    dm.fit(x, y, batch_size=8, epochs=2, verbose=0)
+    for f, w in zip(frozen, dm.frozen.weights):  # BN moving statistics included
+        np.testing.assert_array_equal(f, to_np(w))
+    moved = [not np.allclose(s, to_np(w)) for s, w in zip(start, model.weights)]
+    assert any(moved)
+    assert float(to_np(dm.delta_loss(x))) > 0
+
+
+def test_save_and_load(tmp_path):
+    model = small_cnn()
+    x, y = data()
+    dm = D.DeltaModel(model, feature_layers=["r1", "r2"], alpha=1.0)
+    dm.set_attention([np.linspace(0.1, 0.4, 4), np.linspace(0.1, 0.3, 5)])
+    dm.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    dm.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    path = str(tmp_path / "delta.keras")
+    dm.save(path)
+    back = keras.models.load_model(path)
+    assert isinstance(back, D.DeltaModel) and back.feature_layers == dm.feature_layers
+    for a, b in zip(dm.get_attention(), back.get_attention()):
+        np.testing.assert_allclose(a, b)
+    for a, b in zip(dm.frozen.weights, back.frozen.weights):
+        np.testing.assert_array_equal(to_np(a), to_np(b))
+    np.testing.assert_allclose(back.predict(x, verbose=0), dm.predict(x, verbose=0), rtol=1e-5, atol=1e-6)
+    assert float(to_np(back.delta_loss(x))) == pytest.approx(float(to_np(dm.delta_loss(x))), rel=1e-5)
+
+
+def test_default_feature_layers_by_block_names():
+    # ResNet naming: the last block of each stage, the deepest four stages.
+    x = inp = keras.Input((16, 16, 3))
+    names = []
+    for stage, blocks, stride in ((1, 1, 1), (2, 2, 2), (3, 2, 2), (4, 3, 1), (5, 2, 2)):
+        for b in range(1, blocks + 1):
+            x = L.Conv2D(2, 1, strides=stride if b == 1 else 1, name=f"conv{stage}_block{b}_1_conv")(x)
+            x = L.ReLU(name=f"conv{stage}_block{b}_out")(x)
+            names.append(f"conv{stage}_block{b}_out")
+    m = keras.Model(inp, x)
+    assert D.default_feature_layers(m) == ["conv2_block2_out", "conv3_block2_out",
+                                           "conv4_block3_out", "conv5_block2_out"]
+    assert D.default_feature_layers(m, "last-layer") == ["conv5_block2_out"]
+    # Unknown names: the last map, with a warning.
+    with pytest.warns(UserWarning, match="feature_layers"):
+        assert D.default_feature_layers(small_cnn()) == ["base/r2"]
+
+
+def test_errors():
+    model = small_cnn()
+    with pytest.raises(ValueError, match="does not exist"):
+        D.DeltaModel(model, feature_layers=["nope"])
+    with pytest.raises(ValueError, match="variant"):
+        D.DeltaModel(model, feature_layers=["r2"], variant="x")
+    dm = D.DeltaModel(model, feature_layers=["r2"])
+    with pytest.raises(ValueError, match="shape"):
+        dm.set_attention([np.ones(3)])
+    with pytest.raises(ValueError, match="add_delta"):
+        keras_spft.wrap_pretrained(model, method="delta")
