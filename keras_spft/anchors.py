@@ -77,7 +77,14 @@ class Anchored(KerasSaveable):
         if is_spec(value):
             arr = np.ones(value["shape"], dtype=value["dtype"])
         else:
-            arr = np.asarray(ops.convert_to_numpy(value), dtype="float32")
+            with np.errstate(over="ignore", under="ignore"):
+                arr = np.asarray(ops.convert_to_numpy(value), dtype="float32")
+            if not (np.all(np.isfinite(arr)) and np.all(arr > 0)):
+                raise ValueError(
+                    f"{self._owner()}: `{what}` must be positive and finite in "
+                    f"float32 (about 1.2e-38 to 3.4e38), got {value!r} "
+                    f"({'underflows to 0' if np.any(arr == 0) else 'overflows'})."
+                )
             if arr.ndim and shape is not None:
                 try:
                     np.broadcast_to(arr, shape)

@@ -6,6 +6,7 @@ kernel turns any optimizer into the projected gradient method of Gouk et al.
 (2021): `W <- proj(W)` after each step.
 """
 
+import numpy as np
 import keras
 from keras import ops
 
@@ -138,7 +139,8 @@ class MARSDistance(_DistanceConstraint):
                         f"{int((norms <= 0).sum())} anchor rows are zero, "
                         "which would freeze them; use an absolute radius."
                     )
-                radius = norms * float(ops.convert_to_numpy(radius))
+                with np.errstate(over="ignore"):
+                    radius = norms.astype("float64") * float(ops.convert_to_numpy(radius))
         self._init_scale(radius, "radius", row_shape)
 
     def _row_shape(self, shape):

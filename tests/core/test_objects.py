@@ -143,3 +143,12 @@ def test_penalty_enters_model_losses_exactly():
     want = 0.5 * np.abs(new.astype(np.float64) - a0).sum(axis=0).max() + 0.1 * np.abs(b).sum(axis=0).max()
     got = sum(float(to_np(l)) for l in model.losses)
     assert got == pytest.approx(want, rel=1e-5)
+
+
+def test_radius_that_vanishes_or_overflows_in_float32_is_rejected():
+    # found by the fuzz test: 1e-210 is positive in float64 but 0 in float32
+    for bad in (1e-210, 1e39):
+        with pytest.raises(ValueError, match="positive and finite in float32"):
+            keras_spft.MARSDistance(_w((4, 3)), bad, name="d/kernel")
+    with pytest.raises(ValueError, match="positive and finite in float32"):
+        keras_spft.MARSDistance(_w((4, 3)) * 1e30, 1e20, relative=True)

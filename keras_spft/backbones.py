@@ -1,0 +1,199 @@
+"""Pre-trained backbones from `keras.applications`, by name, with a new head.
+
+`get_backbone("resnet101")` finds the `keras.applications` constructor and
+the `preprocess_input` of its module; `build_model(...)` builds
+`base + new head` ready for `keras_spft.wrap_pretrained`. TensorFlow-free.
+"""
+
+import inspect
+import os
+import types
+from dataclasses import dataclass
+
+import keras
+
+HEADS = ("avg", "flatten")
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """A `keras.applications` model family member.
+
+    Attributes:
+        name: the constructor's name, e.g. `"MobileNet"`.
+        constructor: the `keras.applications` function that builds it.
+        preprocess_input: its module's `preprocess_input` (maps raw 0-255
+            RGB pixels to the scale the pre-trained weights expect).
+        module: the name of that module, e.g. `"mobilenet"`.
+    """
+
+    name: str
+    constructor: object
+    preprocess_input: object
+    module: str
+
+    @property
+    def has_alpha(self):
+        """Whether the constructor takes a width multiplier `alpha`."""
+        return "alpha" in inspect.signature(self.constructor).parameters
+
+
+def _registry():
+    apps = keras.applications
+    found = {}
+    for mod_name in sorted(dir(apps)):
+        mod = getattr(apps, mod_name)
+        if not isinstance(mod, types.ModuleType) or not hasattr(mod, "preprocess_input"):
+            continue
+        for attr in dir(mod):
+            fn = getattr(mod, attr)
+            if attr[0].isupper() and callable(fn) and getattr(apps, attr, None) is fn:
+                # A constructor exported by several modules (ResNet50 is in
+                # `resnet` and `resnet50`) keeps the first: same preprocessing.
+                found.setdefault(attr.lower(), Backbone(attr, fn, mod.preprocess_input, mod_name))
+    return found
+
+
+def available_backbones():
+    """Names accepted by `get_backbone` / `--model` (lower case), sorted.
+
+    Returns:
+        A list of strings such as `"efficientnetb0"`, `"mobilenet"`,
+        `"resnet101"`.
+    """
+    return sorted(_registry())
+
+
+def get_backbone(name):
+    """Looks up a `keras.applications` model by name, case-insensitively.
+
+    Args:
+        name: e.g. `"resnet101"`, `"EfficientNetB0"`, `"mobilenet"`,
+            `"mobilenet_v2"` (underscores and dashes are ignored).
+
+    Returns:
+        A `Backbone` (constructor and `preprocess_input`).
+
+    Raises:
+        ValueError: no `keras.applications` model has that name; the message
+            lists the valid names.
+
+    Example:
+
+    ```python
+    from keras_spft.backbones import get_backbone
+    bb = get_backbone("resnet101")
+    print(bb.name, bb.module, bb.has_alpha)    # ResNet101 resnet False
+    ```
+    """
+    registry = _registry()
+    key = str(name).lower().replace("_", "").replace("-", "")
+    if key not in registry:
+        raise ValueError(
+            f"unknown model {name!r}: not a keras.applications model. "
+            f"Valid names: {', '.join(sorted(registry))}."
+        )
+    return registry[key]
+
+
+def check_weights(weights):
+    """Validates a `weights` argument: `"imagenet"`, `None` or a file path.
+
+    Args:
+        weights: `"imagenet"` (downloaded by Keras), `None`/`"none"`/`"random"`
+            (random initialisation) or the path of a weights file (`.h5` or
+            `.weights.h5`) matching the architecture without its top.
+
+    Returns:
+        `"imagenet"`, `None` or the absolute path.
+
+    Raises:
+        ValueError: a path that does not exist.
+    """
+    if weights is None or str(weights).lower() in ("none", "random"):
+        return None
+    if weights == "imagenet":
+        return weights
+    path = os.path.abspath(os.path.expanduser(str(weights)))
+    if not os.path.isfile(path):
+        raise ValueError(
+            f"weights file '{path}' does not exist (expected 'imagenet', None or the "
+            "path of a weights file for the model without its top)."
+        )
+    return path
+
+
+def build_model(
+    name,
+    num_classes,
+    *,
+    weights="imagenet",
+    image_size=224,
+    alpha=None,
+    head="avg",
+    dropout=0.0,
+):
+    """Builds a pre-trained `keras.applications` backbone with a new head.
+
+    The model is `Input -> base(include_top=False) -> head -> Dense(num_classes)`
+    and outputs logits (use a loss with `from_logits=True`). The base is a
+    nested model, so `keras_spft.wrap_pretrained(model, ...)` treats the final
+    Dense layer as the new head by default. Feed it images already passed
+    through `get_backbone(name).preprocess_input` (`keras_spft.data` does).
+
+    Args:
+        name: a `keras.applications` model name (see `available_backbones()`).
+        num_classes: number of output classes.
+        weights: `"imagenet"`, `None` (random) or a weights file path.
+        image_size: input height and width in pixels (int or `(h, w)`).
+        alpha: width multiplier, only for constructors that take one
+            (MobileNet, MobileNetV2, MobileNetV3*).
+        head: `"avg"` (global average pooling, the Keras recipe) or
+            `"flatten"` (Flatten of the last feature map, as in the paper's
+            code).
+        dropout: dropout rate before the new Dense layer (0 disables).
+
+    Returns:
+        An uncompiled `keras.Model`.
+
+    Raises:
+        ValueError: unknown model or head, `alpha` given for a model without
+            one, a weights path that does not exist, `num_classes < 1`.
+
+    Example:
+
+    ```python
+    from keras_spft.backbones import build_model
+    model = build_model("mobilenet", 5, weights=None, image_size=64, alpha=0.25)
+    print(model.output_shape)       # (None, 5)
+    ```
+    """
+    backbone = get_backbone(name)
+    if head not in HEADS:
+        raise ValueError(f"unknown head {head!r}; expected one of {HEADS}.")
+    if int(num_classes) < 1:
+        raise ValueError(f"num_classes must be at least 1, got {num_classes}.")
+    size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    kwargs = {}
+    if alpha is not None:
+        if not backbone.has_alpha:
+            raise ValueError(
+                f"--alpha/alpha={alpha} given, but {backbone.name} has no width multiplier "
+                "(alpha applies to MobileNet, MobileNetV2, MobileNetV3Small/Large)."
+            )
+        kwargs["alpha"] = float(alpha)
+    base = backbone.constructor(
+        include_top=False,
+        weights=check_weights(weights),
+        input_shape=size + (3,),
+        pooling="avg" if head == "avg" else None,
+        **kwargs,
+    )
+    inputs = keras.Input(size + (3,), name="image")
+    x = base(inputs)
+    if head == "flatten":
+        x = keras.layers.Flatten(name="flatten")(x)
+    if dropout:
+        x = keras.layers.Dropout(dropout, name="head_dropout")(x)
+    outputs = keras.layers.Dense(int(num_classes), name="head")(x)
+    return keras.Model(inputs, outputs, name=f"{base.name}_finetune")

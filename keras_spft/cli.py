@@ -1,0 +1,530 @@
+"""`keras-spft`: the paper's fine-tuning experiment on your data, from the shell.
+
+    keras-spft finetune --data DIR --model mobilenet --method mars-pgm ...
+    keras-spft tune     --data DIR --model mobilenet --method mars-pgm --seeds 3 ...
+    keras-spft compare  --data DIR --model mobilenet --seeds 3 ...
+
+Every finished run is a JSON file under `--out` (`runs/<method>/seed<k>.json`,
+`search/<method>/best.json`), so `tune` and `compare` started again with the
+same `--out` skip what is done. See docs/workflow.md.
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+DEFAULT_METHODS = ("none", "l2-sp", "mars-sp", "l2-pgm", "mars-pgm")
+DISPLAY = {
+    "none": "None", "l2-sp": "L2-SP", "mars-sp": "MARS-SP", "l2-pgm": "L2-PGM",
+    "mars-pgm": "MARS-PGM", "mars-pgm-exact": "MARS-PGM (exact)", "delta": "DELTA",
+}
+# Settings that must match for a finished run on disk to be reused.
+SETTING_KEYS = ("data", "model", "weights", "alpha", "image_size", "head", "epochs",
+                "batch_size", "augment", "stage")
+
+
+def _log(msg):
+    print(msg, flush=True)
+
+
+def _seeds(text):
+    text = str(text).strip()
+    try:
+        if "," in text:
+            seeds = [int(s) for s in text.split(",") if s.strip()]
+        else:
+            n = int(text)
+            if n < 1:
+                raise ValueError
+            seeds = list(range(n))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--seeds {text!r}: give a count (3 means seeds 0,1,2) or a comma list (0,4,7)."
+        ) from None
+    return seeds
+
+
+def _methods(text):
+    from keras_spft.wrap import METHODS
+
+    methods = [m.strip() for m in str(text).split(",") if m.strip()]
+    for m in methods:
+        if m not in METHODS:
+            raise argparse.ArgumentTypeError(f"--methods: unknown method {m!r}; expected from {METHODS}.")
+    return methods
+
+
+def _positive(text):
+    v = float(text)
+    if not (v > 0 and math.isfinite(v)):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}.")
+    return v
+
+
+def build_parser():
+    """The argument parser of `keras-spft` (subcommands finetune, tune, compare)."""
+    parser = argparse.ArgumentParser(
+        prog="keras-spft",
+        description="Regularised fine-tuning of keras.applications models (Gouk et al., 2021 protocol).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p):
+        g = p.add_argument_group("data and model")
+        g.add_argument("--data", required=True,
+                       help="image folder with train/ val/ test/ class subfolders, or tfds:NAME")
+        g.add_argument("--data-dir", default=None, help="TFDS data directory")
+        g.add_argument("--model", default="mobilenet",
+                       help="keras.applications name, e.g. resnet101, efficientnetb0, mobilenet (default)")
+        g.add_argument("--weights", default="imagenet", help="imagenet (default), none, or a weights file path")
+        g.add_argument("--alpha", type=_positive, default=None,
+                       help="width multiplier, for models that have one (MobileNet*)")
+        g.add_argument("--image-size", type=int, default=224, help="input size in pixels (default 224)")
+        g.add_argument("--head", choices=("avg", "flatten"), default="avg",
+                       help="new head on global average pooling (default) or Flatten as in the paper's code")
+        g.add_argument("--augment", action="store_true", help="random flip and crop while training")
+        t = p.add_argument_group("training")
+        t.add_argument("--radius", type=_positive, default=None, help="backbone radius (constraint methods)")
+        t.add_argument("--head-radius", type=_positive, default=None, help="head radius (constraint methods)")
+        t.add_argument("--strength", type=_positive, default=None, help="backbone strength (penalty methods)")
+        t.add_argument("--head-strength", type=_positive, default=None, help="head strength (penalty methods)")
+        t.add_argument("--batchnorm", choices=("none", "gamma", "reference"), default="none",
+                       help="BatchNorm handling of wrap_pretrained (default none: gamma free)")
+        t.add_argument("--epochs", type=int, default=30, help="epochs per run (default 30, as the paper)")
+        t.add_argument("--batch-size", type=int, default=32, help="batch size (default 32)")
+        t.add_argument("--lr", type=_positive, default=None,
+                       help="initial learning rate (default 1e-4), halved every 2/3 of the run; "
+                            "in tune/compare the 'none' baseline searches its own (see --lr-range)")
+        t.add_argument("--seeds", type=_seeds, default=[0],
+                       help="number of seeds (3 -> 0,1,2) or a comma list (default 1)")
+        t.add_argument("--out", default="spft_runs", help="output folder (default spft_runs)")
+        t.add_argument("--verbose", type=int, choices=(0, 1, 2), default=2,
+                       help="Keras fit verbosity: 2 one line per epoch (default), 1 progress bar, 0 quiet")
+
+    def searching(p):
+        s = p.add_argument_group("search (KerasTuner)")
+        s.add_argument("--trials", type=int, default=20, help="search trials per method (default 20; 0: no search)")
+        s.add_argument("--tuner", choices=("bayesian", "random", "hyperband", "grid"), default="bayesian")
+        s.add_argument("--objective", choices=("val_accuracy", "val_loss"), default="val_accuracy")
+        s.add_argument("--tune-epochs", type=int, default=None, help="epochs per trial (default --epochs)")
+        for name in ("radius", "head-radius", "strength", "head-strength"):
+            s.add_argument(f"--{name}-range", type=_positive, nargs=2, metavar=("LOW", "HIGH"), default=None,
+                           help=f"log-uniform search range of {name.replace('-', '_')} "
+                                f"(default {'e^0.5 e^3.5' if 'radius' in name else 'e^-10 e^-1'})")
+        s.add_argument("--lr-range", type=_positive, nargs=2, metavar=("LOW", "HIGH"), default=None,
+                       help="log-uniform search range of the 'none' baseline's learning rate (default 1e-5 1e-3)")
+
+    p = sub.add_parser("finetune", help="one fine-tuning run per seed with given values")
+    common(p)
+    p.add_argument("--method", choices=_methods_list(), default="mars-pgm")
+    p.add_argument("--stage", choices=("final", "tune"), default="final",
+                   help="final: train on train+val, report test (default); tune: train on train, report val")
+
+    p = sub.add_parser("tune", help="search a method's radii/strengths on train->val, then final runs per seed")
+    common(p)
+    searching(p)
+    p.add_argument("--method", choices=_methods_list(), default="mars-pgm")
+
+    p = sub.add_parser("compare", help="methods x seeds (each tuned), then a table of mean +- std test accuracy")
+    common(p)
+    searching(p)
+    p.add_argument("--methods", type=_methods, default=list(DEFAULT_METHODS),
+                   help="comma list (default none,l2-sp,mars-sp,l2-pgm,mars-pgm)")
+    p.add_argument("--name", default=None, help="column name of the data set in the table (default: its folder name)")
+    return parser
+
+
+def _methods_list():
+    from keras_spft.wrap import METHODS
+
+    return METHODS
+
+
+# ----------------------------------------------------------------------------
+# Runs
+# ----------------------------------------------------------------------------
+
+
+class Session:
+    """Loads data once per stage and builds models for one invocation."""
+
+    def __init__(self, args):
+        from keras_spft.backbones import check_weights, get_backbone
+
+        self.args = args
+        self.backbone = get_backbone(args.model)
+        if args.alpha is not None and not self.backbone.has_alpha:
+            raise SystemExit(
+                f"keras-spft: error: --alpha given, but {self.backbone.name} has no width multiplier "
+                "(only MobileNet, MobileNetV2, MobileNetV3Small/Large)."
+            )
+        try:
+            self.weights = check_weights(args.weights)
+        except ValueError as e:
+            raise SystemExit(f"keras-spft: error: --weights: {e}") from None
+        self._splits = {}
+
+    def settings(self, stage, epochs=None):
+        a = self.args
+        return {
+            "data": a.data, "model": self.backbone.name, "weights": self.weights, "alpha": a.alpha,
+            "image_size": a.image_size, "head": a.head, "epochs": epochs or a.epochs,
+            "batch_size": a.batch_size, "augment": a.augment, "stage": stage,
+        }
+
+    def splits(self, stage):
+        if stage not in self._splits:
+            from keras_spft.data import load_data
+
+            a = self.args
+            self._splits[stage] = load_data(
+                a.data, image_size=a.image_size, batch_size=a.batch_size,
+                preprocess=self.backbone.preprocess_input, stage=stage, augment=a.augment,
+                data_dir=a.data_dir,
+            )
+            _log(f"[data] {self._splits[stage]}")
+        return self._splits[stage]
+
+    def build_fn(self, num_classes):
+        from keras_spft.backbones import build_model
+
+        a = self.args
+
+        def build():
+            return build_model(a.model, num_classes, weights=self.weights, image_size=a.image_size,
+                               alpha=a.alpha, head=a.head)
+
+        return build
+
+    def wrap_options(self):
+        bn = self.args.batchnorm
+        return {} if bn == "none" else {"batchnorm": bn}
+
+
+def _atomic_json(path, obj):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def _finished(path, settings, values=None):
+    """The stored result if `path` is a finished run with the same settings and values."""
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        done = json.load(f)
+    old = done.get("settings", {})
+    diff = [k for k in SETTING_KEYS if old.get(k) != settings.get(k)]
+    shown = ", ".join(f"{k}: {old.get(k)!r} on disk vs {settings.get(k)!r} now" for k in diff)
+    if values is not None:
+        stored = done.get("values", {})
+        vdiff = [k for k in values if k in stored and not math.isclose(stored[k], values[k], rel_tol=1e-9)]
+        shown = ", ".join([shown] * bool(shown) + [
+            f"{k}: {stored[k]!r} on disk vs {values[k]!r} now" for k in vdiff])
+        diff += vdiff
+    if diff:
+        raise SystemExit(
+            f"keras-spft: error: '{path}' is a finished run with other settings ({shown}); "
+            "use another --out or remove that file."
+        )
+    return done
+
+
+def _fmt_values(values):
+    return ", ".join(f"{k}={v:.4g}" for k, v in values.items()) or "-"
+
+
+def train_one(session, method, values, seed, stage, epochs=None):
+    """Trains and evaluates one model; returns the result dict (not saved)."""
+    import keras
+
+    from keras_spft import recipe
+
+    args = session.args
+    epochs = epochs or args.epochs
+    splits = session.splits(stage).reseeded(seed)   # the run's seed: data order, head init
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(seed)
+    model = session.build_fn(splits.num_classes)()
+    report = recipe.wrap(model, method, values, **session.wrap_options())
+    lr = values.get("lr", args.lr or recipe.DEFAULT_LR)
+    recipe.compile_model(model, lr)
+    _log(f"[{method} seed {seed}] {report.summary()}")
+    start = time.time()
+    history = model.fit(splits.train, epochs=epochs, verbose=args.verbose, shuffle=False,
+                        callbacks=[recipe.lr_schedule(lr, epochs)])
+    loss, acc = model.evaluate(splits.eval, verbose=0)
+    wall = time.time() - start
+    return {
+        "method": method,
+        "seed": seed,
+        "values": {**values, "lr": lr},
+        "eval_split": splits.eval_split,
+        "accuracy": float(acc),
+        "loss": float(loss),
+        "history": {k: [float(x) for x in v] for k, v in history.history.items()},
+        "train_images": splits.train_size,
+        "eval_images": splits.eval_size,
+        "wall_s": round(wall, 2),
+        "settings": session.settings(stage, epochs),
+        "keras_backend": keras.backend.backend(),
+    }
+
+
+def run_seeds(session, method, values, seeds, stage="final"):
+    """Runs `method` for every seed, skipping the ones finished on disk."""
+    args = session.args
+    folder = "runs" if stage == "final" else "runs_tune"
+    results = []
+    for seed in seeds:
+        path = os.path.join(args.out, folder, method, f"seed{seed}.json")
+        done = _finished(path, session.settings(stage), values)
+        if done is not None:
+            _log(f"[{method} seed {seed}] done already: {done['eval_split']} accuracy "
+                 f"{done['accuracy']:.4f} ({path})")
+            results.append(done)
+            continue
+        result = train_one(session, method, values, seed, stage)
+        _atomic_json(path, result)
+        _log(f"[{method} seed {seed}] {result['eval_split']} accuracy {result['accuracy']:.4f}, "
+             f"loss {result['loss']:.4f} ({_fmt_values(result['values'])}; {args.epochs} epochs, "
+             f"{result['train_images']} train images, {result['wall_s']:.0f} s) -> {path}")
+        results.append(result)
+    return results
+
+
+def _given_values(args, method):
+    from keras_spft import recipe
+
+    given = {}
+    for name in recipe.hyperparameter_names(method):
+        v = getattr(args, name)
+        if v is not None:
+            given[name] = v
+    if args.lr is not None:
+        given["lr"] = args.lr
+    return given
+
+
+def tune_method(session, method):
+    """Searches `method` on train -> val (resuming); returns the values to use."""
+    from keras_spft import recipe
+
+    args = session.args
+    given = _given_values(args, method)
+    ranges = {}
+    for name in recipe.hyperparameter_names(method):
+        rng = getattr(args, f"{name}_range", None)
+        if rng is not None:
+            ranges[name] = tuple(rng)
+    ranges.update({k: v for k, v in given.items() if k != "lr"})   # given on the command line: fixed
+    if method == "none":
+        # The baseline's fair shot: its learning rate is searched (--lr-range).
+        ranges["lr"] = tuple(args.lr_range) if args.lr_range else recipe.LR_RANGE
+    else:
+        ranges["lr"] = given.get("lr", recipe.DEFAULT_LR)          # fixed for regularised methods
+    searched = [k for k, v in {**recipe.default_ranges(method), **ranges}.items() if isinstance(v, tuple)]
+    if args.trials <= 0 or not searched:
+        values = recipe.method_values(method, given)
+        values["lr"] = given.get("lr", recipe.DEFAULT_LR)
+        _log(f"[{method}] no search ({'--trials 0' if args.trials <= 0 else 'all values given'}): "
+             f"{_fmt_values(values)}")
+        return values, None
+
+    folder = os.path.join(args.out, "search", method)
+    best_path = os.path.join(folder, "best.json")
+    epochs = args.tune_epochs or args.epochs
+    settings = session.settings("tune", epochs)
+    settings_search = {**settings, "trials": args.trials, "tuner": args.tuner, "objective": args.objective,
+                       "ranges": {k: list(v) if isinstance(v, tuple) else v for k, v in ranges.items()}}
+    if os.path.isfile(best_path):
+        with open(best_path) as f:
+            done = json.load(f)
+        if done.get("search_settings") == json.loads(json.dumps(settings_search)):
+            _log(f"[{method}] search done already: {_fmt_values(done['best'])} "
+                 f"({done['objective']} {done['best_score']:.4f}, {best_path})")
+            return done["best"], done
+        raise SystemExit(
+            f"keras-spft: error: '{best_path}' is a finished search with other settings; "
+            "use another --out or remove that folder."
+        )
+    from keras_spft.tuning import search
+
+    splits = session.splits("tune")
+    _log(f"[{method}] searching {', '.join(searched)} with {args.tuner}, {args.trials} trials of "
+         f"{epochs} epochs, objective {args.objective} (train -> val); KerasTuner state in {folder}")
+    start = time.time()
+    result = search(
+        session.build_fn(splits.num_classes), splits.train, splits.eval, method,
+        epochs=epochs, tuner=args.tuner, max_trials=args.trials, objective=args.objective,
+        ranges=ranges, lr=given.get("lr", recipe.DEFAULT_LR), wrap_options=session.wrap_options(),
+        directory=os.path.join(args.out, "search"), project_name=method,
+        verbose=args.verbose,
+    )
+    _log(f"[{method}] search result:\n{result}")
+    best = {k: v for k, v in result.best.items()}
+    record = {
+        "method": method, "best": best, "best_score": result.best_score, "objective": result.objective,
+        "trials": result.trials, "search_settings": settings_search, "wall_s": round(time.time() - start, 2),
+        "defaults": recipe.method_values(method),
+    }
+    _atomic_json(best_path, record)
+    return best, record
+
+
+# ----------------------------------------------------------------------------
+# Tables
+# ----------------------------------------------------------------------------
+
+
+def summarise(results_by_method, searches, column):
+    """Mean and std (sample, ddof=1) of final-run accuracy per method."""
+    import numpy as np
+
+    rows = []
+    for method, results in results_by_method.items():
+        accs = np.array([r["accuracy"] for r in results], dtype="float64") * 100
+        rows.append({
+            "method": method,
+            "name": DISPLAY.get(method, method),
+            "seeds": [r["seed"] for r in results],
+            "accuracy": [float(a) for a in accs],
+            "mean": float(accs.mean()),
+            "std": float(accs.std(ddof=1)) if len(accs) > 1 else 0.0,
+            "values": results[0]["values"] if results else {},
+            "search": None if searches.get(method) is None else {
+                k: searches[method][k] for k in ("best", "best_score", "objective", "defaults")
+                if k in searches[method]},
+            "wall_s": float(sum(r["wall_s"] for r in results)),
+        })
+    return {"column": column, "metric": "test accuracy (%), final epoch, mean +- std over seeds", "rows": rows}
+
+
+def markdown_table(summary):
+    """The table in the layout of the paper's Tables 2/3 (methods x data set)."""
+    col = summary["column"]
+    best = max((r["mean"] for r in summary["rows"]), default=None)
+    lines = [f"| Method | {col} | seeds | hyper-parameters |", "|---|---|---|---|"]
+    for r in summary["rows"]:
+        cell = f"{r['mean']:.2f} ± {r['std']:.2f}"
+        if r["mean"] == best and len(summary["rows"]) > 1:
+            cell = f"**{cell}**"
+        lines.append(f"| {r['name']} | {cell} | {len(r['seeds'])} | {_fmt_values(r['values'])} |")
+    return "\n".join(lines)
+
+
+def plot(summary, path):
+    """Bar chart of mean +- std with each seed's accuracy as a dot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = summary["rows"]
+    fig, ax = plt.subplots(figsize=(1.4 * len(rows) + 2, 3.5))
+    xs = range(len(rows))
+    ax.bar(xs, [r["mean"] for r in rows], yerr=[r["std"] for r in rows], capsize=4, color="#8fb3d9")
+    for x, r in zip(xs, rows):
+        ax.plot([x] * len(r["accuracy"]), r["accuracy"], "k.", alpha=0.6)
+    ax.set_xticks(list(xs), [r["name"] for r in rows])
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(summary["column"])
+    lo = min((min(r["accuracy"]) for r in rows if r["accuracy"]), default=0)
+    ax.set_ylim(max(0, lo - 10), 100)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _write_tables(args, results_by_method, searches, column, stem, extra):
+    summary = summarise(results_by_method, searches, column)
+    summary.update(extra)
+    table = markdown_table(summary)
+    os.makedirs(args.out, exist_ok=True)
+    _atomic_json(os.path.join(args.out, stem + ".json"), summary)
+    with open(os.path.join(args.out, stem + ".md"), "w") as f:
+        f.write(table + "\n\n" + summary["metric"] + ".\n")
+    plot(summary, os.path.join(args.out, stem + ".png"))
+    _log("\n" + table)
+    _log(f"\nwritten: {os.path.join(args.out, stem)}.md, .json, .png")
+    return summary
+
+
+def _column(args):
+    if getattr(args, "name", None):
+        return args.name
+    if args.data.startswith("tfds:"):
+        return args.data[len("tfds:"):]
+    return os.path.basename(os.path.normpath(args.data))
+
+
+# ----------------------------------------------------------------------------
+# Commands
+# ----------------------------------------------------------------------------
+
+
+def cmd_finetune(args):
+    session = Session(args)
+    from keras_spft import recipe
+
+    values = recipe.method_values(args.method, _given_values(args, args.method))
+    if args.method == "none":
+        values["lr"] = args.lr or recipe.DEFAULT_LR
+    results = run_seeds(session, args.method, values, args.seeds, stage=args.stage)
+    if len(results) > 1:
+        _write_tables(args, {args.method: results}, {}, _column(args), "finetune", {})
+    return results
+
+
+def _pipeline(args, methods, stem):
+    start = time.time()
+    session = Session(args)
+    results, searches = {}, {}
+    for method in methods:
+        values, record = tune_method(session, method)
+        searches[method] = record
+        results[method] = run_seeds(session, method, values, args.seeds, stage="final")
+    extra = {"command": "keras-spft " + " ".join(sys.argv[1:]) if sys.argv[1:] else None,
+             "wall_s_this_invocation": round(time.time() - start, 1)}
+    return _write_tables(args, results, searches, _column(args), stem, extra)
+
+
+def cmd_tune(args):
+    return _pipeline(args, [args.method], "tune")
+
+
+def cmd_compare(args):
+    return _pipeline(args, args.methods, "compare")
+
+
+def main(argv=None):
+    """Entry point of the `keras-spft` console script.
+
+    Args:
+        argv: the arguments (default `sys.argv[1:]`).
+
+    Returns:
+        The command's results (a list of run dicts, or the summary dict).
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.epochs < 1:
+        parser.error("--epochs must be at least 1.")
+    if args.batch_size < 1:
+        parser.error("--batch-size must be at least 1.")
+    try:
+        return {"finetune": cmd_finetune, "tune": cmd_tune, "compare": cmd_compare}[args.command](args)
+    except ValueError as e:
+        # Bad data, model or option: one clear line, no traceback.
+        parser.exit(2, f"keras-spft: error: {e}\n")
+
+
+if __name__ == "__main__":
+    main()

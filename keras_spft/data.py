@@ -1,0 +1,410 @@
+"""Image-classification data as `tf.data` pipelines, split as in the paper.
+
+Two sources: an image folder with `train/`, `val/`, `test/` subfolders of
+one folder per class, or a TensorFlow Datasets name (`"tfds:oxford_flowers102"`).
+`load_data(...)` resizes, applies the backbone's own `preprocess_input`,
+optionally augments (flip, crop), caches and prefetches. Its `stage` follows
+the protocol of Gouk et al. (2021): `"tune"` trains on train and evaluates on
+val; `"final"` trains on train+val and evaluates on test.
+
+This module imports TensorFlow (tf.data); `import keras_spft` does not.
+"""
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import tensorflow as tf
+import keras
+
+IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png")
+SPLITS = ("train", "val", "test")
+STAGES = ("tune", "final")
+
+
+@dataclass
+class DataSplits:
+    """The two pipelines of one protocol stage.
+
+    Attributes:
+        train: batched `tf.data.Dataset` of `(image, label)` to train on
+            (shuffled each epoch, augmented if asked).
+        eval: batched `tf.data.Dataset` to evaluate on (val when tuning, test
+            in the final runs); never shuffled or augmented.
+        class_names: class names; label `i` is `class_names[i]`.
+        stage: `"tune"` or `"final"`.
+        train_splits / eval_split: which source splits they hold, e.g.
+            `("train", "val")` and `"test"`.
+        counts: number of examples per source split, e.g.
+            `{"train": 680, "val": 340, "test": 340}`.
+        source: the folder path or `tfds:NAME`.
+    """
+
+    train: object
+    eval: object
+    class_names: list
+    stage: str
+    train_splits: tuple
+    eval_split: str
+    counts: dict
+    source: str
+    image_size: tuple = field(default=(224, 224))
+    make_train: object = field(default=None, repr=False)
+
+    def reseeded(self, seed):
+        """The same splits with the training pipeline shuffled (and augmented)
+        with another seed; the cached images are shared, not reloaded.
+
+        Args:
+            seed: the new seed, e.g. the run's seed.
+
+        Returns:
+            A new `DataSplits`.
+        """
+        if self.make_train is None:
+            return self
+        return dataclasses.replace(self, train=self.make_train(seed))
+
+    @property
+    def num_classes(self):
+        return len(self.class_names)
+
+    @property
+    def train_size(self):
+        return sum(self.counts[s] for s in self.train_splits)
+
+    @property
+    def eval_size(self):
+        return self.counts[self.eval_split]
+
+    def __str__(self):
+        return (
+            f"{self.source}: {self.num_classes} classes, stage {self.stage!r}: train on "
+            f"{'+'.join(self.train_splits)} ({self.train_size} images), evaluate on "
+            f"{self.eval_split} ({self.eval_size} images), "
+            f"{self.image_size[0]}x{self.image_size[1]}"
+        )
+
+
+def _size(image_size):
+    if isinstance(image_size, int):
+        return (image_size, image_size)
+    h, w = image_size
+    return (int(h), int(w))
+
+
+# ----------------------------------------------------------------------------
+# Image folders
+# ----------------------------------------------------------------------------
+
+
+def scan_image_folder(path, splits=SPLITS, check_images=True):
+    """Lists and checks an image folder before loading it.
+
+    Args:
+        path: folder holding one subfolder per split (`train/`, `val/`,
+            `test/`), each with one subfolder per class of image files
+            (`.jpg`, `.jpeg`, `.png`, `.bmp`, `.gif`).
+        splits: the split folder names that must exist.
+        check_images: decode every image once (with PIL, at reduced
+            resolution) to find corrupt files before training starts.
+
+    Returns:
+        `(class_names, files)`: the sorted class names (label ids follow
+        this order, as in `keras.utils.image_dataset_from_directory`) and
+        `{split: [(file path, label), ...]}`.
+
+    Raises:
+        ValueError: naming the path at fault: missing folder or split folder,
+            a split without class folders or without images, a class folder
+            without images, class sets that differ between splits, an image
+            that cannot be decoded.
+    """
+    root = os.path.abspath(os.path.expanduser(str(path)))
+    if not os.path.isdir(root):
+        raise ValueError(f"data folder '{root}' does not exist or is not a folder.")
+    classes = {}
+    files = {}
+    for split in splits:
+        split_dir = os.path.join(root, split)
+        if not os.path.isdir(split_dir):
+            present = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+            raise ValueError(
+                f"split folder '{split_dir}' is missing: an image folder needs "
+                f"{'/, '.join(splits)}/ subfolders with one folder per class (found: {present})."
+            )
+        names = sorted(d for d in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, d)))
+        if not names:
+            raise ValueError(f"split folder '{split_dir}' has no class subfolders.")
+        classes[split] = names
+        entries = []
+        for label, name in enumerate(names):
+            class_dir = os.path.join(split_dir, name)
+            images = sorted(
+                f for f in os.listdir(class_dir)
+                if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(class_dir, f))
+            )
+            if not images:
+                raise ValueError(
+                    f"class folder '{class_dir}' has no images (expected {', '.join(IMAGE_EXTENSIONS)} files)."
+                )
+            entries += [(os.path.join(class_dir, f), label) for f in images]
+        files[split] = entries
+    first = splits[0]
+    for split in splits[1:]:
+        if classes[split] != classes[first]:
+            a, b = set(classes[first]), set(classes[split])
+            raise ValueError(
+                f"class folders differ between '{os.path.join(root, first)}' and "
+                f"'{os.path.join(root, split)}': only in {first}: {sorted(a - b)}, "
+                f"only in {split}: {sorted(b - a)}."
+            )
+    if check_images:
+        for split in splits:
+            for file, _ in files[split]:
+                _check_image(file)
+    return classes[first], files
+
+
+def _check_image(file):
+    from PIL import Image
+
+    try:
+        with Image.open(file) as im:
+            im.draft("RGB", (64, 64))  # JPEG: decode at reduced scale, fast
+            im.load()
+    except Exception as e:  # PIL raises many types for bad files
+        raise ValueError(f"image '{file}' cannot be decoded ({type(e).__name__}: {e}).") from None
+
+
+def _decode(path, label, size):
+    data = tf.io.read_file(path)
+    image = tf.io.decode_image(data, channels=3, expand_animations=False)
+    image.set_shape((None, None, 3))
+    image = tf.image.resize(tf.cast(image, tf.float32), size)
+    return image, label
+
+
+def _folder_dataset(entries, size):
+    paths = [p for p, _ in entries]
+    labels = np.array([l for _, l in entries], dtype="int32")
+    ds = tf.data.Dataset.from_tensor_slices((paths, labels))
+    return ds.map(lambda p, l: _decode(p, l, size), num_parallel_calls=tf.data.AUTOTUNE)
+
+
+# ----------------------------------------------------------------------------
+# TFDS
+# ----------------------------------------------------------------------------
+
+
+def _tfds_sources(name, data_dir, val_fraction, download):
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder(name, data_dir=data_dir)
+    if download:
+        builder.download_and_prepare()
+    info = builder.info
+    available = set(info.splits.keys())
+    if "label" not in info.features or not hasattr(info.features["label"], "names"):
+        raise ValueError(f"TFDS data set '{name}' has no class 'label' feature.")
+    val_name = next((s for s in ("validation", "val") if s in available), None)
+    if "train" not in available:
+        raise ValueError(f"TFDS data set '{name}' has no 'train' split (splits: {sorted(available)}).")
+    if "test" not in available and val_name is None:
+        raise ValueError(f"TFDS data set '{name}' has neither a 'test' nor a 'validation' split.")
+    if val_name is not None and "test" in available:
+        mapping = {"train": "train", "val": val_name, "test": "test"}
+    else:
+        # Carve val out of train: tune on the first part, final runs use all of train.
+        if not 0 < val_fraction < 1:
+            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}.")
+        cut = int(round(100 * (1 - val_fraction)))
+        test = "test" if "test" in available else val_name
+        mapping = {"train": f"train[:{cut}%]", "val": f"train[{cut}%:]", "test": test, "train_full": "train"}
+    counts = {k: info.splits[v].num_examples for k, v in mapping.items()}
+    return builder, info, mapping, counts
+
+
+def _tfds_dataset(builder, split, size):
+    ds = builder.as_dataset(split=split, as_supervised=True, shuffle_files=False)
+
+    def prep(image, label):
+        image = tf.image.resize(tf.cast(image, tf.float32), size)
+        if image.shape[-1] == 1:
+            image = tf.image.grayscale_to_rgb(image)
+        return image, tf.cast(label, tf.int32)
+
+    return ds.map(prep, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+# ----------------------------------------------------------------------------
+# Pipeline
+# ----------------------------------------------------------------------------
+
+
+def _preprocess_fn(preprocess):
+    if preprocess is None:
+        return None
+    if keras.backend.backend() == "tensorflow":
+        return preprocess
+
+    # Other backends: keras.applications' preprocess_input computes with the
+    # active backend's ops, which tf.data cannot trace; run it on NumPy.
+    def apply(image):
+        def np_fn(x):
+            return np.asarray(preprocess(np.array(x)), dtype="float32")
+
+        out = tf.numpy_function(np_fn, [image], tf.float32)
+        out.set_shape(image.shape)
+        return out
+
+    return apply
+
+
+def _augment(image, size, crop_fraction, seed):
+    """One image: random horizontal flip, then a random crop resized back."""
+    image = tf.image.random_flip_left_right(image, seed=seed)
+    if crop_fraction < 1.0:
+        h, w = size
+        ch, cw = max(1, int(round(h * crop_fraction))), max(1, int(round(w * crop_fraction)))
+        image = tf.image.random_crop(image, (ch, cw, 3), seed=seed)
+        image = tf.image.resize(image, size)
+    return image
+
+
+def load_data(
+    source,
+    *,
+    image_size=224,
+    batch_size=32,
+    preprocess=None,
+    stage="tune",
+    augment=False,
+    crop_fraction=0.875,
+    cache=True,
+    shuffle=True,
+    seed=0,
+    data_dir=None,
+    val_fraction=0.1,
+    download=True,
+    check_images=True,
+):
+    """Loads an image folder or a TFDS data set as `tf.data` pipelines.
+
+    Images are resized to `image_size` (bilinear, as float 0-255 RGB), passed
+    through `preprocess` (the backbone's `preprocess_input`), cached, then the
+    training pipeline is shuffled, augmented, batched and prefetched.
+
+    Split protocol (Gouk et al., 2021): `stage="tune"` trains on `train` and
+    evaluates on `val` (for searching hyper-parameters); `stage="final"`
+    trains on `train` + `val` and evaluates on `test`. A TFDS data set without
+    a validation split (e.g. `oxford_iiit_pet`, `caltech_birds2011`) uses the
+    last `val_fraction` of its train split as val when tuning, and all of
+    train in the final runs.
+
+    Args:
+        source: an image folder path (with `train/`, `val/`, `test/`
+            subfolders of one folder per class) or `"tfds:NAME"` (any TFDS
+            image-classification data set with `image` and `label`, e.g.
+            `tfds:oxford_flowers102`, `tfds:oxford_iiit_pet`, `tfds:dtd`,
+            `tfds:caltech_birds2011`).
+        image_size: output height and width (int or `(h, w)`).
+        batch_size: batch size of both pipelines.
+        preprocess: a function of a float32 batch of 0-255 RGB images, usually
+            `keras_spft.backbones.get_backbone(name).preprocess_input`;
+            `None` keeps 0-255.
+        stage: `"tune"` or `"final"` (see above).
+        augment: random horizontal flip and random crop (of `crop_fraction`
+            of each side, resized back) on the training pipeline only.
+        crop_fraction: the crop size for `augment`; 1.0 disables cropping.
+        cache: cache decoded, resized, preprocessed images in memory.
+        shuffle: shuffle the training pipeline every epoch (seeded).
+        seed: seed of shuffling and augmentation; `splits.reseeded(seed)`
+            gives the pipeline of another seed over the same cached images.
+        data_dir: TFDS data directory (default: TFDS's).
+        val_fraction: TFDS only, see above.
+        download: TFDS only: download and prepare the data set if needed.
+        check_images: image folders only: decode every file once up front
+            so that a corrupt image is reported by path.
+
+    Returns:
+        A `DataSplits` with `.train`, `.eval`, `.class_names`, `.counts`.
+
+    Raises:
+        ValueError: a bad folder (see `scan_image_folder`), an unknown stage,
+            or a TFDS data set without the needed splits.
+
+    Example:
+
+    ```python
+    import keras
+    from keras_spft.data import load_data
+    splits = load_data("flowers17/", image_size=160, batch_size=32,
+                       preprocess=keras.applications.mobilenet.preprocess_input)
+    print(splits)       # 17 classes, train on train (680), evaluate on val (340)
+    ```
+    """
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}.")
+    size = _size(image_size)
+    source = str(source)
+    if source.startswith("tfds:"):
+        name = source[len("tfds:"):]
+        if not name:
+            raise ValueError("empty TFDS name: use e.g. 'tfds:oxford_flowers102'.")
+        builder, info, mapping, counts = _tfds_sources(name, data_dir, val_fraction, download)
+        class_names = list(info.features["label"].names)
+        if stage == "tune":
+            train_parts, eval_split = ("train",), "val"
+        else:
+            train_parts = ("train_full",) if "train_full" in mapping else ("train", "val")
+            eval_split = "test"
+        make = lambda split: _tfds_dataset(builder, mapping[split], size)  # noqa: E731
+        counts = {k: counts[k] for k in ("train", "val", "test")} | (
+            {"train_full": counts["train_full"]} if "train_full" in counts else {}
+        )
+    else:
+        class_names, files = scan_image_folder(source, check_images=check_images)
+        counts = {k: len(v) for k, v in files.items()}
+        source = os.path.abspath(os.path.expanduser(source))
+        if stage == "tune":
+            train_parts, eval_split = ("train",), "val"
+        else:
+            train_parts, eval_split = ("train", "val"), "test"
+        make = lambda split: _folder_dataset(files[split], size)  # noqa: E731
+
+    prep = _preprocess_fn(preprocess)
+
+    def base(ds):
+        if prep is not None:
+            ds = ds.map(lambda x, y: (prep(x), y), num_parallel_calls=tf.data.AUTOTUNE)
+        return ds.cache() if cache else ds
+
+    train = make(train_parts[0])
+    for part in train_parts[1:]:
+        train = train.concatenate(make(part))
+    train_base = base(train)
+    n_train = sum(counts[s] for s in train_parts)
+
+    def make_train(seed):
+        ds = train_base
+        if shuffle:
+            ds = ds.shuffle(n_train, seed=seed, reshuffle_each_iteration=True)
+        if augment:
+            ds = ds.map(lambda x, y: (_augment(x, size, crop_fraction, seed), y),
+                        num_parallel_calls=tf.data.AUTOTUNE)
+        return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+    return DataSplits(
+        train=make_train(seed),
+        eval=base(make(eval_split)).batch(batch_size).prefetch(tf.data.AUTOTUNE),
+        make_train=make_train,
+        class_names=class_names,
+        stage=stage,
+        train_splits=train_parts,
+        eval_split=eval_split,
+        counts=counts,
+        source=source,
+        image_size=size,
+    )

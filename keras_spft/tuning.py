@@ -1,0 +1,300 @@
+"""Searching radii (or strengths) with KerasTuner.
+
+`SPFTHyperModel` is a `keras_tuner.HyperModel`: each trial builds a fresh
+pre-trained model, wraps it with the method and the trial's radii, and
+trains it with the paper's recipe. `search(...)` runs any KerasTuner tuner
+(Bayesian optimisation with 20 trials by default, as the paper's 20 TPE
+evaluations) and returns a `SearchResult` with the best values and the trial
+table.
+"""
+
+import math
+from dataclasses import dataclass, field
+
+import keras_tuner
+
+from keras_spft import recipe
+from keras_spft.wrap import METHODS
+
+TUNERS = {
+    "bayesian": keras_tuner.BayesianOptimization,
+    "random": keras_tuner.RandomSearch,
+    "hyperband": keras_tuner.Hyperband,
+    "grid": keras_tuner.GridSearch,
+}
+OBJECTIVES = {"val_accuracy": "max", "val_loss": "min", "accuracy": "max", "loss": "min"}
+
+
+class SPFTHyperModel(keras_tuner.HyperModel):
+    """A KerasTuner `HyperModel` searching a method's radii or strengths.
+
+    Hyper-parameters (log-uniform): `radius` and `head_radius` for constraint
+    methods, `strength` and `head_strength` for penalty methods, `lr` for
+    `"none"` (so the baseline gets a tuned learning rate). Each trial calls
+    `build_model()` for a fresh model with the pre-trained weights,
+    `keras_spft.wrap_pretrained` with the trial's values, and compiles it with
+    Adam(amsgrad); `fit` halves the learning rate every 2/3 of the epochs and
+    reports the final epoch's metrics (the paper scores the final epoch).
+
+    Args:
+        build_model: a function with no arguments returning a new, uncompiled
+            model whose backbone holds the pre-trained weights and whose head
+            outputs logits (e.g. `keras_spft.backbones.build_model`).
+        method: a `wrap_pretrained` method name.
+        ranges: `{name: (low, high)}` overriding the default ranges
+            (`keras_spft.recipe.default_ranges(method)`); a name with a
+            single number instead of a pair is fixed, not searched. An `lr`
+            range makes the learning rate searched for any method.
+        lr: learning rate when it is not searched.
+        wrap_options: further `wrap_pretrained` keyword arguments
+            (e.g. `{"batchnorm": "gamma"}`).
+        name: the hypermodel's name.
+
+    Example:
+
+    ```python
+    hm = SPFTHyperModel(lambda: build_model("mobilenet", 17, alpha=0.25),
+                        method="mars-pgm", ranges={"head_radius": 10.0})
+    ```
+    """
+
+    def __init__(self, build_model, method="mars-pgm", *, ranges=None, lr=recipe.DEFAULT_LR,
+                 wrap_options=None, name=None):
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; expected one of {METHODS}.")
+        if not callable(build_model):
+            raise ValueError("`build_model` must be a function returning a new model.")
+        super().__init__(name=name or f"spft_{method}", tunable=True)
+        self.build_model = build_model
+        self.method = method
+        self.lr = float(lr)
+        self.wrap_options = dict(wrap_options or {})
+        allowed = set(recipe.hyperparameter_names(method)) | {"lr"}
+        self.ranges = dict(recipe.default_ranges(method))
+        for key, value in (ranges or {}).items():
+            if key not in allowed:
+                raise ValueError(
+                    f"`ranges` key {key!r} does not apply to method {method!r} (expected one of {sorted(allowed)})."
+                )
+            if isinstance(value, (tuple, list)):
+                lo, hi = (float(v) for v in value)
+                if not (0 < lo < hi and math.isfinite(hi)):
+                    raise ValueError(f"range of {key!r} must satisfy 0 < low < high, got {value}.")
+                self.ranges[key] = (lo, hi)
+            else:
+                self.ranges[key] = float(value)
+
+    def values(self, hp):
+        """The trial's hyper-parameter values, registering them with `hp`."""
+        out = {}
+        for key, rng in self.ranges.items():
+            if isinstance(rng, tuple):
+                out[key] = hp.Float(key, rng[0], rng[1], sampling="log")
+            else:
+                out[key] = hp.Fixed(key, rng)
+        return out
+
+    def build(self, hp):
+        values = self.values(hp)
+        model = self.build_model()
+        recipe.wrap(model, self.method, values, **self.wrap_options)
+        return recipe.compile_model(model, values.get("lr", self.lr))
+
+    def fit(self, hp, model, *args, epochs=1, callbacks=None, **kwargs):
+        lr = hp.values.get("lr", self.lr)
+        callbacks = list(callbacks or []) + [recipe.lr_schedule(lr, epochs)]
+        if args and hasattr(args[0], "element_spec"):
+            kwargs.setdefault("shuffle", False)  # a tf.data pipeline shuffles itself
+        history = model.fit(*args, epochs=epochs, callbacks=callbacks, **kwargs)
+        # Score the final epoch, as the paper does (KerasTuner would take the best).
+        return {k: float(v[-1]) for k, v in history.history.items() if k != "learning_rate"}
+
+
+@dataclass
+class SearchResult:
+    """What a search found.
+
+    Attributes:
+        method: the method searched.
+        best: the best trial's values, e.g. `{"radius": 5.2, "head_radius": 11.0}`.
+        best_score: its objective value.
+        objective: the objective's name, e.g. `"val_accuracy"`.
+        trials: one dict per completed trial (`trial_id`, the values, `score`),
+            best first.
+        tuner: the KerasTuner tuner (for `tuner.results_summary()` etc.).
+    """
+
+    method: str
+    best: dict
+    best_score: float
+    objective: str
+    trials: list = field(default_factory=list)
+    tuner: object = field(default=None, repr=False)
+
+    def table(self):
+        """The trial table as text, best first."""
+        if not self.trials:
+            return "(no completed trial)"
+        keys = [k for k in self.trials[0] if k not in ("trial_id", "score")]
+        head = ["trial"] + keys + [self.objective]
+        rows = [head] + [
+            [t["trial_id"]] + [f"{t[k]:.4g}" for k in keys] + [f"{t['score']:.4f}"] for t in self.trials
+        ]
+        widths = [max(len(str(r[i])) for r in rows) for i in range(len(head))]
+        fmt = "  ".join("{:>%d}" % w for w in widths)
+        lines = [fmt.format(*head), fmt.format(*("-" * w for w in widths))]
+        lines += [fmt.format(*r) for r in rows[1:]]
+        return "\n".join(lines)
+
+    def __str__(self):
+        best = ", ".join(f"{k}={v:.4g}" for k, v in self.best.items())
+        return (
+            f"{self.method}: best {best} ({self.objective} {self.best_score:.4f}, "
+            f"{len(self.trials)} trials)\n{self.table()}"
+        )
+
+    __repr__ = __str__
+
+
+def _without_tensorboard(tuner):
+    """KerasTuner 1.4 imports tensorboard in every trial on the TensorFlow
+    backend, only to patch TensorBoard callbacks; TensorFlow >= 2.20 no longer
+    installs it. Without tensorboard (so without such callbacks) skip that."""
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        if hasattr(tuner, "_configure_tensorboard_dir"):
+            tuner._configure_tensorboard_dir = lambda *args, **kwargs: None
+
+
+def _require_sklearn():
+    try:
+        import sklearn  # noqa: F401
+    except ImportError:
+        raise ImportError(
+            "the default tuner 'bayesian' (keras_tuner.BayesianOptimization) needs scikit-learn: "
+            "pip install 'keras-tuner[bayesian]', or pass tuner='random'."
+        ) from None
+
+
+def _result(tuner, method, objective):
+    trials = [
+        t for t in tuner.oracle.get_best_trials(num_trials=10**6)
+        if t.score is not None
+    ]
+    rows = [
+        {"trial_id": t.trial_id, **{k: float(v) for k, v in t.hyperparameters.values.items()}, "score": float(t.score)}
+        for t in trials
+    ]
+    if not rows:
+        raise RuntimeError("the search completed no trial; see the tuner's log above.")
+    best = {k: v for k, v in rows[0].items() if k not in ("trial_id", "score")}
+    return SearchResult(method, best, rows[0]["score"], objective, rows, tuner)
+
+
+def search(
+    build_model,
+    train,
+    val,
+    method="mars-pgm",
+    *,
+    epochs=30,
+    tuner="bayesian",
+    max_trials=20,
+    objective="val_accuracy",
+    ranges=None,
+    lr=recipe.DEFAULT_LR,
+    wrap_options=None,
+    directory=None,
+    project_name=None,
+    overwrite=False,
+    seed=0,
+    verbose=1,
+    **tuner_kwargs,
+):
+    """Searches a method's radii (or strengths) on train -> val with KerasTuner.
+
+    Args:
+        build_model: function with no arguments returning a new pre-trained
+            model with its head (see `SPFTHyperModel`).
+        train: training data, e.g. `load_data(..., stage="tune").train`.
+        val: validation data, e.g. `load_data(..., stage="tune").eval`.
+        method: a `wrap_pretrained` method name.
+        epochs: epochs per trial.
+        tuner: `"bayesian"` (default), `"random"`, `"hyperband"`, `"grid"`,
+            or any `keras_tuner.Tuner` subclass (built with the hypermodel,
+            objective, `max_trials`, directory and seed; add its other
+            arguments as `**tuner_kwargs`) or an already built tuner instance
+            (then `build_model`, `method`, `ranges`, `objective` and
+            `max_trials` are the instance's business).
+        max_trials: trials to run (20 as in the paper).
+        objective: `"val_accuracy"` (default) or `"val_loss"`, or a
+            `keras_tuner.Objective`.
+        ranges: overrides of the search ranges, see `SPFTHyperModel`.
+        lr: learning rate when it is not searched.
+        wrap_options: further `wrap_pretrained` keyword arguments.
+        directory: where KerasTuner keeps its trials; a search started again
+            with the same directory and project name resumes (finished trials
+            are not redone) unless `overwrite=True`. Default: a temporary folder
+            (no resume).
+        project_name: sub-folder name (default `spft_<method>`).
+        overwrite: start afresh.
+        seed: the tuner's seed.
+        verbose: passed to `fit`.
+        **tuner_kwargs: further arguments of the tuner class.
+
+    Returns:
+        A `SearchResult`: `.best` (dict of values), `.best_score`, `.trials`,
+        `.table()`; `print(result)` shows both.
+
+    Raises:
+        ValueError: an unknown tuner name, method or objective, a bad range.
+
+    Example:
+
+    ```python
+    result = search(lambda: build_model("mobilenet", 17, alpha=0.25),
+                    splits.train, splits.eval, method="mars-pgm", epochs=10)
+    print(result)
+    ```
+    """
+    if isinstance(objective, str):
+        if objective not in OBJECTIVES:
+            raise ValueError(f"unknown objective {objective!r}; expected one of {sorted(OBJECTIVES)}.")
+        name = objective if objective.startswith("val_") else "val_" + objective
+        objective = keras_tuner.Objective(name, OBJECTIVES[objective])
+    if isinstance(tuner, keras_tuner.Tuner):
+        instance = tuner
+        method = getattr(instance.hypermodel, "method", method)
+    else:
+        if isinstance(tuner, str):
+            if tuner not in TUNERS:
+                raise ValueError(f"unknown tuner {tuner!r}; expected one of {sorted(TUNERS)} or a keras_tuner.Tuner class.")
+            cls = TUNERS[tuner]
+            if tuner == "bayesian":
+                _require_sklearn()
+        elif isinstance(tuner, type) and issubclass(tuner, keras_tuner.Tuner):
+            cls = tuner
+        else:
+            raise ValueError(f"`tuner` must be a name, a keras_tuner.Tuner subclass or instance, got {tuner!r}.")
+        hypermodel = SPFTHyperModel(build_model, method, ranges=ranges, lr=lr, wrap_options=wrap_options)
+        if directory is None:
+            import tempfile
+
+            directory = tempfile.mkdtemp(prefix="keras_spft_search_")
+        kwargs = dict(
+            hypermodel=hypermodel,
+            objective=objective,
+            directory=directory,
+            project_name=project_name or f"spft_{method}",
+            overwrite=overwrite,
+            seed=seed,
+        )
+        if cls is keras_tuner.Hyperband:
+            kwargs["max_epochs"] = tuner_kwargs.pop("max_epochs", epochs)
+        else:
+            kwargs["max_trials"] = max_trials
+        instance = cls(**kwargs, **tuner_kwargs)
+    _without_tensorboard(instance)
+    instance.search(train, validation_data=val, epochs=epochs, verbose=verbose)
+    return _result(instance, method, instance.oracle.objective.name)

@@ -1,0 +1,159 @@
+"""keras-spft command line: finetune/tune/compare on tiny data, resume, outputs, errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from keras_spft import cli
+from tests.workflow.conftest import REPO, make_image_folder, tiny_model
+
+
+@pytest.fixture
+def tiny(monkeypatch, tmp_path):
+    """A tiny image folder, and build_model patched to a tiny conv model (fast)."""
+    import keras_spft.backbones as backbones
+
+    built = []
+
+    def fake_build(name, num_classes, *, weights, image_size, alpha, head):
+        built.append(name)
+        return tiny_model(num_classes, size=image_size)
+
+    monkeypatch.setattr(backbones, "build_model", fake_build)
+    data = make_image_folder(tmp_path / "data", classes=("a", "b", "c"))
+    return data, tmp_path / "out", built
+
+
+def _args(data, out, *extra):
+    return ["--data", data, "--weights", "none", "--image-size", "16", "--epochs", "1",
+            "--batch-size", "4", "--out", str(out), "--verbose", "0", *extra]
+
+
+def test_compare_writes_table_and_resumes_without_rerunning(tiny, monkeypatch, capsys):
+    data, out, built = tiny
+    argv = ["compare"] + _args(data, out, "--methods", "none,mars-pgm", "--seeds", "2",
+                               "--trials", "2", "--tuner", "random", "--name", "tiny3")
+    summary = cli.main(argv)
+    # Files: one JSON per run, search records, the table as md/json/png.
+    for m in ("none", "mars-pgm"):
+        for s in (0, 1):
+            run = json.load(open(out / "runs" / m / f"seed{s}.json"))
+            assert run["method"] == m and run["seed"] == s and run["eval_split"] == "test"
+            assert run["train_images"] == 15 and run["eval_images"] == 6     # train+val -> test
+            assert 0 <= run["accuracy"] <= 1 and len(run["history"]["loss"]) == 1
+        best = json.load(open(out / "search" / m / "best.json"))
+        assert len(best["trials"]) == 2
+    r = json.load(open(out / "search" / "mars-pgm" / "best.json"))["best"]
+    assert 1.64 < r["radius"] < 33.2 and 1.64 < r["head_radius"] < 33.2
+    assert json.load(open(out / "runs" / "mars-pgm" / "seed1.json"))["values"]["radius"] == pytest.approx(r["radius"])
+    lr = json.load(open(out / "search" / "none" / "best.json"))["best"]["lr"]
+    assert 1e-5 <= lr <= 1e-3                       # the baseline's learning rate is searched
+    md = open(out / "compare.md").read()
+    assert "| Method | tiny3 |" in md and "| None |" in md and "| MARS-PGM |" in md and "±" in md
+    saved = json.load(open(out / "compare.json"))
+    assert [row["method"] for row in saved["rows"]] == ["none", "mars-pgm"]
+    row = saved["rows"][1]
+    accs = [json.load(open(out / "runs" / "mars-pgm" / f"seed{s}.json"))["accuracy"] * 100 for s in (0, 1)]
+    assert row["accuracy"] == pytest.approx(accs) and row["mean"] == pytest.approx(sum(accs) / 2)
+    assert os.path.getsize(out / "compare.png") > 1000
+    assert summary["rows"][0]["name"] == "None"
+    stdout = capsys.readouterr().out
+    assert stdout.count("test accuracy") == 4       # one summary line per run
+
+    # Restart: nothing is trained or searched again.
+    calls = []
+    monkeypatch.setattr(cli, "train_one", lambda *a, **k: calls.append(a) or pytest.fail("re-ran a finished run"))
+    import keras_spft.tuning as tuning
+    monkeypatch.setattr(tuning, "search", lambda *a, **k: pytest.fail("re-ran a finished search"))
+    cli.main(argv)
+    assert "done already" in capsys.readouterr().out
+
+    # An interrupted run (its JSON missing) is the only one redone.
+    os.remove(out / "runs" / "mars-pgm" / "seed1.json")
+    redo = []
+    monkeypatch.setattr(cli, "train_one", lambda s, m, v, seed, stage, epochs=None: redo.append((m, seed)) or {
+        "method": m, "seed": seed, "values": v, "eval_split": "test", "accuracy": 0.5, "loss": 1.0,
+        "history": {}, "train_images": 15, "eval_images": 6, "wall_s": 0.0,
+        "settings": s.settings(stage), "keras_backend": "x"})
+    cli.main(argv)
+    assert redo == [("mars-pgm", 1)]
+
+
+def test_resume_refuses_results_made_with_other_settings(tiny):
+    data, out, _ = tiny
+    cli.main(["finetune"] + _args(data, out, "--method", "l2-pgm", "--radius", "2"))
+    assert (out / "runs" / "l2-pgm" / "seed0.json").is_file()
+    with pytest.raises(SystemExit, match=r"seed0.json' is a finished run with other settings \(epochs: 1 on disk vs 2"):
+        cli.main(["finetune", "--data", data, "--weights", "none", "--image-size", "16",
+                  "--epochs", "2", "--batch-size", "4", "--out", str(out), "--verbose", "0",
+                  "--method", "l2-pgm", "--radius", "2"])
+
+
+def test_resume_refuses_results_made_with_other_values(tiny):
+    data, out, _ = tiny
+    cli.main(["finetune"] + _args(data, out, "--method", "l2-pgm", "--radius", "2"))
+    with pytest.raises(SystemExit, match=r"other settings \(radius: 2.0 on disk vs 5.0 now\)"):
+        cli.main(["finetune"] + _args(data, out, "--method", "l2-pgm", "--radius", "5"))
+
+
+def test_finetune_values_and_tune_stage(tiny):
+    data, out, built = tiny
+    res = cli.main(["finetune"] + _args(data, out, "--method", "mars-sp", "--strength", "0.01",
+                                        "--stage", "tune", "--lr", "0.001"))
+    assert res[0]["values"]["strength"] == 0.01 and res[0]["values"]["lr"] == 0.001
+    assert res[0]["eval_split"] == "val" and res[0]["train_images"] == 9
+    assert (out / "runs_tune" / "mars-sp" / "seed0.json").is_file()
+    assert built == ["mobilenet"]
+
+
+def test_tune_with_given_values_does_not_search(tiny, monkeypatch):
+    data, out, _ = tiny
+    import keras_spft.tuning as tuning
+    monkeypatch.setattr(tuning, "search", lambda *a, **k: pytest.fail("searched although all values were given"))
+    summary = cli.main(["tune"] + _args(data, out, "--method", "l2-pgm", "--radius", "3", "--head-radius", "4"))
+    assert summary["rows"][0]["values"]["radius"] == 3.0
+    assert (out / "tune.md").is_file() and (out / "runs" / "l2-pgm" / "seed0.json").is_file()
+
+
+def test_clear_errors(tiny, capsys):
+    data, out, _ = tiny
+    with pytest.raises(SystemExit):
+        cli.main(["finetune"] + _args(str(out / "missing"), out))
+    assert "data folder '" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="ResNet50 has no width multiplier"):
+        cli.main(["finetune"] + _args(data, out, "--model", "resnet50", "--alpha", "0.5"))
+    with pytest.raises(SystemExit, match="weights file '.*nope.h5' does not exist"):
+        cli.main(["finetune", "--data", data, "--weights", str(out / "nope.h5")])
+    with pytest.raises(SystemExit):
+        cli.main(["compare", "--data", data, "--methods", "none,magic"])
+    assert "unknown method 'magic'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["finetune", "--data", data, "--seeds", "zero"])
+    assert "--seeds 'zero'" in capsys.readouterr().err
+    assert cli._seeds("3") == [0, 1, 2] and cli._seeds("0,4") == [0, 4]
+
+
+def test_console_script_is_declared():
+    text = open(os.path.join(REPO, "pyproject.toml")).read()
+    assert 'keras-spft = "keras_spft.cli:main"' in text
+
+
+def test_cli_subprocess_real_mobilenet(tmp_path):
+    """The real command in a fresh process: MobileNet (random weights), 1 epoch."""
+    data = make_image_folder(tmp_path / "data")
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(
+        [sys.executable, "-m", "keras_spft.cli", "finetune", "--data", data, "--model", "mobilenet",
+         "--alpha", "0.25", "--weights", "none", "--image-size", "32", "--epochs", "1",
+         "--batch-size", "4", "--method", "mars-pgm", "--radius", "3", "--out", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "- accuracy:" in proc.stdout and "- loss:" in proc.stdout        # Keras' per-epoch line
+    assert "[mars-pgm seed 0] test accuracy" in proc.stdout                  # the run's summary line
+    run = json.load(open(out / "runs" / "mars-pgm" / "seed0.json"))
+    assert run["settings"]["model"] == "MobileNet" and run["settings"]["alpha"] == 0.25
+    assert run["values"]["radius"] == 3.0 and run["keras_backend"]

@@ -1,0 +1,188 @@
+"""keras_spft.data: image folders, TFDS (mock data), preprocessing, protocol splits, errors."""
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from keras_spft.data import load_data, scan_image_folder
+from tests.workflow.conftest import make_image_folder
+
+
+def _collect(ds):
+    xs, ys = [], []
+    for x, y in ds:
+        xs.append(x.numpy())
+        ys.append(y.numpy())
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def test_folder_protocol_splits_labels_and_sizes(tmp_path):
+    root = make_image_folder(tmp_path / "d", classes=("b_class", "a_class", "c_class"),
+                             per_split={"train": 3, "val": 2, "test": 1})
+    tune = load_data(root, image_size=8, batch_size=4, stage="tune")
+    assert tune.class_names == ["a_class", "b_class", "c_class"]  # sorted: Keras' label order
+    assert tune.counts == {"train": 9, "val": 6, "test": 3}
+    x, y = _collect(tune.train)
+    assert x.shape == (9, 8, 8, 3) and x.dtype == np.float32
+    assert sorted(y.tolist()) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    xv, yv = _collect(tune.eval)
+    assert len(yv) == 6 and tune.eval_split == "val"
+    # Labels match the image content: class k is bright in channel k%3
+    # (make_image_folder enumerates classes in the given order b, a, c).
+    channel_of = {0: 1, 1: 0, 2: 2}
+    for img, label in zip(xv, yv):
+        assert np.argmax(img.mean(axis=(0, 1))) == channel_of[int(label)]
+
+    final = load_data(root, image_size=8, batch_size=4, stage="final")
+    assert final.train_splits == ("train", "val") and final.eval_split == "test"
+    _, yf = _collect(final.train)
+    _, yt = _collect(final.eval)
+    assert len(yf) == 15 and len(yt) == 3
+    assert final.train_size == 15 and final.eval_size == 3
+
+
+def test_preprocess_input_is_applied_and_range_right(image_folder):
+    import keras
+
+    raw = load_data(image_folder, image_size=12, batch_size=64)
+    x_raw, _ = _collect(raw.eval)
+    assert x_raw.min() >= 0 and x_raw.max() > 200          # 0-255 without preprocessing
+    mob = load_data(image_folder, image_size=12, batch_size=64,
+                    preprocess=keras.applications.mobilenet.preprocess_input)
+    x, _ = _collect(mob.eval)
+    assert x.min() >= -1.0 and x.max() <= 1.0 and x.min() < -0.5
+    np.testing.assert_allclose(x, x_raw / 127.5 - 1.0, atol=1e-5)
+    caffe = load_data(image_folder, image_size=12, batch_size=64,
+                      preprocess=keras.applications.resnet.preprocess_input)
+    xc, _ = _collect(caffe.eval)
+    # "caffe" mode: RGB -> BGR and ImageNet mean subtracted.
+    np.testing.assert_allclose(xc[..., 0], x_raw[..., 2] - 103.939, atol=1e-3)
+
+
+def test_train_pipeline_shuffles_and_eval_does_not(tmp_path):
+    root = make_image_folder(tmp_path / "d", per_split={"train": 8, "val": 4, "test": 4})
+    splits = load_data(root, image_size=8, batch_size=64, seed=1)
+    epochs = [_collect(splits.train)[1].tolist() for _ in range(3)]
+    assert len({tuple(e) for e in epochs}) > 1, "training order never changes between epochs"
+    other = splits.reseeded(2)
+    assert _collect(other.train)[1].tolist() != epochs[0] or _collect(other.train)[1].tolist() != epochs[1]
+    again = load_data(root, image_size=8, batch_size=64, seed=1)
+    assert _collect(again.train)[1].tolist() == epochs[0], "same seed, different order"
+    evals = [_collect(splits.eval)[1].tolist() for _ in range(2)]
+    assert evals[0] == evals[1] == sorted(evals[0])
+
+
+def test_augment_changes_training_images_only(image_folder):
+    plain = load_data(image_folder, image_size=16, batch_size=64, shuffle=False)
+    aug = load_data(image_folder, image_size=16, batch_size=64, shuffle=False, augment=True, seed=3)
+    xp, yp = _collect(plain.train)
+    xa, ya = _collect(aug.train)
+    assert xa.shape == xp.shape and (ya == yp).all()
+    assert not np.allclose(xa, xp)
+    np.testing.assert_array_equal(_collect(aug.eval)[0], _collect(plain.eval)[0])
+
+
+def test_missing_split_folder_names_the_path(image_folder):
+    shutil.rmtree(os.path.join(image_folder, "val"))
+    with pytest.raises(ValueError, match=r"split folder '.*data/val' is missing"):
+        load_data(image_folder)
+
+
+def test_missing_data_folder_names_the_path(tmp_path):
+    with pytest.raises(ValueError, match=r"data folder '.*nowhere' does not exist"):
+        load_data(str(tmp_path / "nowhere"))
+
+
+def test_class_without_images_names_the_folder(image_folder):
+    d = os.path.join(image_folder, "test", "dog")
+    for f in os.listdir(d):
+        os.remove(os.path.join(d, f))
+    open(os.path.join(d, "notes.txt"), "w").write("not an image")
+    with pytest.raises(ValueError, match=r"class folder '.*test/dog' has no images"):
+        load_data(image_folder)
+
+
+def test_split_without_classes_names_the_folder(image_folder):
+    shutil.rmtree(os.path.join(image_folder, "test"))
+    os.makedirs(os.path.join(image_folder, "test"))
+    with pytest.raises(ValueError, match=r"split folder '.*data/test' has no class subfolders"):
+        load_data(image_folder)
+
+
+def test_class_sets_that_differ_are_named(image_folder):
+    os.rename(os.path.join(image_folder, "val", "dog"), os.path.join(image_folder, "val", "wolf"))
+    with pytest.raises(ValueError, match=r"differ .*only in train: \['dog'\], only in val: \['wolf'\]"):
+        load_data(image_folder)
+
+
+def test_corrupt_image_names_the_file(image_folder):
+    bad = os.path.join(image_folder, "train", "cat", "broken.jpg")
+    with open(bad, "wb") as f:
+        f.write(b"\xff\xd8\xff\xe0 definitely not a jpeg")
+    with pytest.raises(ValueError, match=r"image '.*train/cat/broken.jpg' cannot be decoded"):
+        load_data(image_folder)
+    # Listing without decoding still works (the check can be skipped).
+    classes, files = scan_image_folder(image_folder, check_images=False)
+    assert classes == ["cat", "dog"] and len(files["train"]) == 7
+
+
+def test_unknown_stage():
+    with pytest.raises(ValueError, match="unknown stage"):
+        load_data("whatever", stage="test")
+
+
+def _tfds_metadata(data_dir, name, splits):
+    """Writes TFDS's own metadata files (dataset_info.json, features.json) for
+    `name` with the given split sizes, as `download_and_prepare` would: with
+    them, `tfds.testing.mock_data` knows the split names and sizes."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+    builder = tfds.builder(name, data_dir=str(data_dir))
+    os.makedirs(builder.data_dir, exist_ok=True)
+    builder.info.set_splits(tfds.core.SplitDict(
+        [tfds.core.SplitInfo(name=s, shard_lengths=[n], num_bytes=0) for s, n in splits.items()]))
+    builder.info.write_to_directory(builder.data_dir)
+    return tfds
+
+
+def test_tfds_with_validation_split_mock_data(tmp_path):
+    tfds = _tfds_metadata(tmp_path, "oxford_flowers102", {"train": 5, "validation": 5, "test": 7})
+    # mock_data yields num_examples images per split, whatever the metadata says.
+    with tfds.testing.mock_data(num_examples=5, data_dir=str(tmp_path)):
+        tune = load_data("tfds:oxford_flowers102", image_size=10, batch_size=4, stage="tune",
+                         data_dir=str(tmp_path))
+        assert tune.num_classes == 102 and tune.class_names[0] == "pink primrose"
+        assert tune.counts == {"train": 5, "val": 5, "test": 7} and tune.eval_split == "val"
+        x, y = _collect(tune.train)
+        assert x.shape == (5, 10, 10, 3) and x.dtype == np.float32
+        assert y.min() >= 0 and y.max() < 102
+        final = load_data("tfds:oxford_flowers102", image_size=10, batch_size=4, stage="final",
+                          data_dir=str(tmp_path))
+        _, yf = _collect(final.train)
+        assert len(yf) == 10 and final.train_splits == ("train", "val")   # train + validation
+        assert final.eval_split == "test" and final.eval_size == 7
+
+
+def test_tfds_without_validation_split_carves_it_from_train(tmp_path):
+    import keras
+
+    tfds = _tfds_metadata(tmp_path, "oxford_iiit_pet", {"train": 20, "test": 8})
+    with tfds.testing.mock_data(num_examples=6, data_dir=str(tmp_path)):
+        tune = load_data("tfds:oxford_iiit_pet", image_size=8, batch_size=8, stage="tune",
+                         val_fraction=0.25, preprocess=keras.applications.mobilenet.preprocess_input,
+                         data_dir=str(tmp_path))
+        assert tune.num_classes == 37
+        assert (tune.counts["train"], tune.counts["val"], tune.counts["test"]) == (15, 5, 8)
+        x, _ = _collect(tune.train)
+        assert x.min() >= -1 and x.max() <= 1 and x.shape[1:] == (8, 8, 3)
+        final = load_data("tfds:oxford_iiit_pet", image_size=8, batch_size=8, stage="final",
+                          data_dir=str(tmp_path))
+        assert final.train_splits == ("train_full",) and final.train_size == 20
+        assert len(_collect(final.train)[1]) == 6      # one split (all of train), not train + val
+        assert final.eval_split == "test"
+
+
+def test_tfds_empty_name():
+    with pytest.raises(ValueError, match="empty TFDS name"):
+        load_data("tfds:")

@@ -1,0 +1,126 @@
+"""keras_spft.tuning and keras_spft.recipe: KerasTuner search over radii/strengths."""
+
+import math
+
+import keras_tuner
+import numpy as np
+import pytest
+
+from keras_spft import recipe
+from keras_spft.tuning import SPFTHyperModel, search
+from tests.workflow.conftest import tiny_model
+
+
+def _data(n=12, size=16):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(n, size, size, 3)).astype("float32")
+    y = (np.arange(n) % 2).astype("int32")
+    x[y == 1, ..., 0] += 2.0
+    return x, y
+
+
+class Spy:
+    """build_model that remembers the models it built."""
+
+    def __init__(self):
+        self.models = []
+
+    def __call__(self):
+        m = tiny_model()
+        self.models.append(m)
+        return m
+
+
+def test_search_varies_radii_within_range_reaches_the_model_and_resumes(tmp_path):
+    x, y = _data()
+    spy = Spy()
+    result = _run(spy, x, y, tmp_path, tuner="random")
+    assert len(result.trials) == 2
+    radii = [t["radius"] for t in result.trials]
+    heads = [t["head_radius"] for t in result.trials]
+    assert all(2.0 <= r <= 4.0 for r in radii) and all(5.0 <= h <= 9.0 for h in heads)
+    assert radii[0] != radii[1] and heads[0] != heads[1]
+    # Each trial's model carries that trial's radii (KerasTuner also builds
+    # one model with the default values to see the search space).
+    built = {(round(float(m.get_layer("base").get_layer("c1").kernel.constraint.radius), 4),
+              round(float(m.get_layer("head").kernel.constraint.radius), 4)) for m in spy.models}
+    assert {(round(r, 4), round(h, 4)) for r, h in zip(radii, heads)} <= built
+    # lr is not searched for constraint methods: the recipe's lr is used.
+    assert all("lr" not in t for t in result.trials)
+    assert all(float(m.optimizer.learning_rate) == pytest.approx(recipe.DEFAULT_LR) for m in spy.models if m.optimizer)
+    # The best is the first row, the table lists every trial with its score.
+    assert result.best == {k: v for k, v in result.trials[0].items() if k not in ("trial_id", "score")}
+    assert result.best_score == max(t["score"] for t in result.trials)
+    table = result.table()
+    assert "radius" in table and "val_accuracy" in table and len(table.splitlines()) == 4
+    assert "best radius=" in str(result)
+
+    # Started again on the same directory, the search resumes: nothing is retrained.
+    again = _run(spy, x, y, tmp_path, tuner="random")
+    trained = sum(1 for m in spy.models if m.optimizer is not None and m.optimizer.iterations > 0)
+    assert trained == 2, "finished trials were trained again"
+    by_id = lambda r: {t["trial_id"]: (t["radius"], t["head_radius"], t["score"]) for t in r.trials}  # noqa: E731
+    assert by_id(again) == by_id(result) and again.best_score == result.best_score
+
+
+def _run(build, x, y, tmp_path, method="mars-pgm", ranges=None, **kw):
+    import tensorflow as tf
+
+    train = tf.data.Dataset.from_tensor_slices((x, y)).batch(6)
+    val = tf.data.Dataset.from_tensor_slices((x, y)).batch(6)
+    if ranges is None and method in ("mars-pgm", "l2-pgm"):
+        ranges = {"radius": (2.0, 4.0), "head_radius": (5.0, 9.0)}
+    kw.setdefault("max_trials", 2)
+    return search(build, train, val, method, epochs=1, verbose=0,
+                  directory=str(tmp_path), ranges=ranges, **kw)
+
+
+def test_default_tuner_is_bayesian_optimization(tmp_path):
+    pytest.importorskip("sklearn", reason="BayesianOptimization needs scikit-learn (keras-tuner[bayesian])")
+    x, y = _data()
+    res = _run(tiny_model, x, y, tmp_path, max_trials=1)
+    assert isinstance(res.tuner, keras_tuner.BayesianOptimization)
+    assert res.tuner.oracle.max_trials == 1 and len(res.trials) == 1
+
+
+def test_penalty_method_searches_strengths_and_none_searches_lr(tmp_path):
+    x, y = _data()
+    res = _run(tiny_model, x, y, tmp_path, method="l2-sp", tuner="random")
+    assert isinstance(res.tuner, keras_tuner.RandomSearch)
+    lo, hi = recipe.STRENGTH_RANGE
+    for t in res.trials:
+        assert set(t) == {"trial_id", "strength", "head_strength", "score"}
+        assert lo <= t["strength"] <= hi and lo <= t["head_strength"] <= hi
+    res = _run(tiny_model, x, y, tmp_path, method="none", tuner=keras_tuner.RandomSearch)
+    lrs = [t["lr"] for t in res.trials]
+    assert all(recipe.LR_RANGE[0] <= v <= recipe.LR_RANGE[1] for v in lrs) and lrs[0] != lrs[1]
+
+
+def test_hypermodel_options_and_errors():
+    hm = SPFTHyperModel(tiny_model, "l2-pgm", ranges={"head_radius": 3.0, "radius": (1.0, 2.0)})
+    hp = keras_tuner.HyperParameters()
+    model = hm.build(hp)
+    assert hp.values["head_radius"] == 3.0 and 1.0 <= hp.values["radius"] <= 2.0
+    assert float(model.get_layer("head").kernel.constraint.radius) == pytest.approx(3.0)
+    assert model.optimizer.amsgrad
+    with pytest.raises(ValueError, match="'strength' does not apply to method 'l2-pgm'"):
+        SPFTHyperModel(tiny_model, "l2-pgm", ranges={"strength": (1e-3, 1e-2)})
+    with pytest.raises(ValueError, match="0 < low < high"):
+        SPFTHyperModel(tiny_model, "mars-pgm", ranges={"radius": (5.0, 1.0)})
+    with pytest.raises(ValueError, match="unknown method"):
+        SPFTHyperModel(tiny_model, "delta-x")
+    with pytest.raises(ValueError, match="unknown tuner 'tpe'"):
+        search(tiny_model, None, None, tuner="tpe")
+    with pytest.raises(ValueError, match="unknown objective"):
+        search(tiny_model, None, None, objective="f1")
+
+
+def test_recipe_defaults_and_schedule():
+    assert recipe.default_ranges("mars-pgm") == {"radius": recipe.RADIUS_RANGE, "head_radius": recipe.RADIUS_RANGE}
+    assert recipe.RADIUS_RANGE == pytest.approx((math.exp(0.5), math.exp(3.5)))
+    assert recipe.default_ranges("mars-sp")["strength"] == pytest.approx((math.exp(-10), math.exp(-1)))
+    assert recipe.method_values("l2-pgm", {"radius": 2.0, "strength": 9.0}) == {
+        "radius": 2.0, "head_radius": pytest.approx(math.exp(2))}
+    assert recipe.halving_epochs(30) == 20 and recipe.halving_epochs(6) == 4 and recipe.halving_epochs(1) == 1
+    sched = recipe.lr_schedule(1e-4, 30)
+    assert [sched.schedule(e, None) for e in (0, 19, 20, 29)] == [1e-4, 1e-4, 5e-5, 5e-5]
