@@ -154,9 +154,9 @@ def _terms(model, norm, distances, head, layer_bounds, head_bound, conv_position
 
 def _walk_paths(model):
     from keras_spft.diagnostics import _unwrap
-    from keras_spft.wrap import _walk
+    from keras_spft.kernels import walk_layers
 
-    return _walk(_unwrap(model))
+    return walk_layers(_unwrap(model))
 
 
 def _assemble(theorem, constant, head_bound, layers):

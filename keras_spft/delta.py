@@ -34,18 +34,12 @@ import numpy as np
 import keras
 from keras import ops
 
+from keras_spft.kernels import walk_layers
+
 VARIANTS = ("li2019", "last-layer")
 
 
 # -- finding layers -------------------------------------------------------------
-def _walk(layer, prefix=""):
-    children = layer.layers if isinstance(layer, keras.Model) else getattr(layer, "_layers", [])
-    for sub in children:
-        path = prefix + sub.name
-        yield path, sub
-        yield from _walk(sub, path + "/")
-
-
 def _output_shape(layer):
     try:
         return tuple(layer.output.shape)
@@ -100,7 +94,7 @@ def default_feature_layers(model, variant="li2019", max_maps=4):
     if variant not in VARIANTS:
         raise ValueError(f"unknown DELTA variant {variant!r}; expected one of {VARIANTS}.")
     spatial = []
-    for path, layer in _walk(model):
+    for path, layer in walk_layers(model):
         if isinstance(layer, keras.Model):
             continue
         shape = _output_shape(layer)
@@ -133,7 +127,7 @@ def default_feature_layers(model, variant="li2019", max_maps=4):
 def _find(model, names):
     """Resolves layer names or paths to full paths; errors name what is missing."""
     paths = {}
-    for path, layer in _walk(model):
+    for path, layer in walk_layers(model):
         paths.setdefault(path, path)
         paths.setdefault(layer.name, path)
     out = []

@@ -17,7 +17,8 @@ from keras import ops
 from keras_spft.anchors import Anchored
 from keras_spft.constraints import FrobeniusDistance, MARSDistance
 from keras_spft.kernels import UnsupportedLayerError, kernel_specs
-from keras_spft.wrap import _default_head, _walk
+from keras_spft.kernels import walk_layers
+from keras_spft.wrap import _default_head
 
 
 @dataclass
@@ -67,7 +68,7 @@ def tracked_kernels(model, head=None):
         List of `TrackedKernel`, in layer order.
     """
     model = _unwrap(model)
-    layers = list(_walk(model))
+    layers = list(walk_layers(model))
     if head is None:
         head_paths = set(_default_head(model, layers))
     else:

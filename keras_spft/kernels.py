@@ -156,6 +156,19 @@ def kernel_specs(layer, batchnorm=False):
     return []
 
 
+def walk_layers(layer, prefix=""):
+    """Yields `(path, sublayer)` for every sublayer of `layer`, depth first.
+
+    Nested models are entered through `model.layers`, other layers through
+    their tracked sublayers; paths join names with "/" (e.g. "base/conv1").
+    """
+    children = layer.layers if isinstance(layer, keras.Model) else getattr(layer, "_layers", [])
+    for sub in children:
+        path = prefix + sub.name
+        yield path, sub
+        yield from walk_layers(sub, path + "/")
+
+
 def own_weights(layer):
     """The variables a layer owns itself (not through sublayers)."""
     return list(layer._trainable_variables) + list(layer._non_trainable_variables)

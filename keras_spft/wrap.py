@@ -8,7 +8,7 @@ import keras
 
 from keras_spft.anchors import Anchored, _SharedAnchor, check_positive
 from keras_spft.constraints import FrobeniusDistance, MARSDistance
-from keras_spft.kernels import UnsupportedLayerError, kernel_specs, own_weights
+from keras_spft.kernels import UnsupportedLayerError, kernel_specs, own_weights, walk_layers
 from keras_spft.regularizers import L2SP, MARSSP
 
 METHODS = ("none", "l2-sp", "mars-sp", "l2-pgm", "mars-pgm", "mars-pgm-exact")
@@ -111,15 +111,6 @@ class WrapReport:
     __repr__ = __str__
 
 
-def _walk(layer, prefix=""):
-    """Yields (path, sublayer) for every nested sublayer, depth first."""
-    children = layer.layers if isinstance(layer, keras.Model) else getattr(layer, "_layers", [])
-    for sub in children:
-        path = prefix + sub.name
-        yield path, sub
-        yield from _walk(sub, path + "/")
-
-
 def _default_head(model, layers):
     """Layers outside the nested pre-trained model(s); else the last kernel layer."""
     top = model.layers if isinstance(model, keras.Model) else []
@@ -127,7 +118,7 @@ def _default_head(model, layers):
     if nested:
         inside = set()
         for base in nested:
-            inside.update(id(l) for _, l in _walk(base))
+            inside.update(id(l) for _, l in walk_layers(base))
             inside.add(id(base))
         return [p for p, l in layers if id(l) not in inside and _has_kernel(l)]
     with_kernel = [p for p, l in layers if _has_kernel(l)]
@@ -292,7 +283,7 @@ def wrap_pretrained(
     if not getattr(model, "built", False):
         raise ValueError("the model is not built: call it on data or `model.build(...)` first.")
 
-    layers = list(_walk(model))
+    layers = list(walk_layers(model))
     by_name = {}
     for path, layer in layers:
         by_name.setdefault(path, layer)
