@@ -10,6 +10,8 @@ same `--out` skip what is done. See docs/workflow.md.
 """
 
 import argparse
+import contextlib
+import hashlib
 import json
 import math
 import os
@@ -23,6 +25,14 @@ DISPLAY = {
     "none": "None", "l2-sp": "L2-SP", "mars-sp": "MARS-SP", "l2-pgm": "L2-PGM",
     "mars-pgm": "MARS-PGM", "mars-pgm-exact": "MARS-PGM (exact)", "delta": "DELTA",
 }
+#: `--distribute` choices and the Keras backend each needs.
+DISTRIBUTE = ("none", "mirrored", "data-parallel")
+DISTRIBUTE_BACKEND = {"mirrored": "tensorflow", "data-parallel": "jax"}
+#: Command-line names of hyper-parameters whose plain name is taken
+#: (`--alpha` is the width multiplier): DELTA's alpha and beta.
+ARG_NAMES = {"alpha": "delta_alpha", "beta": "delta_beta"}
+#: Batches of the training data used to compute DELTA's attention.
+ATTENTION_BATCHES = 4
 # Settings that must match for a finished run on disk to be reused.
 SETTING_KEYS = ("data", "model", "weights", "alpha", "image_size", "head", "epochs",
                 "batch_size", "augment", "stage")
@@ -50,7 +60,7 @@ def _seeds(text):
 
 
 def _methods(text):
-    from keras_spft.wrap import METHODS
+    from keras_spft.recipe import METHODS
 
     methods = [m.strip() for m in str(text).split(",") if m.strip()]
     for m in methods:
@@ -93,6 +103,10 @@ def build_parser():
         t.add_argument("--head-radius", type=_positive, default=None, help="head radius (constraint methods)")
         t.add_argument("--strength", type=_positive, default=None, help="backbone strength (penalty methods)")
         t.add_argument("--head-strength", type=_positive, default=None, help="head strength (penalty methods)")
+        t.add_argument("--delta-alpha", type=_positive, default=None,
+                       help="DELTA's feature-map strength alpha (method delta)")
+        t.add_argument("--delta-beta", type=_positive, default=None,
+                       help="DELTA's head L2 strength beta (method delta)")
         t.add_argument("--batchnorm", choices=("none", "gamma", "reference"), default="none",
                        help="BatchNorm handling of wrap_pretrained (default none: gamma free)")
         t.add_argument("--epochs", type=int, default=30, help="epochs per run (default 30, as the paper)")
@@ -105,6 +119,9 @@ def build_parser():
         t.add_argument("--out", default="spft_runs", help="output folder (default spft_runs)")
         t.add_argument("--verbose", type=int, choices=(0, 1, 2), default=2,
                        help="Keras fit verbosity: 2 one line per epoch (default), 1 progress bar, 0 quiet")
+        t.add_argument("--distribute", choices=DISTRIBUTE, default="none",
+                       help="data parallelism: mirrored (TensorFlow backend, tf.distribute.MirroredStrategy), "
+                            "data-parallel (JAX backend, keras.distribution.DataParallel), none (default)")
 
     def searching(p):
         s = p.add_argument_group("search (KerasTuner)")
@@ -112,7 +129,7 @@ def build_parser():
         s.add_argument("--tuner", choices=("bayesian", "random", "hyperband", "grid"), default="bayesian")
         s.add_argument("--objective", choices=("val_accuracy", "val_loss"), default="val_accuracy")
         s.add_argument("--tune-epochs", type=int, default=None, help="epochs per trial (default --epochs)")
-        for name in ("radius", "head-radius", "strength", "head-strength"):
+        for name in ("radius", "head-radius", "strength", "head-strength", "delta-alpha", "delta-beta"):
             s.add_argument(f"--{name}-range", type=_positive, nargs=2, metavar=("LOW", "HIGH"), default=None,
                            help=f"log-uniform search range of {name.replace('-', '_')} "
                                 f"(default {'e^0.5 e^3.5' if 'radius' in name else 'e^-10 e^-1'})")
@@ -134,13 +151,13 @@ def build_parser():
     common(p)
     searching(p)
     p.add_argument("--methods", type=_methods, default=list(DEFAULT_METHODS),
-                   help="comma list (default none,l2-sp,mars-sp,l2-pgm,mars-pgm)")
+                   help="comma list (default none,l2-sp,mars-sp,l2-pgm,mars-pgm; also mars-pgm-exact, delta)")
     p.add_argument("--name", default=None, help="column name of the data set in the table (default: its folder name)")
     return parser
 
 
 def _methods_list():
-    from keras_spft.wrap import METHODS
+    from keras_spft.recipe import METHODS
 
     return METHODS
 
@@ -168,6 +185,67 @@ class Session:
         except ValueError as e:
             raise SystemExit(f"keras-spft: error: --weights: {e}") from None
         self._splits = {}
+        self._probes = {}
+        self._attention = None
+        self.strategy = None
+        self.replicas = 1
+        if args.distribute == "mirrored":
+            import tensorflow as tf
+
+            self.strategy = tf.distribute.MirroredStrategy()
+            self.replicas = int(self.strategy.num_replicas_in_sync)
+            _log(f"[distribute] tf.distribute.MirroredStrategy over {self.replicas} replicas: "
+                 f"{', '.join(self.strategy.extended.worker_devices)}")
+        elif args.distribute == "data-parallel":
+            import keras
+
+            dist = keras.distribution.DataParallel()
+            keras.distribution.set_distribution(dist)
+            self.replicas = int(dist.device_mesh.devices.size)
+            _log(f"[distribute] keras.distribution.DataParallel over {self.replicas} devices")
+
+    def scope(self):
+        """Where models are built, loaded, wrapped and compiled (the strategy's scope)."""
+        return self.strategy.scope() if self.strategy is not None else contextlib.nullcontext()
+
+    def probe(self, stage):
+        """One fixed batch of the training data (numpy), for `GradientNormMonitor`."""
+        if stage not in self._probes:
+            x, y = next(iter(self.splits(stage).reseeded(0).train))
+            self._probes[stage] = (x.numpy(), y.numpy())
+        return self._probes[stage]
+
+    def attention_cache(self):
+        """The `.npz` file under `--out` holding DELTA's attention of this backbone."""
+        a = self.args
+        key = json.dumps([a.data, self.backbone.name, self.weights, a.alpha, a.image_size, a.head,
+                          ATTENTION_BATCHES, a.batch_size])
+        digest = hashlib.sha1(key.encode()).hexdigest()[:10]
+        return os.path.join(a.out, "delta", f"attention_{self.backbone.name}_{digest}.npz")
+
+    def attention(self):
+        """DELTA's channel attention, computed once per backbone (on a few batches
+        of the training split, train only, so searches never see val) and cached
+        under `--out`; later runs and invocations read it back."""
+        if self._attention is None:
+            import keras
+
+            from keras_spft.delta import compute_attention
+
+            path = self.attention_cache()
+            reused = os.path.isfile(path)
+            splits = self.splits("tune")
+            keras.backend.clear_session()
+            keras.utils.set_random_seed(0)
+            model = self.build_fn(splits.num_classes)()
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            start = time.time()
+            self._attention = compute_attention(model, splits.reseeded(0).train.take(ATTENTION_BATCHES),
+                                                steps=ATTENTION_BATCHES, cache=path)
+            how = ("read from" if reused else
+                   f"computed in {time.time() - start:.0f} s on {ATTENTION_BATCHES} training batches ->")
+            _log(f"[delta] attention of {self.backbone.name} {how} {path}")
+        return self._attention
 
     def settings(self, stage, epochs=None):
         a = self.args
@@ -201,7 +279,11 @@ class Session:
 
         return build
 
-    def wrap_options(self):
+    def wrap_options(self, method=None):
+        from keras_spft import recipe
+
+        if method in recipe.DELTA_METHODS:
+            return {"attention": self.attention()}   # --batchnorm does not apply to DELTA
         bn = self.args.batchnorm
         return {} if bn == "none" else {"batchnorm": bn}
 
@@ -245,21 +327,31 @@ def train_one(session, method, values, seed, stage, epochs=None):
     """Trains and evaluates one model; returns the result dict (not saved)."""
     import keras
 
+    import keras_spft
     from keras_spft import recipe
 
     args = session.args
     epochs = epochs or args.epochs
     splits = session.splits(stage).reseeded(seed)   # the run's seed: data order, head init
+    options = session.wrap_options(method)          # (DELTA: its attention, computed once)
+    xb, yb = session.probe(stage)
     keras.backend.clear_session()
     keras.utils.set_random_seed(seed)
-    model = session.build_fn(splits.num_classes)()
-    report = recipe.wrap(model, method, values, **session.wrap_options())
     lr = values.get("lr", args.lr or recipe.DEFAULT_LR)
-    recipe.compile_model(model, lr)
-    _log(f"[{method} seed {seed}] {report.summary()}")
+    with session.scope():                           # build, load, wrap, compile
+        model = session.build_fn(splits.num_classes)()
+        wrapped = recipe.wrap(model, method, values, **options)
+        # DELTA trains the DeltaModel around `model`; the others train `model` itself.
+        trained = wrapped if method in recipe.DELTA_METHODS else model
+        recipe.compile_model(trained, lr)
+        if trained is not model:
+            recipe.compile_model(model, lr)         # the plain network is what is evaluated
+    _log(f"[{method} seed {seed}] {recipe.describe(wrapped)}")
     start = time.time()
-    history = model.fit(splits.train, epochs=epochs, verbose=args.verbose, shuffle=False,
-                        callbacks=[recipe.lr_schedule(lr, epochs)])
+    callbacks = [keras_spft.DistanceMonitor(), keras_spft.GradientNormMonitor(xb, yb),
+                 recipe.lr_schedule(lr, epochs)]
+    history = trained.fit(splits.train, epochs=epochs, verbose=args.verbose, shuffle=False,
+                          callbacks=callbacks)
     loss, acc = model.evaluate(splits.eval, verbose=0)
     wall = time.time() - start
     return {
@@ -269,12 +361,14 @@ def train_one(session, method, values, seed, stage, epochs=None):
         "eval_split": splits.eval_split,
         "accuracy": float(acc),
         "loss": float(loss),
-        "history": {k: [float(x) for x in v] for k, v in history.history.items()},
+        "history": {k: [None if x is None else float(x) for x in v] for k, v in history.history.items()},
         "train_images": splits.train_size,
         "eval_images": splits.eval_size,
         "wall_s": round(wall, 2),
         "settings": session.settings(stage, epochs),
         "keras_backend": keras.backend.backend(),
+        "distribute": args.distribute,
+        "replicas": session.replicas,
     }
 
 
@@ -305,7 +399,7 @@ def _given_values(args, method):
 
     given = {}
     for name in recipe.hyperparameter_names(method):
-        v = getattr(args, name)
+        v = getattr(args, ARG_NAMES.get(name, name))
         if v is not None:
             given[name] = v
     if args.lr is not None:
@@ -321,7 +415,7 @@ def tune_method(session, method):
     given = _given_values(args, method)
     ranges = {}
     for name in recipe.hyperparameter_names(method):
-        rng = getattr(args, f"{name}_range", None)
+        rng = getattr(args, f"{ARG_NAMES.get(name, name)}_range", None)
         if rng is not None:
             ranges[name] = tuple(rng)
     ranges.update({k: v for k, v in given.items() if k != "lr"})   # given on the command line: fixed
@@ -364,9 +458,10 @@ def tune_method(session, method):
     result = search(
         session.build_fn(splits.num_classes), splits.train, splits.eval, method,
         epochs=epochs, tuner=args.tuner, max_trials=args.trials, objective=args.objective,
-        ranges=ranges, lr=given.get("lr", recipe.DEFAULT_LR), wrap_options=session.wrap_options(),
+        ranges=ranges, lr=given.get("lr", recipe.DEFAULT_LR), wrap_options=session.wrap_options(method),
         directory=os.path.join(args.out, "search"), project_name=method,
         verbose=args.verbose,
+        **({"distribution_strategy": session.strategy} if session.strategy is not None else {}),
     )
     _log(f"[{method}] search result:\n{result}")
     best = {k: v for k, v in result.best.items()}
@@ -443,17 +538,68 @@ def plot(summary, path):
     plt.close(fig)
 
 
-def _write_tables(args, results_by_method, searches, column, stem, extra):
+#: Methods whose radius is a MARS radius (drawn on the distance histograms).
+MARS_RADIUS_METHODS = ("mars-pgm", "mars-pgm-exact")
+
+
+def plot_diagnostics(results_by_method, folder):
+    """`distances.png` and `gradient_norms.png` in `folder`, from one seed per method.
+
+    Uses the first seed of each method whose history holds the diagnostics
+    (`spft/*` from `DistanceMonitor`, `grad/*` from `GradientNormMonitor`);
+    runs finished before keras-spft logged them are left out.
+
+    Returns:
+        The list of paths written (a plot without any data is skipped).
+    """
+    from keras_spft import plots
+
+    def first(key_test):
+        out = {}
+        for method, results in results_by_method.items():
+            for r in results:
+                if any(key_test(k) for k in r.get("history", {})):
+                    out[DISPLAY.get(method, method)] = (method, r)
+                    break
+        return out
+
+    written = []
+    dist = first(lambda k: k.startswith("spft/") and k.endswith("/mars"))
+    if dist:
+        radius = {name: r["values"].get("radius") for name, (m, r) in dist.items()
+                  if m in MARS_RADIUS_METHODS}
+        path = os.path.join(folder, "distances.png")
+        plots.plot_distance_histograms(
+            {name: r["history"] for name, (m, r) in dist.items()}, path, radius=radius,
+            title="Per-layer MARS distance to the pre-trained weights, final epoch (seed "
+                  + ", ".join(sorted({str(r["seed"]) for m, r in dist.values()})) + ")")
+        written.append(path)
+    grads = first(lambda k: k == "grad/global")
+    if grads:
+        path = os.path.join(folder, "gradient_norms.png")
+        plots.plot_gradient_norms({name: r["history"] for name, (m, r) in grads.items()}, path)
+        written.append(path)
+    return written
+
+
+def _write_tables(args, results_by_method, searches, column, stem, extra, diagnostics=False):
     summary = summarise(results_by_method, searches, column)
     summary.update(extra)
-    table = markdown_table(summary)
     os.makedirs(args.out, exist_ok=True)
+    figures = plot_diagnostics(results_by_method, args.out) if diagnostics else []
+    if diagnostics:
+        summary["diagnostics"] = [os.path.basename(p) for p in figures]
+    table = markdown_table(summary)
     _atomic_json(os.path.join(args.out, stem + ".json"), summary)
     with open(os.path.join(args.out, stem + ".md"), "w") as f:
         f.write(table + "\n\n" + summary["metric"] + ".\n")
     plot(summary, os.path.join(args.out, stem + ".png"))
     _log("\n" + table)
     _log(f"\nwritten: {os.path.join(args.out, stem)}.md, .json, .png")
+    if figures:
+        _log(f"diagnostics: {', '.join(figures)}")
+    elif diagnostics:
+        _log("diagnostics: none (no run on disk holds spft/* or grad/* values)")
     return summary
 
 
@@ -483,7 +629,7 @@ def cmd_finetune(args):
     return results
 
 
-def _pipeline(args, methods, stem):
+def _pipeline(args, methods, stem, diagnostics=False):
     start = time.time()
     session = Session(args)
     results, searches = {}, {}
@@ -493,7 +639,7 @@ def _pipeline(args, methods, stem):
         results[method] = run_seeds(session, method, values, args.seeds, stage="final")
     extra = {"command": "keras-spft " + " ".join(sys.argv[1:]) if sys.argv[1:] else None,
              "wall_s_this_invocation": round(time.time() - start, 1)}
-    return _write_tables(args, results, searches, _column(args), stem, extra)
+    return _write_tables(args, results, searches, _column(args), stem, extra, diagnostics=diagnostics)
 
 
 def cmd_tune(args):
@@ -501,7 +647,21 @@ def cmd_tune(args):
 
 
 def cmd_compare(args):
-    return _pipeline(args, args.methods, "compare")
+    return _pipeline(args, args.methods, "compare", diagnostics=True)
+
+
+def check_distribute(choice, backend):
+    """Raises `ValueError` when `--distribute choice` cannot run on `backend`."""
+    need = DISTRIBUTE_BACKEND.get(choice)
+    if need is None or need == backend:
+        return
+    fits = [c for c, b in DISTRIBUTE_BACKEND.items() if b == backend]
+    hint = (f"; on {backend} use --distribute {fits[0]}" if fits else
+            f"; the {backend} backend has no --distribute option here (use --distribute none)")
+    raise ValueError(
+        f"--distribute {choice} needs the {need} backend (KERAS_BACKEND={need}), "
+        f"but Keras runs on {backend}{hint}."
+    )
 
 
 def main(argv=None):
@@ -519,6 +679,13 @@ def main(argv=None):
         parser.error("--epochs must be at least 1.")
     if args.batch_size < 1:
         parser.error("--batch-size must be at least 1.")
+    if args.distribute != "none":
+        import keras
+
+        try:
+            check_distribute(args.distribute, keras.backend.backend())
+        except ValueError as e:
+            parser.error(str(e))
     try:
         return {"finetune": cmd_finetune, "tune": cmd_tune, "compare": cmd_compare}[args.command](args)
     except ValueError as e:

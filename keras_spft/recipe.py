@@ -10,7 +10,13 @@ import math
 
 import keras
 
-from keras_spft.wrap import METHODS, PGM_METHODS, SP_METHODS, wrap_pretrained
+from keras_spft.wrap import METHODS as WRAP_METHODS, PGM_METHODS, SP_METHODS, wrap_pretrained
+
+#: DELTA (Li et al., 2019; `keras_spft.delta`): feature-map regularisation,
+#: strengths `alpha` (feature maps) and `beta` (head L2).
+DELTA_METHODS = ("delta",)
+#: Every method of the recipe: the `wrap_pretrained` ones and "delta".
+METHODS = WRAP_METHODS + DELTA_METHODS
 
 #: Search ranges of Gouk et al. (2021), log-uniform.
 RADIUS_RANGE = (math.exp(0.5), math.exp(3.5))      # 1.65 .. 33.1
@@ -25,6 +31,8 @@ DEFAULTS = {
     "head_radius": math.exp(2.0),
     "strength": math.exp(-5.5),       # 4.1e-3
     "head_strength": math.exp(-5.5),
+    "alpha": math.exp(-5.5),          # DELTA, feature maps
+    "beta": math.exp(-5.5),           # DELTA, head L2
 }
 
 
@@ -32,14 +40,17 @@ def hyperparameter_names(method):
     """The hyper-parameters a method has: radii, strengths, or none.
 
     Args:
-        method: a `wrap_pretrained` method name.
+        method: a `wrap_pretrained` method name or `"delta"`.
 
     Returns:
         `("radius", "head_radius")` for constraint methods,
-        `("strength", "head_strength")` for penalty methods, `()` for `"none"`.
+        `("strength", "head_strength")` for penalty methods, `("alpha", "beta")`
+        for `"delta"`, `()` for `"none"`.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {METHODS}.")
+    if method in DELTA_METHODS:
+        return ("alpha", "beta")
     if method in PGM_METHODS:
         return ("radius", "head_radius")
     if method in SP_METHODS:
@@ -50,8 +61,9 @@ def hyperparameter_names(method):
 def default_ranges(method):
     """`{name: (low, high)}` searched for `method` by default (log-uniform).
 
-    Radii: `[e^0.5, e^3.5]`, strengths: `[e^-10, e^-1]` (the paper's);
-    `"none"` searches its learning rate in `[1e-5, 1e-3]`.
+    Radii: `[e^0.5, e^3.5]`, strengths: `[e^-10, e^-1]` (the paper's; also
+    DELTA's `alpha` and `beta`); `"none"` searches its learning rate in
+    `[1e-5, 1e-3]`.
     """
     names = hyperparameter_names(method)
     if method == "none":
@@ -64,7 +76,7 @@ def method_values(method, values=None):
     """Fills in defaults for a method's hyper-parameters.
 
     Args:
-        method: a `wrap_pretrained` method name.
+        method: a `wrap_pretrained` method name or `"delta"`.
         values: dict of given values (`None` entries are replaced by the
             defaults; keys other than the method's are ignored, except `lr`).
 
@@ -82,20 +94,38 @@ def method_values(method, values=None):
 
 
 def wrap(model, method, values=None, **options):
-    """`wrap_pretrained` with a method's hyper-parameters from a dict.
+    """`wrap_pretrained` (or DELTA) with a method's hyper-parameters from a dict.
 
     Args:
         model: the built model (backbone + new head).
-        method: a `wrap_pretrained` method name.
-        values: `{"radius": .., "head_radius": ..}` or strengths; missing
-            ones take `DEFAULTS`.
-        **options: further `wrap_pretrained` keyword arguments.
+        method: a `wrap_pretrained` method name or `"delta"`.
+        values: `{"radius": .., "head_radius": ..}`, strengths, or DELTA's
+            `{"alpha": .., "beta": ..}`; missing ones take `DEFAULTS`.
+        **options: further `wrap_pretrained` keyword arguments; for `"delta"`
+            `keras_spft.DeltaModel` ones (`attention=` a list of channel
+            weights, e.g. from `compute_attention`; `feature_layers=`,
+            `variant=`, `head=`).
 
     Returns:
-        The `WrapReport`.
+        The `WrapReport`; for `"delta"` the `DeltaModel` to compile and train
+        (its `.model` is `model`, the plain network to evaluate and save).
     """
     kwargs = {k: v for k, v in method_values(method, values).items() if k != "lr"}
+    if method in DELTA_METHODS:
+        from keras_spft.delta import DeltaModel
+
+        return DeltaModel(model, **kwargs, **options)
     return wrap_pretrained(model, method=method, **kwargs, **options)
+
+
+def describe(wrapped):
+    """One line about what `wrap` returned (a `WrapReport` or a `DeltaModel`)."""
+    if hasattr(wrapped, "summary") and hasattr(wrapped, "wrapped"):
+        return wrapped.summary()
+    att = "computed" if getattr(wrapped, "attention_computed", False) else "uniform"
+    return (f"DELTA ({wrapped.variant}): alpha={wrapped.alpha:.4g} on feature maps "
+            f"{', '.join(wrapped.feature_layers)} ({att} attention), beta={wrapped.beta:.4g} "
+            f"on head {', '.join(wrapped.head)}")
 
 
 def compile_model(model, lr=DEFAULT_LR):

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import keras_tuner
 
 from keras_spft import recipe
-from keras_spft.wrap import METHODS
+from keras_spft.recipe import METHODS
 
 TUNERS = {
     "bayesian": keras_tuner.BayesianOptimization,
@@ -29,10 +29,13 @@ class SPFTHyperModel(keras_tuner.HyperModel):
     """A KerasTuner `HyperModel` searching a method's radii or strengths.
 
     Hyper-parameters (log-uniform): `radius` and `head_radius` for constraint
-    methods, `strength` and `head_strength` for penalty methods, `lr` for
-    `"none"` (so the baseline gets a tuned learning rate). Each trial calls
-    `build_model()` for a fresh model with the pre-trained weights,
-    `keras_spft.wrap_pretrained` with the trial's values, and compiles it with
+    methods, `strength` and `head_strength` for penalty methods, `alpha`
+    (feature maps) and `beta` (head L2) for `"delta"` (in the strengths'
+    range), `lr` for `"none"` (so the baseline gets a tuned learning rate).
+    Each trial calls `build_model()` for a fresh model with the pre-trained
+    weights, `keras_spft.wrap_pretrained` with the trial's values (for
+    `"delta"`: a `keras_spft.DeltaModel` around it, which is what is trained),
+    and compiles it with
     Adam(amsgrad); `fit` halves the learning rate every 2/3 of the epochs and
     reports the final epoch's metrics (the paper scores the final epoch).
 
@@ -40,14 +43,16 @@ class SPFTHyperModel(keras_tuner.HyperModel):
         build_model: a function with no arguments returning a new, uncompiled
             model whose backbone holds the pre-trained weights and whose head
             outputs logits (e.g. `keras_spft.backbones.build_model`).
-        method: a `wrap_pretrained` method name.
+        method: a `wrap_pretrained` method name or `"delta"`.
         ranges: `{name: (low, high)}` overriding the default ranges
             (`keras_spft.recipe.default_ranges(method)`); a name with a
             single number instead of a pair is fixed, not searched. An `lr`
             range makes the learning rate searched for any method.
         lr: learning rate when it is not searched.
         wrap_options: further `wrap_pretrained` keyword arguments
-            (e.g. `{"batchnorm": "gamma"}`).
+            (e.g. `{"batchnorm": "gamma"}`); for `"delta"` `DeltaModel` ones,
+            e.g. `{"attention": att}` with channel weights computed once by
+            `keras_spft.compute_attention` (otherwise they stay uniform).
         name: the hypermodel's name.
 
     Example:
@@ -97,7 +102,9 @@ class SPFTHyperModel(keras_tuner.HyperModel):
     def build(self, hp):
         values = self.values(hp)
         model = self.build_model()
-        recipe.wrap(model, self.method, values, **self.wrap_options)
+        wrapped = recipe.wrap(model, self.method, values, **self.wrap_options)
+        if self.method in recipe.DELTA_METHODS:
+            model = wrapped   # the DeltaModel is trained (and scored: inference runs `.model` only)
         return recipe.compile_model(model, values.get("lr", self.lr))
 
     def fit(self, hp, model, *args, epochs=1, callbacks=None, **kwargs):
@@ -219,7 +226,7 @@ def search(
             model with its head (see `SPFTHyperModel`).
         train: training data, e.g. `load_data(..., stage="tune").train`.
         val: validation data, e.g. `load_data(..., stage="tune").eval`.
-        method: a `wrap_pretrained` method name.
+        method: a `wrap_pretrained` method name or `"delta"`.
         epochs: epochs per trial.
         tuner: `"bayesian"` (default), `"random"`, `"hyperband"`, `"grid"`,
             or any `keras_tuner.Tuner` subclass (built with the hypermodel,
