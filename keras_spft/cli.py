@@ -671,6 +671,20 @@ def main(argv=None):
         argv: the arguments (default `sys.argv[1:]`).
 
     Returns:
+        0, the exit status (console scripts call `sys.exit(main())`); errors
+        exit with status 2 and one line naming the option or path.
+    """
+    run(argv)
+    return 0
+
+
+def run(argv=None):
+    """Runs a `keras-spft` command from Python and returns its results.
+
+    Args:
+        argv: the arguments, as on the command line.
+
+    Returns:
         The command's results (a list of run dicts, or the summary dict).
     """
     parser = build_parser()
@@ -694,4 +708,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -36,7 +36,7 @@ def test_compare_writes_table_and_resumes_without_rerunning(tiny, monkeypatch, c
     data, out, built = tiny
     argv = ["compare"] + _args(data, out, "--methods", "none,mars-pgm", "--seeds", "2",
                                "--trials", "2", "--tuner", "random", "--name", "tiny3")
-    summary = cli.main(argv)
+    summary = cli.run(argv)
     # Files: one JSON per run, search records, the table as md/json/png.
     for m in ("none", "mars-pgm"):
         for s in (0, 1):
@@ -68,7 +68,7 @@ def test_compare_writes_table_and_resumes_without_rerunning(tiny, monkeypatch, c
     monkeypatch.setattr(cli, "train_one", lambda *a, **k: calls.append(a) or pytest.fail("re-ran a finished run"))
     import keras_spft.tuning as tuning
     monkeypatch.setattr(tuning, "search", lambda *a, **k: pytest.fail("re-ran a finished search"))
-    cli.main(argv)
+    cli.run(argv)
     assert "done already" in capsys.readouterr().out
 
     # An interrupted run (its JSON missing) is the only one redone.
@@ -78,30 +78,30 @@ def test_compare_writes_table_and_resumes_without_rerunning(tiny, monkeypatch, c
         "method": m, "seed": seed, "values": v, "eval_split": "test", "accuracy": 0.5, "loss": 1.0,
         "history": {}, "train_images": 15, "eval_images": 6, "wall_s": 0.0,
         "settings": s.settings(stage), "keras_backend": "x"})
-    cli.main(argv)
+    cli.run(argv)
     assert redo == [("mars-pgm", 1)]
 
 
 def test_resume_refuses_results_made_with_other_settings(tiny):
     data, out, _ = tiny
-    cli.main(["finetune"] + _args(data, out, "--method", "l2-pgm", "--radius", "2"))
+    cli.run(["finetune"] + _args(data, out, "--method", "l2-pgm", "--radius", "2"))
     assert (out / "runs" / "l2-pgm" / "seed0.json").is_file()
     with pytest.raises(SystemExit, match=r"seed0.json' is a finished run with other settings \(epochs: 1 on disk vs 2"):
-        cli.main(["finetune", "--data", data, "--weights", "none", "--image-size", "16",
+        cli.run(["finetune", "--data", data, "--weights", "none", "--image-size", "16",
                   "--epochs", "2", "--batch-size", "4", "--out", str(out), "--verbose", "0",
                   "--method", "l2-pgm", "--radius", "2"])
 
 
 def test_resume_refuses_results_made_with_other_values(tiny):
     data, out, _ = tiny
-    cli.main(["finetune"] + _args(data, out, "--method", "l2-pgm", "--radius", "2"))
+    cli.run(["finetune"] + _args(data, out, "--method", "l2-pgm", "--radius", "2"))
     with pytest.raises(SystemExit, match=r"other settings \(radius: 2.0 on disk vs 5.0 now\)"):
-        cli.main(["finetune"] + _args(data, out, "--method", "l2-pgm", "--radius", "5"))
+        cli.run(["finetune"] + _args(data, out, "--method", "l2-pgm", "--radius", "5"))
 
 
 def test_finetune_values_and_tune_stage(tiny):
     data, out, built = tiny
-    res = cli.main(["finetune"] + _args(data, out, "--method", "mars-sp", "--strength", "0.01",
+    res = cli.run(["finetune"] + _args(data, out, "--method", "mars-sp", "--strength", "0.01",
                                         "--stage", "tune", "--lr", "0.001"))
     assert res[0]["values"]["strength"] == 0.01 and res[0]["values"]["lr"] == 0.001
     assert res[0]["eval_split"] == "val" and res[0]["train_images"] == 9
@@ -113,7 +113,7 @@ def test_tune_with_given_values_does_not_search(tiny, monkeypatch):
     data, out, _ = tiny
     import keras_spft.tuning as tuning
     monkeypatch.setattr(tuning, "search", lambda *a, **k: pytest.fail("searched although all values were given"))
-    summary = cli.main(["tune"] + _args(data, out, "--method", "l2-pgm", "--radius", "3", "--head-radius", "4"))
+    summary = cli.run(["tune"] + _args(data, out, "--method", "l2-pgm", "--radius", "3", "--head-radius", "4"))
     assert summary["rows"][0]["values"]["radius"] == 3.0
     assert (out / "tune.md").is_file() and (out / "runs" / "l2-pgm" / "seed0.json").is_file()
 
@@ -121,17 +121,17 @@ def test_tune_with_given_values_does_not_search(tiny, monkeypatch):
 def test_clear_errors(tiny, capsys):
     data, out, _ = tiny
     with pytest.raises(SystemExit):
-        cli.main(["finetune"] + _args(str(out / "missing"), out))
+        cli.run(["finetune"] + _args(str(out / "missing"), out))
     assert "data folder '" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="ResNet50 has no width multiplier"):
-        cli.main(["finetune"] + _args(data, out, "--model", "resnet50", "--alpha", "0.5"))
+        cli.run(["finetune"] + _args(data, out, "--model", "resnet50", "--alpha", "0.5"))
     with pytest.raises(SystemExit, match="weights file '.*nope.h5' does not exist"):
-        cli.main(["finetune", "--data", data, "--weights", str(out / "nope.h5")])
+        cli.run(["finetune", "--data", data, "--weights", str(out / "nope.h5")])
     with pytest.raises(SystemExit):
-        cli.main(["compare", "--data", data, "--methods", "none,magic"])
+        cli.run(["compare", "--data", data, "--methods", "none,magic"])
     assert "unknown method 'magic'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        cli.main(["finetune", "--data", data, "--seeds", "zero"])
+        cli.run(["finetune", "--data", data, "--seeds", "zero"])
     assert "--seeds 'zero'" in capsys.readouterr().err
     assert cli._seeds("3") == [0, 1, 2] and cli._seeds("0,4") == [0, 4]
 
@@ -157,3 +157,12 @@ def test_cli_subprocess_real_mobilenet(tmp_path):
     run = json.load(open(out / "runs" / "mars-pgm" / "seed0.json"))
     assert run["settings"]["model"] == "MobileNet" and run["settings"]["alpha"] == 0.25
     assert run["values"]["radius"] == 3.0 and run["keras_backend"]
+
+
+def test_console_entry_point_returns_exit_status_zero(tiny):
+    # console scripts call sys.exit(main()): anything but 0/None is a failure
+    # status (a returned result dict used to make every successful run exit 1)
+    data, out, _ = tiny
+    status = cli.main(["finetune"] + _args(data, out, "--method", "l2-pgm", "--radius", "2"))
+    assert status == 0
+    assert (out / "runs" / "l2-pgm" / "seed0.json").is_file()

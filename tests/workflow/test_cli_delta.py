@@ -64,7 +64,7 @@ def test_delta_finetune_caches_attention_and_evaluates_plain_model(tiny, monkeyp
     real_eval = keras.Model.evaluate
     monkeypatch.setattr(keras.Model, "evaluate",
                         lambda self, *a, **k: evaluated.append(type(self).__name__) or real_eval(self, *a, **k))
-    res = cli.main(["finetune"] + _args(data, out, "--method", "delta", "--delta-alpha", "0.05",
+    res = cli.run(["finetune"] + _args(data, out, "--method", "delta", "--delta-alpha", "0.05",
                                         "--delta-beta", "0.002", "--seeds", "2"))
     assert [r["values"] for r in res] == [{"alpha": 0.05, "beta": 0.002, "lr": 1e-4}] * 2
     assert evaluated == ["Functional", "Functional"]          # the plain network, not the DeltaModel
@@ -82,7 +82,7 @@ def test_delta_finetune_caches_attention_and_evaluates_plain_model(tiny, monkeyp
 
     # A new invocation (new seed) reads the attention back instead of computing it again.
     mtime = os.stat(calls[0]).st_mtime_ns
-    cli.main(["finetune"] + _args(data, out, "--method", "delta", "--delta-alpha", "0.05",
+    cli.run(["finetune"] + _args(data, out, "--method", "delta", "--delta-alpha", "0.05",
                                   "--delta-beta", "0.002", "--seeds", "1,2"))
     stdout = capsys.readouterr().out
     assert "read from " + calls[0] in stdout
@@ -92,7 +92,7 @@ def test_delta_finetune_caches_attention_and_evaluates_plain_model(tiny, monkeyp
 
 def test_compare_with_delta_searches_alpha_beta_and_plots_diagnostics(tiny, capsys):
     data, out = tiny
-    summary = cli.main(["compare"] + _args(data, out, "--methods", "none,mars-pgm,delta", "--seeds", "1",
+    summary = cli.run(["compare"] + _args(data, out, "--methods", "none,mars-pgm,delta", "--seeds", "1",
                                            "--trials", "1", "--tuner", "random",
                                            "--delta-beta-range", "0.001", "0.002"))
     best = json.load(open(out / "search" / "delta" / "best.json"))

@@ -30,7 +30,7 @@ def compile_model(model, lr=1e-4):
           "IN_SCOPE", tf.distribute.has_strategy())
     return real_compile(model, lr)
 recipe.compile_model = compile_model
-cli.main(sys.argv[1:])
+cli.run(sys.argv[1:])
 """
 
 
@@ -76,10 +76,10 @@ def test_distribute_error_from_the_command(tmp_path, capsys):
 
     assert keras.backend.backend() == "tensorflow"    # the suite's backend
     with pytest.raises(SystemExit) as e:
-        cli.main(["finetune", "--data", str(tmp_path), "--distribute", "data-parallel"])
+        cli.run(["finetune", "--data", str(tmp_path), "--distribute", "data-parallel"])
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "keras-spft: error: --distribute data-parallel needs the jax backend" in err
     with pytest.raises(SystemExit):
-        cli.main(["finetune", "--data", str(tmp_path), "--distribute", "horovod"])
+        cli.run(["finetune", "--data", str(tmp_path), "--distribute", "horovod"])
     assert "invalid choice: 'horovod'" in capsys.readouterr().err
