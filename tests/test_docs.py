@@ -17,7 +17,7 @@ def _blocks(name):
     return re.findall(r"```python\n(.*?)```", text, flags=re.S)
 
 
-@pytest.mark.parametrize("name", ["api.md", "guide.md"])
+@pytest.mark.parametrize("name", ["api.md", "guide.md", "diagnostics.md"])
 def test_doc_examples_run(name):
     blocks = _blocks(name)
     assert blocks, f"{name} has no python example"
