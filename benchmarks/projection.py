@@ -25,33 +25,33 @@ from keras_spft.kernels import kernel_specs
 from benchmarks.overhead import APPS
 
 
-def exact_sort(t, radius, axis):
-    """Reference: the sort-based exact projection (Duchi et al. 2008)."""
-    nd = len(t.shape)
-    keep = [a for a in range(nd) if a not in axis]
-    perm = keep + list(axis)
-    inv = [perm.index(a) for a in range(nd)]
-    moved = tuple(t.shape[a] for a in perm)
-    rows = ops.reshape(ops.transpose(t, perm), (-1, int(np.prod([t.shape[a] for a in axis]))))
-    a = ops.abs(rows)
-    u = -ops.sort(-a, axis=-1)
-    k = ops.arange(1, rows.shape[-1] + 1, dtype=rows.dtype)
-    theta = ops.maximum(ops.max((ops.cumsum(u, axis=-1) - radius) / k, axis=-1, keepdims=True), 0.0)
-    out = ops.sign(rows) * ops.maximum(a - theta, 0.0)
-    return ops.transpose(ops.reshape(out, moved), inv)
-
-
-def naive(t, radius, axis):
-    """Reference: the scale projection written with explicit row matrices."""
+def _as_rows(t, axis):
+    """`t` as a (rows, row_size) matrix (axes moved and flattened), and the
+    function that puts such a matrix back into `t`'s layout."""
     nd = len(t.shape)
     keep = [a for a in range(nd) if a not in axis]
     perm = keep + list(axis)
     inv = [perm.index(a) for a in range(nd)]
     moved = tuple(t.shape[a] for a in perm)
     rows = ops.reshape(ops.transpose(t, perm), (int(np.prod([t.shape[a] for a in keep])), -1))
+    return rows, lambda r: ops.transpose(ops.reshape(r, moved), inv)
+
+
+def exact_sort(t, radius, axis):
+    """Reference: the sort-based exact projection (Duchi et al. 2008)."""
+    rows, restore = _as_rows(t, axis)
+    a = ops.abs(rows)
+    u = -ops.sort(-a, axis=-1)
+    k = ops.arange(1, rows.shape[-1] + 1, dtype=rows.dtype)
+    theta = ops.maximum(ops.max((ops.cumsum(u, axis=-1) - radius) / k, axis=-1, keepdims=True), 0.0)
+    return restore(ops.sign(rows) * ops.maximum(a - theta, 0.0))
+
+
+def naive(t, radius, axis):
+    """Reference: the scale projection written with explicit row matrices."""
+    rows, restore = _as_rows(t, axis)
     norms = ops.sum(ops.abs(rows), axis=1, keepdims=True)
-    rows = rows / ops.maximum(1.0, norms / radius)
-    return ops.transpose(ops.reshape(rows, moved), inv)
+    return restore(rows / ops.maximum(1.0, norms / radius))
 
 
 IMPLS = {

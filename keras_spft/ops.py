@@ -167,7 +167,3 @@ def project_l1_ball(t, radius, axis):
     # final radial rescale (a factor of exactly 1 for rows inside) keeps the
     # guarantee ||row||_1 <= radius.
     return out * _shrink_factor(row_l1_norms(out, axis), radius)
-
-
-def _is_scalar(x):
-    return isinstance(x, (int, float)) or len(getattr(x, "shape", ())) == 0
