@@ -5,6 +5,7 @@ from keras_spft.regularizers import L2SP, MARSSP
 
 __version__ = "0.1.0"
 from keras_spft.wrap import WrapReport, wrap_pretrained
+from keras_spft.learned import RadiusOptimizer, learned_radii
 from keras_spft.guards import TerminateOnNonFinite
 from keras_spft.delta import DeltaModel, add_delta, compute_attention
 from keras_spft.diagnostics import DistanceMonitor, GradientNormMonitor, gradient_norms

@@ -6,6 +6,8 @@ kernel turns any optimizer into the projected gradient method of Gouk et al.
 (2021): `W <- proj(W)` after each step.
 """
 
+import contextlib
+
 import numpy as np
 import keras
 from keras import ops
@@ -14,6 +16,25 @@ from keras_spft import ops as spft_ops
 from keras_spft.anchors import Anchored, check_positive, is_spec
 
 PROJECTIONS = ("scale", "exact")
+#: Smallest value a learned radius takes, and its starting value in
+#: `wrap_pretrained(radius="learned")`. FTP starts at 1e-8; in float32 an
+#: offset that small from a weight of order 1 rounds away, and the gradient
+#: of the radius with it.
+MIN_LEARNED_RADIUS = 1e-4
+
+# Depth of `RadiusOptimizer.apply` calls in progress: a constraint with a
+# learned radius projects only when the optimizer that learns it drives it.
+_LEARNER_DEPTH = [0]
+
+
+@contextlib.contextmanager
+def radius_learning():
+    """Marks the code inside as driven by a radius-learning optimizer."""
+    _LEARNER_DEPTH[0] += 1
+    try:
+        yield
+    finally:
+        _LEARNER_DEPTH[0] -= 1
 
 
 def _axis_list(axis):
@@ -38,18 +59,73 @@ class _DistanceConstraint(Anchored, keras.constraints.Constraint):
     def _row_shape(self, shape):
         raise NotImplementedError
 
+    def _max_distance(self, t):
+        raise NotImplementedError
+
+    def _radius_gradient(self, grad, t, radius):
+        raise NotImplementedError
+
+    def _init_learning(self, learn_radius, relative):
+        self.learn_radius = bool(learn_radius)
+        if not self.learn_radius:
+            return
+        if relative:
+            raise ValueError(
+                f"{self._owner()}: `learn_radius=True` learns one absolute "
+                "radius per kernel; it cannot be combined with `relative=True`."
+            )
+
+    def _check_learned_scalar(self):
+        if self.learn_radius and tuple(self._scale.shape) != ():
+            raise ValueError(
+                f"{self._owner()}: a learned radius is one number per kernel; "
+                f"got per-row radii of shape {tuple(self._scale.shape)}."
+            )
+
     def __call__(self, w):
         w = ops.convert_to_tensor(w)
         self._check_shape(w)
         dtype = _compute_dtype(w.dtype)
         x = ops.cast(w, dtype)
         radius = ops.cast(self._scale.value, dtype)
-        if self._anchor is None:
-            out = self._project(x, radius)
-        else:
-            a = self._anchor_value(dtype, traced_with=w)
-            out = a + self._project(x - a, radius)
+        a = None if self._anchor is None else self._anchor_value(dtype, traced_with=w)
+        t = x if a is None else x - a
+        if self.learn_radius:
+            if not _LEARNER_DEPTH[0]:
+                raise ValueError(
+                    f"{self._owner()} has a learned radius, but the optimizer "
+                    "applying it does not learn radii: compile with "
+                    "`optimizer=keras_spft.RadiusOptimizer(your_optimizer)`, "
+                    "or wrap with a fixed radius."
+                )
+            # FTP's clip: a radius beyond the farthest row would let it drift
+            # where it no longer acts; keep it at or below that row.
+            radius = ops.maximum(
+                ops.minimum(radius, self._max_distance(t)), MIN_LEARNED_RADIUS
+            )
+            self._scale.assign(ops.cast(radius, "float32"))
+        out = self._project(t, radius)
+        if a is not None:
+            out = a + out
         return ops.cast(out, w.dtype)
+
+    def radius_gradient(self, grad, w):
+        """Loss gradient with respect to the radius, at a projected kernel.
+
+        Args:
+            grad: the loss gradient with respect to the kernel `w`.
+            w: the kernel, as left by the last projection.
+
+        Returns:
+            A float32 scalar: `<grad, dP(w)/dradius>` (see
+            `keras_spft.ops.l1_radius_gradient`).
+        """
+        w = ops.convert_to_tensor(w)
+        x = ops.cast(w, "float32")
+        t = x if self._anchor is None else x - self._anchor_value("float32", traced_with=w)
+        return self._radius_gradient(
+            ops.cast(grad, "float32"), t, ops.cast(self._scale.value, "float32")
+        )
 
     @property
     def radius(self):
@@ -85,6 +161,11 @@ class MARSDistance(_DistanceConstraint):
         relative: if `True`, `radius` is a fraction of each anchor row's own
             L1 norm (`radius * ||a_r||_1`), so one number fits layers of any
             scale. Needs an anchor.
+        learn_radius: if `True`, `radius` is only the starting value of one
+            radius per kernel that `keras_spft.RadiusOptimizer` learns during
+            training (FTP, Tian et al. 2023); the constraint then refuses to
+            be applied by any other optimizer, and keeps the radius at most
+            the largest row distance before each projection.
         name: optional label used in error messages and reports.
 
     Returns:
@@ -104,8 +185,9 @@ class MARSDistance(_DistanceConstraint):
     """
 
     def __init__(self, anchor, radius, axis=0, projection="scale",
-                 relative=False, name=None):
+                 relative=False, learn_radius=False, name=None):
         self._init_anchor(anchor, name)
+        self._init_learning(learn_radius, relative)
         if projection not in PROJECTIONS:
             raise ValueError(
                 f"{self._owner()}: unknown projection {projection!r}; "
@@ -142,6 +224,7 @@ class MARSDistance(_DistanceConstraint):
                 with np.errstate(over="ignore"):
                     radius = norms.astype("float64") * float(ops.convert_to_numpy(radius))
         self._init_scale(radius, "radius", row_shape)
+        self._check_learned_scalar()
 
     def _row_shape(self, shape):
         return tuple(1 if i in self.axis else d for i, d in enumerate(shape))
@@ -156,6 +239,14 @@ class MARSDistance(_DistanceConstraint):
         if self.projection == "exact":
             return spft_ops.project_l1_ball(t, radius, axis)
         return spft_ops.scale_to_l1_ball(t, radius, axis)
+
+    def _max_distance(self, t):
+        return spft_ops.mars_norm(t, self._axis_for(t))
+
+    def _radius_gradient(self, grad, t, radius):
+        return spft_ops.l1_radius_gradient(
+            grad, t, radius, self._axis_for(t), self.projection
+        )
 
     def row_distances(self, w):
         """Per-row L1 distances of `w` to the anchor (reduced axes kept)."""
@@ -174,6 +265,7 @@ class MARSDistance(_DistanceConstraint):
             "axis": self._axis_arg,
             "projection": self.projection,
             "relative": False,  # a relative radius is stored resolved
+            "learn_radius": self.learn_radius,
             "name": self.name,
         }
 
@@ -190,6 +282,8 @@ class FrobeniusDistance(_DistanceConstraint):
         anchor: the pre-trained kernel, or `None` for the origin (a new head).
         radius: positive float.
         relative: if `True`, `radius` is a fraction of `||A||_F`.
+        learn_radius: if `True`, `radius` is the starting value of a radius
+            that `keras_spft.RadiusOptimizer` learns (see `MARSDistance`).
         name: optional label used in error messages and reports.
 
     Returns:
@@ -205,8 +299,9 @@ class FrobeniusDistance(_DistanceConstraint):
     2.0
     """
 
-    def __init__(self, anchor, radius, relative=False, name=None):
+    def __init__(self, anchor, radius, relative=False, learn_radius=False, name=None):
         self._init_anchor(anchor, name)
+        self._init_learning(learn_radius, relative)
         self.relative = bool(relative)
         if self.relative:
             if self._anchor is None:
@@ -229,6 +324,12 @@ class FrobeniusDistance(_DistanceConstraint):
     def _project(self, t, radius):
         return spft_ops.scale_to_frobenius_ball(t, radius)
 
+    def _max_distance(self, t):
+        return spft_ops.frobenius_norm(t)
+
+    def _radius_gradient(self, grad, t, radius):
+        return spft_ops.frobenius_radius_gradient(grad, t, radius)
+
     def distance(self, w):
         """The Frobenius distance of `w` to the anchor."""
         w = ops.convert_to_tensor(w)
@@ -240,5 +341,6 @@ class FrobeniusDistance(_DistanceConstraint):
             "anchor": self.anchor_spec,
             "radius": self._scale_config,
             "relative": False,
+            "learn_radius": self.learn_radius,
             "name": self.name,
         }

@@ -170,6 +170,7 @@ class DistanceMonitor(keras.callbacks.Callback):
     | `spft/head/<layer>/...` | the same for head kernels (distance to the origin if the head is anchored at 0, else to its value at the start) |
     | `spft/mars_max`, `spft/mars_mean`, `spft/frobenius_mean` | over backbone kernels |
     | `spft/at_bound` | over all constrained rows (backbone and head) |
+    | `spft/<layer>/radius`, `spft/radius_mean`, `spft/radius_max` | learned radii (`radius="learned"`): per kernel, mean and max |
 
     The anchor `W0` is the keras-spft anchor of a wrapped kernel, the origin
     for a head wrapped around zero, and otherwise a snapshot taken at the
@@ -224,7 +225,7 @@ class DistanceMonitor(keras.callbacks.Callback):
         if self._anchors is None:
             self._anchors = snapshot_anchors(model, self.head)
         out, rows = {}, {}
-        mars, fro = [], []
+        mars, fro, radii = [], [], []
         at, n_rows = 0.0, 0
         p = self.prefix
         for k in tracked_kernels(model, self.head):
@@ -239,6 +240,10 @@ class DistanceMonitor(keras.callbacks.Callback):
                 n = d["rows"].size if isinstance(k.obj, MARSDistance) else 1
                 at += d["at_bound"] * n
                 n_rows += n
+            if getattr(k.obj, "learn_radius", False):
+                r = float(_np(k.obj.radius.value))
+                out[f"{key}/radius"] = r
+                radii.append(r)
             rows[k.name] = d["rows"]
             if k.role == "backbone":
                 mars.append(d["mars"])
@@ -249,6 +254,9 @@ class DistanceMonitor(keras.callbacks.Callback):
             out[f"{p}/frobenius_mean"] = float(np.mean(fro))
         if n_rows:
             out[f"{p}/at_bound"] = at / n_rows
+        if radii:
+            out[f"{p}/radius_mean"] = float(np.mean(radii))
+            out[f"{p}/radius_max"] = float(np.max(radii))
         out["_rows"] = rows
         return out
 

@@ -167,3 +167,53 @@ def project_l1_ball(t, radius, axis):
     # final radial rescale (a factor of exactly 1 for rows inside) keeps the
     # guarantee ||row||_1 <= radius.
     return out * _shrink_factor(row_l1_norms(out, axis), radius)
+
+
+def _at_bound(norm, radius, rtol):
+    return ops.cast(ops.greater_equal(norm, radius * (1.0 - rtol)), norm.dtype)
+
+
+def l1_radius_gradient(grad, t, radius, axis, projection="scale", rtol=1e-3):
+    """Derivative of the loss with respect to the radius of an L1-ball projection.
+
+    `t` is a projected offset `P_radius(d)` (kernel minus anchor just after a
+    projection) and `grad` the loss gradient at the projected kernel. The
+    projection's derivative `dP/dradius` is read off `t` itself, so no
+    pre-projection copy is kept: for rows on the bound (`||t_r||_1 >=
+    (1 - rtol) * radius`) it is `t_r / radius` for the radial rescale
+    (`"scale"`) and `sign(t_r) / nnz(t_r)` for the Euclidean projection
+    (`"exact"`: the soft threshold falls by `1 / nnz` per unit of radius);
+    rows inside the ball do not depend on the radius. This is the chain rule
+    of FTP (Tian et al., 2023) for a per-row L1 ball.
+
+    Args:
+        grad: loss gradient with respect to the kernel, shaped like `t`.
+        t: projected offset (kernel minus anchor).
+        radius: the scalar radius of the last projection.
+        axis: axes summed per row.
+        projection: `"scale"` or `"exact"`.
+        rtol: relative tolerance deciding which rows lie on the bound.
+
+    Returns:
+        Scalar `sum_r <grad_r, dt_r/dradius>`.
+    """
+    norms = row_l1_norms(t, axis)
+    on = _at_bound(norms, radius, rtol)
+    if projection == "exact":
+        nnz = ops.cast(ops.not_equal(t, 0.0), t.dtype)
+        if len(axis):
+            nnz = ops.sum(nnz, axis=axis, keepdims=True)
+        per_row = ops.sign(t) * grad / ops.maximum(nnz, 1.0)
+    else:
+        per_row = t * grad / radius
+    return ops.sum(per_row * on)
+
+
+def frobenius_radius_gradient(grad, t, radius, rtol=1e-3):
+    """Derivative of the loss with respect to the radius of a Frobenius-ball projection.
+
+    `<grad, t / radius>` when `||t||_F >= (1 - rtol) * radius`, else 0 (see
+    `l1_radius_gradient`).
+    """
+    on = _at_bound(frobenius_norm(t), radius, rtol)
+    return on * ops.sum(grad * t) / radius

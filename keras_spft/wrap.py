@@ -7,7 +7,7 @@ import numpy as np
 import keras
 
 from keras_spft.anchors import Anchored, _SharedAnchor, check_positive
-from keras_spft.constraints import FrobeniusDistance, MARSDistance
+from keras_spft.constraints import MIN_LEARNED_RADIUS, FrobeniusDistance, MARSDistance
 from keras_spft.kernels import UnsupportedLayerError, kernel_specs, own_weights, walk_layers
 from keras_spft.regularizers import L2SP, MARSSP
 
@@ -15,6 +15,8 @@ METHODS = ("none", "l2-sp", "mars-sp", "l2-pgm", "mars-pgm", "mars-pgm-exact")
 PGM_METHODS = ("l2-pgm", "mars-pgm", "mars-pgm-exact")
 SP_METHODS = ("l2-sp", "mars-sp")
 BATCHNORM_MODES = (None, "gamma", "reference")
+#: `radius=LEARNED`: one radius per kernel, learned by `RadiusOptimizer`.
+LEARNED = "learned"
 
 
 @dataclass
@@ -30,6 +32,13 @@ class WrappedWeight:
     params: int
     obj: object = field(repr=False)
     note: str = ""
+
+    @property
+    def shown(self):
+        """`value`, with the current radius when it is learned."""
+        if getattr(self.obj, "learn_radius", False):
+            return f"learned, now {float(keras.ops.convert_to_numpy(self.obj.radius.value)):.4g}"
+        return self.value
 
 
 @dataclass
@@ -91,7 +100,7 @@ class WrapReport:
     def __str__(self):
         head = ("layer", "weight", "kind", "role", "rows", "radius/strength", "params")
         rows = [head] + [
-            (w.path, w.weight, w.kind, w.role, f"{w.rows:,}", w.value + (f" ({w.note})" if w.note else ""), f"{w.params:,}")
+            (w.path, w.weight, w.kind, w.role, f"{w.rows:,}", w.shown + (f" ({w.note})" if w.note else ""), f"{w.params:,}")
             for w in self.wrapped
         ]
         widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
@@ -147,6 +156,13 @@ def _resolve(value, layer, path, what):
         value = value(layer)
         if value is None:
             return None
+    if isinstance(value, str) and value == LEARNED and what == "radius":
+        return LEARNED
+    if isinstance(value, str):
+        raise ValueError(
+            f"layer '{path}': `{what}` must be a positive number"
+            + (f" or {LEARNED!r}" if what == "radius" else "") + f", got {value!r}."
+        )
     check_positive(value, what, f"layer '{path}'")
     return float(value)
 
@@ -193,7 +209,11 @@ def wrap_pretrained(
         radius: PGM methods: the distance bound. A float, a dict
             `{layer name or path: radius}` (key `"*"` is the default), or a
             callable `layer -> radius` (returning `None` leaves that layer
-            free, and the report says so).
+            free, and the report says so). `"learned"` (also as a dict value
+            or callable result): one radius per kernel, starting at 1e-4
+            (the weights start at the anchor) and learned during training;
+            compile with `optimizer=keras_spft.RadiusOptimizer(...)`, which
+            learns it (FTP, Tian et al. 2023).
         method: one of `"none"`, `"l2-sp"`, `"mars-sp"`, `"l2-pgm"`,
             `"mars-pgm"`, `"mars-pgm-exact"`.
         head: names (or paths) of the new head layers, bounded around zero.
@@ -280,6 +300,16 @@ def wrap_pretrained(
             )
         if radius is None:
             raise ValueError(f"method {method!r} needs `radius=`.")
+    if isinstance(head_radius, str):
+        raise ValueError(
+            f"head_radius={head_radius!r} is not supported: the head starts at random values "
+            "around zero; give it a number, or None to leave it free."
+        )
+    if _mentions_learned(radius):
+        if relative:
+            raise ValueError("radius='learned' learns absolute radii; it cannot be combined with relative=True.")
+        if batchnorm == "reference":
+            raise ValueError("radius='learned' cannot be combined with batchnorm='reference' (per-element radii).")
     if not getattr(model, "built", False):
         raise ValueError("the model is not built: call it on data or `model.build(...)` first.")
 
@@ -385,7 +415,7 @@ def wrap_pretrained(
                 anchor, note = _SharedAnchor(existing.anchor), "kept existing anchor"
             else:
                 anchor, note = var, ""
-            shown = (f"{_fmt(value)} x row norm" if relative and not (is_bn and batchnorm == "reference") else _fmt(value))
+            shown = (LEARNED if value == LEARNED else f"{_fmt(value)} x row norm" if relative and not (is_bn and batchnorm == "reference") else _fmt(value))
         obj = _make(method, projection, anchor, value, spec, layer, path, relative and not is_head, is_bn and batchnorm == "reference")
         if is_bn and batchnorm == "reference":
             shown = f"{_fmt(value)} on gamma/sqrt(var+eps)"
@@ -414,17 +444,32 @@ def _existing(var, path):
     return found
 
 
+def _mentions_learned(value):
+    if isinstance(value, dict):
+        return any(v == LEARNED for v in value.values() if isinstance(v, str))
+    return value == LEARNED
+
+
 def _make(method, projection, anchor, value, spec, layer, path, relative, reference):
     name = f"{path}/{spec.weight}"
+    learn = value == LEARNED
+    if learn:
+        if reference or relative:
+            raise ValueError(
+                f"layer '{path}': radius='learned' cannot be combined with "
+                + ("batchnorm='reference'." if reference else "relative=True.")
+            )
+        value = MIN_LEARNED_RADIUS
     if reference:
         eps = layer.epsilon
         var0 = keras.ops.convert_to_numpy(layer.moving_variance)
         per_element = value * np.sqrt(var0.astype("float64") + eps)
         return MARSDistance(anchor, per_element.astype("float32"), axis=(), projection="exact", name=name)
     if method == "mars-pgm":
-        return MARSDistance(anchor, value, axis=spec.axis, projection=projection, relative=relative, name=name)
+        return MARSDistance(anchor, value, axis=spec.axis, projection=projection, relative=relative,
+                            learn_radius=learn, name=name)
     if method == "l2-pgm":
-        return FrobeniusDistance(anchor, value, relative=relative, name=name)
+        return FrobeniusDistance(anchor, value, relative=relative, learn_radius=learn, name=name)
     if method == "mars-sp":
         return MARSSP(anchor, value, axis=spec.axis, name=name)
     return L2SP(anchor, value, name=name)

@@ -1,0 +1,233 @@
+"""Learned radii: one radius per kernel, learned online during `model.fit`.
+
+Fast Trainable Projection (FTP, Tian et al., NeurIPS 2023) treats each layer's
+radius as a parameter. After a projection `W_t = A + P_r(W~_t - A)`, the
+next batch's gradient `g` gives the loss gradient with respect to the radius
+by the chain rule, `<g, dW_t/dr>`, and the radius takes an Adam step on it
+before the next projection. A Keras constraint never sees gradients, so the
+learning lives in an optimizer wrapper, `RadiusOptimizer`, in the manner of
+`keras.optimizers.LossScaleOptimizer`: the radii are tracked as optimizer
+variables, which makes the whole step stateless on JAX and keeps the radii in
+`model.save`/`save_weights` (they are also saved with their constraint).
+"""
+
+import keras
+from keras import ops
+from keras.src.utils import tracking
+
+from keras_spft.constraints import (
+    MIN_LEARNED_RADIUS,
+    _DistanceConstraint,
+    radius_learning,
+)
+
+
+def learned_constraints(variables):
+    """`[(variable, constraint)]` for the variables whose radius is learned."""
+    out = []
+    for v in variables:
+        c = getattr(v, "constraint", None)
+        if isinstance(c, _DistanceConstraint) and c.learn_radius:
+            out.append((v, c))
+    return out
+
+
+def learned_radii(model):
+    """The current learned radii of a model, by constraint name.
+
+    Args:
+        model: a model wrapped with `radius="learned"` (or holding
+            constraints made with `learn_radius=True`).
+
+    Returns:
+        `{name: radius}` as Python floats, in layer order.
+    """
+    return {
+        c.name or v.path: float(ops.convert_to_numpy(c.radius.value))
+        for v, c in learned_constraints(model.trainable_variables)
+    }
+
+
+@keras.saving.register_keras_serializable(package="keras_spft")
+class RadiusOptimizer(keras.optimizers.Optimizer):
+    """Wraps an optimizer so that it also learns the radii of the constraints.
+
+    Every kernel whose constraint was made with `learn_radius=True` (e.g. by
+    `wrap_pretrained(model, radius="learned")`) gets its radius learned as in
+    FTP: at each step, before the wrapped optimizer updates the kernels, the
+    radius takes one Adam step along `<g, dW/dr>`, the gradient of the loss
+    through the last projection (`keras_spft.ops.l1_radius_gradient`); then
+    the wrapped optimizer updates the kernels and the constraints project them
+    with the new radii. A radius stays in `[1e-8, largest row distance]`, so
+    the bound always holds with the current radius.
+
+    Args:
+        inner_optimizer: the `keras.optimizers.Optimizer` that trains the
+            weights (learning rate, schedule, clipping: all its own).
+        radius_learning_rate: Adam step size of the radii (FTP: `1e-2`), in
+            units of the radius (an L1 or Frobenius distance).
+        shrink_factor: FTP's `k` in `[0, 1]`: gradients that would shrink a
+            radius are multiplied by it (`1`: plain Adam; `0`: radii only
+            grow).
+        beta_1, beta_2, epsilon: Adam constants of the radius updates.
+        name: optimizer name.
+
+    Example:
+
+    ```python
+    keras_spft.wrap_pretrained(model, radius="learned")
+    model.compile(
+        optimizer=keras_spft.RadiusOptimizer(keras.optimizers.Adam(1e-4)),
+        loss="sparse_categorical_crossentropy")
+    model.fit(x, y, epochs=2, callbacks=[keras_spft.DistanceMonitor()])
+    keras_spft.learned_radii(model)   # {"conv1/kernel": 0.0213, ...}
+    ```
+    """
+
+    def __init__(self, inner_optimizer, radius_learning_rate=1e-2, shrink_factor=1.0,
+                 beta_1=0.9, beta_2=0.999, epsilon=1e-8, name=None, **kwargs):
+        unsupported = {k: v for k, v in kwargs.items() if v not in (None, False, 0.99)}
+        if unsupported:
+            raise ValueError(
+                "RadiusOptimizer does not take "
+                f"{', '.join(sorted(unsupported))}: set them on the inner optimizer."
+            )
+        super().__init__(learning_rate=0.0, name=name)
+        if isinstance(inner_optimizer, (dict, str)):
+            inner_optimizer = keras.optimizers.get(inner_optimizer)
+        if not isinstance(inner_optimizer, keras.optimizers.Optimizer):
+            raise ValueError(
+                "RadiusOptimizer: `inner_optimizer` must be a keras optimizer, "
+                f"got {inner_optimizer!r}."
+            )
+        if isinstance(inner_optimizer, RadiusOptimizer):
+            raise ValueError("RadiusOptimizer: the inner optimizer already learns radii.")
+        if inner_optimizer.gradient_accumulation_steps:
+            raise ValueError(
+                "RadiusOptimizer: the inner optimizer accumulates gradients "
+                "(`gradient_accumulation_steps`); learned radii need one "
+                "update per batch."
+            )
+        if not radius_learning_rate > 0:
+            raise ValueError(
+                f"RadiusOptimizer: `radius_learning_rate` must be > 0, got {radius_learning_rate}."
+            )
+        if not 0.0 <= shrink_factor <= 1.0:
+            raise ValueError(
+                f"RadiusOptimizer: `shrink_factor` must be in [0, 1], got {shrink_factor}."
+            )
+        self.inner_optimizer = inner_optimizer
+        self.radius_learning_rate = float(radius_learning_rate)
+        self.shrink_factor = float(shrink_factor)
+        self.beta_1 = float(beta_1)
+        self.beta_2 = float(beta_2)
+        self.epsilon = float(epsilon)
+
+    @tracking.no_automatic_dependency_tracking
+    def build(self, var_list):
+        learned = learned_constraints(var_list)
+        if not learned:
+            raise ValueError(
+                "RadiusOptimizer: no trainable kernel has a learned radius; wrap "
+                "the model with `wrap_pretrained(model, radius=\"learned\")` or "
+                "use the inner optimizer alone."
+            )
+        self._radius_step = self.add_variable(
+            shape=(), dtype="float32", initializer="zeros", name="radius_step"
+        )
+        self._learned = []
+        for var, c in learned:
+            m = self.add_variable(shape=(), dtype="float32", initializer="zeros", name="radius_m")
+            v = self.add_variable(shape=(), dtype="float32", initializer="zeros", name="radius_v")
+            # The constraint's own radius variable, shared: the optimizer's
+            # state carries it through compiled (stateless) steps.
+            self._track_variable(c.radius)
+            self._learned.append((var, c, m, v))
+        self.inner_optimizer.build(var_list)
+        super().build(var_list)
+
+    @property
+    def variables(self):
+        return self._variables + self.inner_optimizer.variables
+
+    def _update_radii(self, grads, trainable_variables):
+        index = {id(v): i for i, v in enumerate(trainable_variables)}
+        step = self._radius_step.value + 1.0
+        self._radius_step.assign(step)
+        b1, b2 = self.beta_1, self.beta_2
+        for var, c, m, v in self._learned:
+            i = index.get(id(var))
+            if i is None or grads[i] is None:
+                continue
+            g = c.radius_gradient(grads[i], var.value)
+            g = ops.where(g > 0, g * self.shrink_factor, g)
+            new_m = b1 * m.value + (1.0 - b1) * g
+            new_v = b2 * v.value + (1.0 - b2) * ops.square(g)
+            m.assign(new_m)
+            v.assign(new_v)
+            m_hat = new_m / (1.0 - ops.power(b1, step))
+            v_hat = new_v / (1.0 - ops.power(b2, step))
+            r = c.radius.value - self.radius_learning_rate * m_hat / (ops.sqrt(v_hat) + self.epsilon)
+            c.radius.assign(ops.maximum(r, MIN_LEARNED_RADIUS))
+
+    def apply(self, grads, trainable_variables=None):
+        _refuse_tf_distribution()
+        if not self.built:
+            with keras.name_scope(self.name, caller=self):
+                self.build(trainable_variables)
+            self.built = True
+        tvs = self._trainable_variables if trainable_variables is None else list(trainable_variables)
+        grads = list(grads)
+        self._update_radii(grads, tvs)
+        with radius_learning():
+            self.inner_optimizer.apply(grads, trainable_variables=trainable_variables)
+
+    # -- delegated to the inner optimizer --------------------------------
+    @property
+    def learning_rate(self):
+        return self.inner_optimizer.learning_rate
+
+    @learning_rate.setter
+    def learning_rate(self, learning_rate):
+        self.inner_optimizer.learning_rate = learning_rate
+
+    @property
+    def iterations(self):
+        return self.inner_optimizer.iterations
+
+    def scale_loss(self, loss):
+        return self.inner_optimizer.scale_loss(loss)
+
+    def finalize_variable_values(self, var_list):
+        self.inner_optimizer.finalize_variable_values(var_list)
+
+    def get_config(self):
+        return {
+            "name": self.name,
+            "inner_optimizer": keras.saving.serialize_keras_object(self.inner_optimizer),
+            "radius_learning_rate": self.radius_learning_rate,
+            "shrink_factor": self.shrink_factor,
+            "beta_1": self.beta_1,
+            "beta_2": self.beta_2,
+            "epsilon": self.epsilon,
+        }
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        config["inner_optimizer"] = keras.saving.deserialize_keras_object(
+            config["inner_optimizer"], custom_objects=custom_objects
+        )
+        return cls(**config)
+
+
+def _refuse_tf_distribution():
+    if keras.backend.backend() != "tensorflow":
+        return
+    import tensorflow as tf
+
+    if tf.distribute.has_strategy() and tf.distribute.get_strategy().num_replicas_in_sync > 1:
+        raise ValueError(
+            "RadiusOptimizer: learned radii are not supported under a "
+            "tf.distribute strategy with several replicas; train on one device."
+        )

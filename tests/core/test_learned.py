@@ -1,0 +1,252 @@
+"""Learned radii (radius="learned", RadiusOptimizer): the radius gradient
+against finite differences, one optimizer step against a hand computation,
+the bound with the current radius after every step of a real fit, radii that
+move, save/load, logging, and the errors."""
+
+import os
+
+import numpy as np
+import pytest
+import keras
+from keras import ops
+
+import keras_spft
+from keras_spft import ops as spft_ops
+from keras_spft.constraints import MIN_LEARNED_RADIUS
+from tests.core.helpers import assert_within_bound, l1_projection_reference, to_np
+from tests.core.models import small_cnn
+
+
+# -- the radius gradient ------------------------------------------------------
+
+def _scale_np(d, r):
+    n = np.abs(d).sum(axis=0, keepdims=True)
+    return d / np.maximum(1.0, n / r)
+
+
+def _exact_np(d, r):
+    return np.stack([l1_projection_reference(d[:, j], r) for j in range(d.shape[1])], axis=1)
+
+
+def _fro_np(d, r):
+    return d / max(1.0, np.sqrt((d ** 2).sum()) / r)
+
+
+@pytest.mark.parametrize("kind", ["scale", "exact", "frobenius"])
+def test_radius_gradient_matches_finite_differences(kind):
+    # d/dr <g, P_r(d)> by central differences in float64, with P computed by
+    # independent numpy code; the function under test only sees P_r(d).
+    rng = np.random.default_rng(1)
+    d = rng.normal(size=(20, 6))
+    d[:, 0] *= 0.05          # a row well inside the ball
+    g = rng.normal(size=d.shape)
+    r = 3.0 if kind != "frobenius" else 4.0
+    proj = {"scale": _scale_np, "exact": _exact_np, "frobenius": _fro_np}[kind]
+    h = 1e-5
+    expected = ((g * proj(d, r + h)).sum() - (g * proj(d, r - h)).sum()) / (2 * h)
+    t = ops.convert_to_tensor(proj(d, r).astype("float32"))
+    gt = ops.convert_to_tensor(g.astype("float32"))
+    if kind == "frobenius":
+        got = spft_ops.frobenius_radius_gradient(gt, t, r)
+    else:
+        got = spft_ops.l1_radius_gradient(gt, t, r, (0,), projection=kind)
+    assert abs(float(to_np(got)) - expected) <= 1e-3 * max(1.0, abs(expected))
+    assert abs(expected) > 0.1  # the case is not degenerate
+
+
+def test_radius_gradient_is_zero_inside_the_ball():
+    t = ops.convert_to_tensor(np.full((5, 3), 0.1, "float32"))   # row norms 0.5
+    g = ops.ones((5, 3))
+    assert float(to_np(spft_ops.l1_radius_gradient(g, t, 1.0, (0,)))) == 0.0
+    assert float(to_np(spft_ops.frobenius_radius_gradient(g, t, 1.0))) == 0.0
+
+
+# -- one optimizer step against numpy ----------------------------------------
+
+def test_one_step_matches_hand_computation():
+    rng = np.random.default_rng(2)
+    w0 = rng.normal(size=(5, 3)).astype("float32")
+    r0 = 0.5
+    start = w0 + _scale_np(rng.normal(size=(5, 3)), r0).astype("float32")   # rows on the bound
+    layer = keras.layers.Dense(3, use_bias=False)
+    layer.build((None, 5))
+    layer.kernel.assign(start)
+    c = keras_spft.MARSDistance(w0, r0, axis=0, learn_radius=True, name="k")
+    layer.kernel.constraint = c
+    lr, rlr = 0.05, 0.01
+    opt = keras_spft.RadiusOptimizer(keras.optimizers.SGD(lr), radius_learning_rate=rlr)
+    g = rng.normal(size=(5, 3)).astype("float32")
+    opt.apply([ops.convert_to_tensor(g)], [layer.kernel])
+
+    t = start.astype(np.float64) - w0
+    on = np.abs(t).sum(axis=0) >= r0 * (1 - 1e-3)
+    assert on.all()
+    gr = (g * t / r0).sum()
+    # First Adam step: m_hat = gr, v_hat = gr^2.
+    r1 = r0 - rlr * gr / (abs(gr) + 1e-8)
+    moved = start.astype(np.float64) - lr * g - w0
+    r1 = max(min(r1, np.abs(moved).sum(axis=0).max()), MIN_LEARNED_RADIUS)
+    expected = w0 + _scale_np(moved, r1)
+    np.testing.assert_allclose(float(to_np(c.radius)), r1, rtol=1e-5)
+    np.testing.assert_allclose(to_np(layer.kernel), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shrink_factor, expected", [(0.0, 0.3), (1.0, 0.29)])
+def test_shrink_factor(shrink_factor, expected):
+    rng = np.random.default_rng(3)
+    w0 = rng.normal(size=(4, 2)).astype("float32")
+    layer = keras.layers.Dense(2, use_bias=False)
+    layer.build((None, 4))
+    start = w0 + _scale_np(rng.normal(size=(4, 2)), 0.3).astype("float32")
+    layer.kernel.assign(start)
+    c = keras_spft.MARSDistance(w0, 0.3, axis=0, learn_radius=True)
+    layer.kernel.constraint = c
+    opt = keras_spft.RadiusOptimizer(keras.optimizers.SGD(1e-6), shrink_factor=shrink_factor)
+    # A gradient pointing away from the anchor has a positive radius
+    # gradient: plain Adam shrinks the radius by its step size (0.01), k=0
+    # leaves it (up to the clip at the farthest row, moved by 1e-6).
+    opt.apply([ops.convert_to_tensor(start - w0)], [layer.kernel])
+    assert float(to_np(c.radius)) == pytest.approx(expected, rel=1e-5)
+
+
+# -- real training ---------------------------------------------------------------
+
+def _data(n=32, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, 12, 12, 3)).astype("float32"), rng.integers(0, 3, n)
+
+
+def _learned(model):
+    return [(v, v.constraint) for v in model.trainable_variables
+            if getattr(v.constraint, "learn_radius", False)]
+
+
+class RadiusBoundChecker(keras.callbacks.Callback):
+    """After every step: each kernel within its *current* radius, radius >= floor."""
+
+    def __init__(self):
+        super().__init__()
+        self.checks = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        for var, c in _learned(self.model):
+            assert float(to_np(c.radius)) >= MIN_LEARNED_RADIUS * (1 - 1e-6)
+            assert_within_bound(c, var)
+        self.checks += 1
+
+
+@pytest.mark.parametrize("method", ["mars-pgm", "mars-pgm-exact", "l2-pgm"])
+@pytest.mark.parametrize("jit", [True, False])
+def test_fit_learns_radii_within_bound(method, jit):
+    keras.utils.set_random_seed(0)
+    model = small_cnn()
+    report = keras_spft.wrap_pretrained(model, radius="learned", method=method, head_radius=5.0)
+    assert all(w.value == "learned" for w in report.wrapped if w.role == "backbone")
+    model.compile(optimizer=keras_spft.RadiusOptimizer(keras.optimizers.Adam(1e-2)),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=jit)
+    x, y = _data()
+    checker = RadiusBoundChecker()
+    model.fit(x, y, epochs=3, batch_size=8, verbose=0, callbacks=[checker])
+    assert checker.checks == 12
+    radii = keras_spft.learned_radii(model)
+    assert len(radii) == 4
+    # Radii move away from their start, and not all by the same amount.
+    assert max(radii.values()) > 10 * MIN_LEARNED_RADIUS
+    assert len({round(v, 6) for v in radii.values()}) > 1
+    # The kernels use their radii: some sit on the bound.
+    on = [float(to_np(c.distance(v))) >= 0.99 * float(to_np(c.radius)) for v, c in _learned(model)]
+    assert any(on)
+    assert "learned, now" in str(report)
+
+
+def test_distance_monitor_logs_learned_radii():
+    keras.utils.set_random_seed(0)
+    model = small_cnn()
+    keras_spft.wrap_pretrained(model, radius={"*": "learned", "fc": 2.0})
+    model.compile(optimizer=keras_spft.RadiusOptimizer(keras.optimizers.Adam(1e-2)),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x, y = _data()
+    history = model.fit(x, y, epochs=2, batch_size=8, verbose=0,
+                        callbacks=[keras_spft.DistanceMonitor()])
+    radii = keras_spft.learned_radii(model)
+    assert len(radii) == 3                       # fc has a fixed radius
+    assert len(history.history["spft/radius_mean"]) == 2
+    key = "spft/base/c2/radius"
+    assert history.history[key][-1] == pytest.approx(radii["base/c2/kernel"])
+    assert history.history["spft/radius_max"][-1] == pytest.approx(max(radii.values()))
+    assert "spft/base/fc/radius" not in history.history
+
+
+def test_save_load_keeps_learned_radii_and_keeps_learning(tmp_path):
+    keras.utils.set_random_seed(0)
+    model = small_cnn()
+    keras_spft.wrap_pretrained(model, radius="learned")
+    model.compile(optimizer=keras_spft.RadiusOptimizer(keras.optimizers.Adam(1e-2), radius_learning_rate=0.02),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x, y = _data()
+    model.fit(x, y, epochs=2, batch_size=8, verbose=0)
+    radii = keras_spft.learned_radii(model)
+    path = str(tmp_path / "m.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert keras_spft.learned_radii(loaded) == radii
+    assert isinstance(loaded.optimizer, keras_spft.RadiusOptimizer)
+    assert loaded.optimizer.radius_learning_rate == 0.02
+    for v, c in _learned(loaded):
+        assert c.learn_radius and c.get_config()["learn_radius"] is True
+    # Training goes on with the loaded radii: they keep moving, within bound.
+    checker = RadiusBoundChecker()
+    loaded.fit(x, y, epochs=1, batch_size=8, verbose=0, callbacks=[checker])
+    assert checker.checks == 4
+    assert keras_spft.learned_radii(loaded) != radii
+
+    # Weights-only resume into a freshly wrapped model restores them too.
+    wpath = str(tmp_path / "m.weights.h5")
+    model.save_weights(wpath)
+    fresh = small_cnn()
+    keras_spft.wrap_pretrained(fresh, radius="learned")
+    fresh.load_weights(wpath)
+    assert keras_spft.learned_radii(fresh) == radii
+
+
+# -- errors ---------------------------------------------------------------------
+
+def test_plain_optimizer_is_refused():
+    model = small_cnn()
+    keras_spft.wrap_pretrained(model, radius="learned")
+    model.compile(optimizer="adam", loss="mse")
+    x, _ = _data(8)
+    with pytest.raises(ValueError, match="RadiusOptimizer"):
+        model.fit(x, np.zeros((8, 3)), verbose=0)
+
+
+def test_radius_optimizer_without_learned_radius_is_refused():
+    model = small_cnn()
+    keras_spft.wrap_pretrained(model, radius=2.0)
+    opt = keras_spft.RadiusOptimizer(keras.optimizers.Adam())
+    with pytest.raises(ValueError, match="no trainable kernel has a learned radius"):
+        opt.build(model.trainable_variables)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"radius": 2.0, "head_radius": "learned"}, "head_radius='learned' is not supported"),
+    ({"radius": "learned", "relative": True}, "relative"),
+    ({"radius": "learned", "batchnorm": "reference"}, "batchnorm='reference'"),
+    ({"radius": "learn"}, "positive number or 'learned'"),
+    ({"method": "l2-sp", "strength": "learned"}, "strength"),
+])
+def test_bad_learned_options(kwargs, match):
+    model = small_cnn()
+    with pytest.raises(ValueError, match=match):
+        keras_spft.wrap_pretrained(model, **kwargs)
+
+
+def test_radius_optimizer_argument_errors():
+    with pytest.raises(ValueError, match="shrink_factor"):
+        keras_spft.RadiusOptimizer(keras.optimizers.Adam(), shrink_factor=2.0)
+    with pytest.raises(ValueError, match="gradient_accumulation_steps"):
+        keras_spft.RadiusOptimizer(keras.optimizers.Adam(gradient_accumulation_steps=2))
+    with pytest.raises(ValueError, match="already learns radii"):
+        keras_spft.RadiusOptimizer(keras_spft.RadiusOptimizer(keras.optimizers.Adam()))
+    with pytest.raises(ValueError, match="per kernel"):
+        keras_spft.MARSDistance(np.ones((3, 2), "float32"), np.ones((1, 2)), learn_radius=True)
