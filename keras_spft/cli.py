@@ -24,6 +24,7 @@ DEFAULT_METHODS = ("none", "l2-sp", "mars-sp", "l2-pgm", "mars-pgm")
 DISPLAY = {
     "none": "None", "l2-sp": "L2-SP", "mars-sp": "MARS-SP", "l2-pgm": "L2-PGM",
     "mars-pgm": "MARS-PGM", "mars-pgm-exact": "MARS-PGM (exact)", "delta": "DELTA",
+    "mars-pgm-learned": "MARS-PGM (learned radii)", "l2-pgm-learned": "L2-PGM (learned radii)",
 }
 #: `--distribute` choices and the Keras backend each needs.
 DISTRIBUTE = ("none", "mirrored", "data-parallel")
@@ -107,6 +108,8 @@ def build_parser():
                        help="DELTA's feature-map strength alpha (method delta)")
         t.add_argument("--delta-beta", type=_positive, default=None,
                        help="DELTA's head L2 strength beta (method delta)")
+        t.add_argument("--radius-lr", type=_positive, default=None,
+                       help="step size of the learned radii (methods *-learned; default 1e-2, FTP's)")
         t.add_argument("--batchnorm", choices=("none", "gamma", "reference"), default="none",
                        help="BatchNorm handling of wrap_pretrained (default none: gamma free)")
         t.add_argument("--epochs", type=int, default=30, help="epochs per run (default 30, as the paper)")
@@ -151,7 +154,8 @@ def build_parser():
     common(p)
     searching(p)
     p.add_argument("--methods", type=_methods, default=list(DEFAULT_METHODS),
-                   help="comma list (default none,l2-sp,mars-sp,l2-pgm,mars-pgm; also mars-pgm-exact, delta)")
+                   help="comma list (default none,l2-sp,mars-sp,l2-pgm,mars-pgm; also mars-pgm-exact, delta, "
+                        "mars-pgm-learned, l2-pgm-learned)")
     p.add_argument("--name", default=None, help="column name of the data set in the table (default: its folder name)")
     return parser
 
@@ -253,6 +257,7 @@ class Session:
             "data": a.data, "model": self.backbone.name, "weights": self.weights, "alpha": a.alpha,
             "image_size": a.image_size, "head": a.head, "epochs": epochs or a.epochs,
             "batch_size": a.batch_size, "augment": a.augment, "stage": stage,
+            **({"radius_lr": a.radius_lr} if a.radius_lr else {}),
         }
 
     def splits(self, stage):
@@ -343,7 +348,7 @@ def train_one(session, method, values, seed, stage, epochs=None):
         wrapped = recipe.wrap(model, method, values, **options)
         # DELTA trains the DeltaModel around `model`; the others train `model` itself.
         trained = wrapped if method in recipe.DELTA_METHODS else model
-        recipe.compile_model(trained, lr)
+        recipe.compile_model(trained, lr, radius_lr=args.radius_lr or recipe.DEFAULT_RADIUS_LR)
         if trained is not model:
             recipe.compile_model(model, lr)         # the plain network is what is evaluated
     _log(f"[{method} seed {seed}] {recipe.describe(wrapped)}")
@@ -354,6 +359,7 @@ def train_one(session, method, values, seed, stage, epochs=None):
                           callbacks=callbacks)
     loss, acc = model.evaluate(splits.eval, verbose=0)
     wall = time.time() - start
+    learned = keras_spft.learned_radii(model)
     return {
         "method": method,
         "seed": seed,
@@ -364,6 +370,7 @@ def train_one(session, method, values, seed, stage, epochs=None):
         "history": {k: [None if x is None else float(x) for x in v] for k, v in history.history.items()},
         "train_images": splits.train_size,
         "eval_images": splits.eval_size,
+        **({"learned_radii": learned, "radius_lr": args.radius_lr or recipe.DEFAULT_RADIUS_LR} if learned else {}),
         "wall_s": round(wall, 2),
         "settings": session.settings(stage, epochs),
         "keras_backend": keras.backend.backend(),
@@ -397,6 +404,8 @@ def run_seeds(session, method, values, seeds, stage="final"):
 def _given_values(args, method):
     from keras_spft import recipe
 
+    if method in recipe.LEARNED_METHODS and args.radius is not None:
+        raise SystemExit(f"keras-spft: error: --radius does not apply to {method}: its backbone radii are learned.")
     given = {}
     for name in recipe.hyperparameter_names(method):
         v = getattr(args, ARG_NAMES.get(name, name))

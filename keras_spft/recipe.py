@@ -15,8 +15,15 @@ from keras_spft.wrap import METHODS as WRAP_METHODS, PGM_METHODS, SP_METHODS, wr
 #: DELTA (Li et al., 2019; `keras_spft.delta`): feature-map regularisation,
 #: strengths `alpha` (feature maps) and `beta` (head L2).
 DELTA_METHODS = ("delta",)
-#: Every method of the recipe: the `wrap_pretrained` ones and "delta".
-METHODS = WRAP_METHODS + DELTA_METHODS
+#: Constraint methods whose backbone radii are learned during training
+#: (`radius="learned"`, `keras_spft.RadiusOptimizer`): nothing to search but
+#: the head radius, which keeps its default unless a range is given.
+LEARNED_METHODS = ("mars-pgm-learned", "l2-pgm-learned")
+#: Every method of the recipe: the `wrap_pretrained` ones, the learned-radius
+#: ones and "delta".
+METHODS = WRAP_METHODS + LEARNED_METHODS + DELTA_METHODS
+#: Step size of the learned radii (FTP's).
+DEFAULT_RADIUS_LR = 1e-2
 
 #: Search ranges of Gouk et al. (2021), log-uniform.
 RADIUS_RANGE = (math.exp(0.5), math.exp(3.5))      # 1.65 .. 33.1
@@ -43,7 +50,8 @@ def hyperparameter_names(method):
         method: a `wrap_pretrained` method name or `"delta"`.
 
     Returns:
-        `("radius", "head_radius")` for constraint methods,
+        `("radius", "head_radius")` for constraint methods, `("head_radius",)`
+        for the learned-radius ones,
         `("strength", "head_strength")` for penalty methods, `("alpha", "beta")`
         for `"delta"`, `()` for `"none"`.
     """
@@ -51,6 +59,8 @@ def hyperparameter_names(method):
         raise ValueError(f"unknown method {method!r}; expected one of {METHODS}.")
     if method in DELTA_METHODS:
         return ("alpha", "beta")
+    if method in LEARNED_METHODS:
+        return ("head_radius",)
     if method in PGM_METHODS:
         return ("radius", "head_radius")
     if method in SP_METHODS:
@@ -63,11 +73,14 @@ def default_ranges(method):
 
     Radii: `[e^0.5, e^3.5]`, strengths: `[e^-10, e^-1]` (the paper's; also
     DELTA's `alpha` and `beta`); `"none"` searches its learning rate in
-    `[1e-5, 1e-3]`.
+    `[1e-5, 1e-3]`; the learned-radius methods search nothing (their head
+    radius is searched only when a range is given).
     """
     names = hyperparameter_names(method)
     if method == "none":
         return {"lr": LR_RANGE}
+    if method in LEARNED_METHODS:
+        return {}
     rng = RADIUS_RANGE if method in PGM_METHODS else STRENGTH_RANGE
     return {n: rng for n in names}
 
@@ -111,6 +124,9 @@ def wrap(model, method, values=None, **options):
         (its `.model` is `model`, the plain network to evaluate and save).
     """
     kwargs = {k: v for k, v in method_values(method, values).items() if k != "lr"}
+    if method in LEARNED_METHODS:
+        base = method[: -len("-learned")]
+        return wrap_pretrained(model, method=base, radius="learned", **kwargs, **options)
     if method in DELTA_METHODS:
         from keras_spft.delta import DeltaModel
 
@@ -128,10 +144,19 @@ def describe(wrapped):
             f"on head {', '.join(wrapped.head)}")
 
 
-def compile_model(model, lr=DEFAULT_LR):
-    """Compiles with the paper's optimizer: Adam(amsgrad=True), cross-entropy on logits."""
+def compile_model(model, lr=DEFAULT_LR, radius_lr=DEFAULT_RADIUS_LR):
+    """Compiles with the paper's optimizer: Adam(amsgrad=True), cross-entropy on logits.
+
+    A model with learned radii gets the optimizer inside a
+    `keras_spft.RadiusOptimizer` with step size `radius_lr`.
+    """
+    from keras_spft.learned import RadiusOptimizer, learned_constraints
+
+    optimizer = keras.optimizers.Adam(learning_rate=lr, amsgrad=True)
+    if learned_constraints(model.trainable_variables):
+        optimizer = RadiusOptimizer(optimizer, radius_learning_rate=radius_lr)
     model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate=lr, amsgrad=True),
+        optimizer=optimizer,
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
     )

@@ -166,3 +166,22 @@ def test_console_entry_point_returns_exit_status_zero(tiny):
     status = cli.main(["finetune"] + _args(data, out, "--method", "l2-pgm", "--radius", "2"))
     assert status == 0
     assert (out / "runs" / "l2-pgm" / "seed0.json").is_file()
+
+
+def test_finetune_learned_radii_records_them(tiny):
+    data, out, _ = tiny
+    cli.run(["finetune"] + _args(data, out, "--method", "mars-pgm-learned", "--epochs", "2",
+                                 "--radius-lr", "0.05", "--head-radius", "3.0"))
+    run = json.load(open(out / "runs" / "mars-pgm-learned" / "seed0.json"))
+    radii = run["learned_radii"]
+    assert list(radii) == ["base/c1/kernel"] and radii["base/c1/kernel"] > 1e-3
+    assert run["radius_lr"] == 0.05 and run["values"]["head_radius"] == 3.0
+    # Logged per epoch by the DistanceMonitor; the last entry is the final radius.
+    per_epoch = run["history"]["spft/radius_mean"]
+    assert len(per_epoch) == 2 and per_epoch[-1] == pytest.approx(radii["base/c1/kernel"])
+
+
+def test_learned_method_refuses_radius(tiny):
+    data, out, _ = tiny
+    with pytest.raises(SystemExit, match="--radius does not apply to mars-pgm-learned"):
+        cli.run(["finetune"] + _args(data, out, "--method", "mars-pgm-learned", "--radius", "2"))
