@@ -26,7 +26,8 @@ from keras import ops
 
 import keras_spft
 
-METHODS = ["none", "l2-sp", "mars-sp", "l2-pgm", "mars-pgm", "mars-pgm-exact", "delta", "naive"]
+METHODS = ["none", "l2-sp", "mars-sp", "l2-pgm", "mars-pgm", "mars-pgm-exact", "delta", "naive",
+           "mars-pgm-learned", "l2-pgm-learned"]
 APPS = {"resnet101": keras.applications.ResNet101, "efficientnetb0": keras.applications.EfficientNetB0,
         "mobilenet": keras.applications.MobileNet}
 
@@ -72,7 +73,10 @@ def wrap(model, method):
                 naive.anchor.assign(np.zeros(var.shape, "float32"))
             var.constraint = naive
         return report.anchor_bytes
-    if method.endswith("-sp"):
+    if method.endswith("-learned"):
+        report = keras_spft.wrap_pretrained(model, method=method[: -len("-learned")], radius="learned",
+                                            head_radius=1.0)
+    elif method.endswith("-sp"):
         report = keras_spft.wrap_pretrained(model, method=method, strength=1e-3, head_strength=1e-3)
     else:
         report = keras_spft.wrap_pretrained(model, method=method, radius=1.0, head_radius=1.0)
@@ -107,7 +111,10 @@ def main():
                            if not any(v is w for w in model.model.non_trainable_variables))
         else:
             extra[m] = wrap(model, m)
-        model.compile(optimizer=keras.optimizers.Adam(1e-4),
+        optimizer = keras.optimizers.Adam(1e-4)
+        if m.endswith("-learned"):
+            optimizer = keras_spft.RadiusOptimizer(optimizer)
+        model.compile(optimizer=optimizer,
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=jit)
         t0 = time.perf_counter()
         model.train_on_batch(x, y)

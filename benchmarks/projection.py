@@ -54,11 +54,18 @@ def naive(t, radius, axis):
     return restore(rows / ops.maximum(1.0, norms / radius))
 
 
+def frobenius_rows(t, radius, axis):
+    """Candidate: the Frobenius norm reduced in two stages (rows, then all)."""
+    partial = ops.sum(ops.square(t), axis=axis, keepdims=True) if len(axis) else ops.square(t)
+    return t / ops.maximum(1.0, ops.sqrt(ops.sum(partial)) / radius)
+
+
 IMPLS = {
     "floor": None,
     "scale": sops.scale_to_l1_ball,
     "exact": sops.project_l1_ball,
     "frobenius": lambda t, r, axis: sops.scale_to_frobenius_ball(t, r),
+    "frobenius-rows": frobenius_rows,
     "exact-sort": exact_sort,
     "naive-scale": naive,
 }

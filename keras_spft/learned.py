@@ -11,6 +11,7 @@ variables, which makes the whole step stateless on JAX and keeps the radii in
 `model.save`/`save_weights` (they are also saved with their constraint).
 """
 
+import numpy as np
 import keras
 from keras import ops
 from keras.src.utils import tracking
@@ -132,17 +133,20 @@ class RadiusOptimizer(keras.optimizers.Optimizer):
                 "the model with `wrap_pretrained(model, radius=\"learned\")` or "
                 "use the inner optimizer alone."
             )
+        n = len(learned)
         self._radius_step = self.add_variable(
             shape=(), dtype="float32", initializer="zeros", name="radius_step"
         )
+        # Adam moments of all radii as two vectors: the update is a handful
+        # of ops however many kernels there are.
+        self._radius_m = self.add_variable(shape=(n,), dtype="float32", initializer="zeros", name="radius_m")
+        self._radius_v = self.add_variable(shape=(n,), dtype="float32", initializer="zeros", name="radius_v")
         self._learned = []
         for var, c in learned:
-            m = self.add_variable(shape=(), dtype="float32", initializer="zeros", name="radius_m")
-            v = self.add_variable(shape=(), dtype="float32", initializer="zeros", name="radius_v")
             # The constraint's own radius variable, shared: the optimizer's
             # state carries it through compiled (stateless) steps.
             self._track_variable(c.radius)
-            self._learned.append((var, c, m, v))
+            self._learned.append((var, c))
         self.inner_optimizer.build(var_list)
         super().build(var_list)
 
@@ -154,21 +158,28 @@ class RadiusOptimizer(keras.optimizers.Optimizer):
         index = {id(v): i for i, v in enumerate(trainable_variables)}
         step = self._radius_step.value + 1.0
         self._radius_step.assign(step)
-        b1, b2 = self.beta_1, self.beta_2
-        for var, c, m, v in self._learned:
+        rg, has = [], []
+        for var, c in self._learned:
             i = index.get(id(var))
             if i is None or grads[i] is None:
-                continue
-            g = c.radius_gradient(grads[i], var.value)
-            g = ops.where(g > 0, g * self.shrink_factor, g)
-            new_m = b1 * m.value + (1.0 - b1) * g
-            new_v = b2 * v.value + (1.0 - b2) * ops.square(g)
-            m.assign(new_m)
-            v.assign(new_v)
-            m_hat = new_m / (1.0 - ops.power(b1, step))
-            v_hat = new_v / (1.0 - ops.power(b2, step))
-            r = c.radius.value - self.radius_learning_rate * m_hat / (ops.sqrt(v_hat) + self.epsilon)
-            c.radius.assign(ops.maximum(r, MIN_LEARNED_RADIUS))
+                rg.append(ops.zeros((), "float32"))
+                has.append(0.0)
+            else:
+                rg.append(ops.cast(c.radius_gradient(grads[i], var.value), "float32"))
+                has.append(1.0)
+        g = ops.stack(rg)
+        g = ops.where(g > 0, g * self.shrink_factor, g)
+        b1, b2 = self.beta_1, self.beta_2
+        m = b1 * self._radius_m.value + (1.0 - b1) * g
+        v = b2 * self._radius_v.value + (1.0 - b2) * ops.square(g)
+        self._radius_m.assign(m)
+        self._radius_v.assign(v)
+        m_hat = m / (1.0 - ops.power(b1, step))
+        v_hat = v / (1.0 - ops.power(b2, step))
+        delta = self.radius_learning_rate * m_hat / (ops.sqrt(v_hat) + self.epsilon)
+        delta = delta * ops.convert_to_tensor(np.asarray(has, "float32"))
+        for k, (_, c) in enumerate(self._learned):
+            c.radius.assign(ops.maximum(c.radius.value - delta[k], MIN_LEARNED_RADIUS))
 
     def apply(self, grads, trainable_variables=None):
         _refuse_tf_distribution()

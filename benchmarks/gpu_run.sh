@@ -1,0 +1,28 @@
+#!/bin/bash
+# The GPU figures of docs/benchmarks.md, as one script for a lent GPU machine
+# with JAX (no TensorFlow, no package registry): the keras wheel and its two
+# missing dependencies travel in .whl/. Writes everything under $OUT.
+OUT=${OUT:-/tmp/spft_gpu}
+mkdir -p "$OUT"
+PY=${PY:-python3}
+$PY -m pip install --no-index --no-deps -q .whl/*.whl 2>&1 | grep -v "^WARNING: Running pip"
+export KERAS_BACKEND=jax PYTHONPATH=$PWD
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+$PY -c "import jax, keras; print('jax', jax.__version__, 'keras', keras.__version__, jax.devices())" | tee -a "$OUT/gpu.txt"
+run() {  # name, timeout, command...
+  local name=$1 limit=$2; shift 2
+  local t0=$(date +%s)
+  timeout "$limit" "$@" > "$OUT/$name.txt" 2>&1
+  echo "== $name: exit $? in $(( $(date +%s) - t0 )) s"
+  grep "^|" "$OUT/$name.txt"
+}
+# Method lists and limits can be narrowed to fit the device time left.
+EFF=${EFF:-none,mars-pgm,l2-pgm,mars-pgm-learned}
+R101=${R101:-none,l2-pgm,mars-pgm,mars-pgm-learned}
+LIMIT=${LIMIT:-230}
+run projection 60 $PY -m benchmarks.projection --model resnet101 --reps 7 \
+  --impls floor,scale,frobenius,frobenius-rows
+run efficientnetb0 "$LIMIT" $PY benchmarks/overhead.py --model efficientnetb0 --image-size 224 --batch 32 \
+  --reps 5 --steps 20 --methods "$EFF" --out "$OUT/efficientnetb0.json"
+run resnet101 "$LIMIT" $PY benchmarks/overhead.py --model resnet101 --image-size 224 --batch 32 \
+  --reps 5 --steps 20 --methods "$R101" --out "$OUT/resnet101.json"
