@@ -54,9 +54,10 @@ class NaiveMARS(keras.constraints.Constraint):
         return ops.add(self.anchor, ops.transpose(ops.reshape(rows, self.moved), self.inv))
 
 
-def build(name, size, classes, seed):
+def build(name, size, classes, seed, alpha=None):
     keras.utils.set_random_seed(seed)
-    base = APPS[name](include_top=False, weights=None, input_shape=(size, size, 3), pooling="avg")
+    extra = {} if alpha is None else {"alpha": alpha}
+    base = APPS[name](include_top=False, weights=None, input_shape=(size, size, 3), pooling="avg", **extra)
     return keras.Sequential([keras.Input((size, size, 3)), base, keras.layers.Dense(classes)])
 
 
@@ -88,6 +89,7 @@ def main():
     p.add_argument("--model", default="resnet101", choices=sorted(APPS))
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--alpha", type=float, default=None, help="width multiplier (mobilenet)")
     p.add_argument("--steps", type=int, default=3, help="steps per timed block")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--methods", default=",".join(METHODS))
@@ -102,7 +104,7 @@ def main():
     jit = {"auto": "auto", "true": True, "false": False}[a.jit_compile.lower()]
     models, extra = {}, {}
     for m in methods:
-        model = build(a.model, a.image_size, 10, seed=0)
+        model = build(a.model, a.image_size, 10, seed=0, alpha=a.alpha)
         if m == "delta":
             # DELTA trains a DeltaModel (frozen copy + feature-map term); its
             # channel attention comes from the benchmark batch (not timed).

@@ -112,8 +112,10 @@ class Anchored(KerasSaveable):
         return None if self._anchor is None else _spec(self._anchor)
 
     def _anchor_value(self, dtype, traced_with=None):
-        if traced_with is not None and _is_jax_tracer(traced_with):
-            # The compiled JAX step now holds this anchor as a constant.
+        if (traced_with is not None and _is_jax_tracer(traced_with)
+                and not _in_stateless_mapping(self._anchor)):
+            # The compiled JAX step now holds this anchor as a constant (an
+            # optimizer that carries it as state, RadiusOptimizer, avoids it).
             self._captured_by_jit = True
         if not self._anchor_ready:
             raise RuntimeError(
@@ -194,6 +196,13 @@ def _is_jax_tracer(x):
     import jax
 
     return isinstance(x, jax.core.Tracer)
+
+
+def _in_stateless_mapping(variable):
+    from keras.src.backend.common.stateless_scope import get_stateless_scope
+
+    scope = get_stateless_scope()
+    return scope is not None and scope.get_current_value(variable) is not None
 
 
 class _SharedAnchor:

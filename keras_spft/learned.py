@@ -11,6 +11,8 @@ variables, which makes the whole step stateless on JAX and keeps the radii in
 `model.save`/`save_weights` (they are also saved with their constraint).
 """
 
+import warnings
+
 import numpy as np
 import keras
 from keras import ops
@@ -51,7 +53,7 @@ def learned_radii(model):
 
 @keras.saving.register_keras_serializable(package="keras_spft")
 class RadiusOptimizer(keras.optimizers.Optimizer):
-    """Wraps an optimizer so that it also learns the radii of the constraints.
+    """Wraps an optimizer so that it learns the radii of the constraints.
 
     Every kernel whose constraint was made with `learn_radius=True` (e.g. by
     `wrap_pretrained(model, radius="learned")`) gets its radius learned as in
@@ -59,8 +61,15 @@ class RadiusOptimizer(keras.optimizers.Optimizer):
     radius takes one Adam step along `<g, dW/dr>`, the gradient of the loss
     through the last projection (`keras_spft.ops.l1_radius_gradient`); then
     the wrapped optimizer updates the kernels and the constraints project them
-    with the new radii. A radius stays in `[1e-8, largest row distance]`, so
+    with the new radii. A radius stays in `[1e-4, largest row distance]`, so
     the bound always holds with the current radius.
+
+    It also carries the anchors of every keras-spft constraint it optimizes
+    as optimizer state. On JAX this matters with fixed radii too: a plain
+    optimizer's compiled step closes over the anchors as constants, which
+    held two extra copies of them (measured with XLA's memory analysis);
+    carried as state they are inputs of the step, one copy in all. The
+    anchors are saved by their constraints, not again with the optimizer.
 
     Args:
         inner_optimizer: the `keras.optimizers.Optimizer` that trains the
@@ -126,27 +135,42 @@ class RadiusOptimizer(keras.optimizers.Optimizer):
 
     @tracking.no_automatic_dependency_tracking
     def build(self, var_list):
-        learned = learned_constraints(var_list)
-        if not learned:
+        constrained = [
+            (v, v.constraint) for v in var_list
+            if isinstance(getattr(v, "constraint", None), _DistanceConstraint)
+        ]
+        if not constrained:
             raise ValueError(
-                "RadiusOptimizer: no trainable kernel has a learned radius; wrap "
-                "the model with `wrap_pretrained(model, radius=\"learned\")` or "
-                "use the inner optimizer alone."
+                "RadiusOptimizer: no trainable weight has a keras-spft constraint; "
+                "wrap the model with `wrap_pretrained(model, radius=\"learned\")` first, "
+                "or use the inner optimizer alone."
             )
-        n = len(learned)
-        self._radius_step = self.add_variable(
-            shape=(), dtype="float32", initializer="zeros", name="radius_step"
-        )
-        # Adam moments of all radii as two vectors: the update is a handful
-        # of ops however many kernels there are.
-        self._radius_m = self.add_variable(shape=(n,), dtype="float32", initializer="zeros", name="radius_m")
-        self._radius_v = self.add_variable(shape=(n,), dtype="float32", initializer="zeros", name="radius_v")
-        self._learned = []
-        for var, c in learned:
+        learned = [(v, c) for v, c in constrained if c.learn_radius]
+        self._learned = list(learned)
+        if learned:
+            self._radius_step = self.add_variable(
+                shape=(), dtype="float32", initializer="zeros", name="radius_step"
+            )
+            # Adam moments of all radii as two vectors: the update is a
+            # handful of ops however many kernels there are.
+            n = len(learned)
+            self._radius_m = self.add_variable(shape=(n,), dtype="float32", initializer="zeros", name="radius_m")
+            self._radius_v = self.add_variable(shape=(n,), dtype="float32", initializer="zeros", name="radius_v")
+        for _, c in learned:
             # The constraint's own radius variable, shared: the optimizer's
             # state carries it through compiled (stateless) steps.
             self._track_variable(c.radius)
-            self._learned.append((var, c))
+        # The anchors too: as optimizer state they are inputs of a compiled
+        # JAX step instead of constants compiled into it (which held two
+        # extra copies of them). They are not written by `save_own_variables`
+        # (their constraints save them).
+        self._anchors = []
+        seen = set()
+        for _, c in constrained:
+            if c.anchor is not None and id(c.anchor) not in seen:
+                seen.add(id(c.anchor))
+                self._track_variable(c.anchor)
+                self._anchors.append(c.anchor)
         self.inner_optimizer.build(var_list)
         super().build(var_list)
 
@@ -155,6 +179,8 @@ class RadiusOptimizer(keras.optimizers.Optimizer):
         return self._variables + self.inner_optimizer.variables
 
     def _update_radii(self, grads, trainable_variables):
+        if not self._learned:
+            return
         index = {id(v): i for i, v in enumerate(trainable_variables)}
         step = self._radius_step.value + 1.0
         self._radius_step.assign(step)
@@ -192,6 +218,26 @@ class RadiusOptimizer(keras.optimizers.Optimizer):
         self._update_radii(grads, tvs)
         with radius_learning():
             self.inner_optimizer.apply(grads, trainable_variables=trainable_variables)
+
+    def _saved_variables(self):
+        skip = {id(a) for a in self._anchors} if self.built else set()
+        return [v for v in self.variables if id(v) not in skip]
+
+    def save_own_variables(self, store):
+        for i, variable in enumerate(self._saved_variables()):
+            store[str(i)] = variable.numpy()
+
+    def load_own_variables(self, store):
+        variables = self._saved_variables()
+        if len(store.keys()) != len(variables):
+            warnings.warn(
+                f"Skipping variable loading for optimizer '{self.name}': it has "
+                f"{len(variables)} variables to restore, the saved state {len(store.keys())}.",
+                stacklevel=2,
+            )
+            return
+        for i, variable in enumerate(variables):
+            variable.assign(store[str(i)])
 
     # -- delegated to the inner optimizer --------------------------------
     @property

@@ -220,12 +220,68 @@ def test_plain_optimizer_is_refused():
         model.fit(x, np.zeros((8, 3)), verbose=0)
 
 
-def test_radius_optimizer_without_learned_radius_is_refused():
+def test_radius_optimizer_without_constraints_is_refused():
     model = small_cnn()
-    keras_spft.wrap_pretrained(model, radius=2.0)
     opt = keras_spft.RadiusOptimizer(keras.optimizers.Adam())
-    with pytest.raises(ValueError, match="no trainable kernel has a learned radius"):
+    with pytest.raises(ValueError, match="no trainable weight has a keras-spft constraint"):
         opt.build(model.trainable_variables)
+
+
+def test_fixed_radii_with_radius_optimizer(tmp_path):
+    # Without learned radii it only carries the anchors as optimizer state:
+    # radii unchanged, the bound holds, the file round-trips (anchors saved
+    # once, by their constraints).
+    keras.utils.set_random_seed(0)
+    model = small_cnn()
+    keras_spft.wrap_pretrained(model, radius=0.05, head_radius=3.0)
+    opt = keras_spft.RadiusOptimizer(keras.optimizers.Adam(1e-2))
+    model.compile(optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x, y = _data()
+    model.fit(x, y, epochs=1, batch_size=8, verbose=0)
+    for v in model.trainable_variables:
+        c = v.constraint
+        if isinstance(c, keras_spft.MARSDistance):
+            assert float(to_np(c.radius)) == pytest.approx(0.05 if c.anchor is not None else 3.0)
+            assert_within_bound(c, v)
+    anchors = [v.constraint.anchor for v in model.trainable_variables
+               if getattr(v.constraint, "anchor", None) is not None]
+    assert len(opt._anchors) == len(anchors) == 4
+    assert len(opt._saved_variables()) == len(opt.variables) - 4
+    path = str(tmp_path / "f.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    for a, b in zip(model.trainable_variables, loaded.trainable_variables):
+        np.testing.assert_array_equal(to_np(a), to_np(b))
+        if getattr(a.constraint, "anchor", None) is not None:
+            np.testing.assert_array_equal(to_np(a.constraint.anchor), to_np(b.constraint.anchor))
+    for a, b in zip(opt._saved_variables(), loaded.optimizer._saved_variables()):
+        np.testing.assert_array_equal(to_np(a), to_np(b))
+
+
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="JAX compiles the train step with jax.jit")
+def test_jax_step_takes_anchors_as_inputs_not_constants():
+    import jax
+
+    def compiled(wrap, optimizer):
+        keras.utils.set_random_seed(0)
+        model = small_cnn()
+        anchors = keras_spft.wrap_pretrained(model, radius=1.0).anchor_bytes if wrap else 0
+        model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        x, y = _data(8)
+        model.train_on_batch(x, y)
+        state = ([v.value for v in model.trainable_variables], [v.value for v in model.non_trainable_variables],
+                 [v.value for v in model.optimizer.variables], [v.value for v in model.metrics_variables])
+        c = jax.jit(model.train_step, donate_argnums=0).lower(state, (x, y)).compile()
+        return c.memory_analysis(), anchors
+
+    plain, _ = compiled(False, keras.optimizers.Adam())
+    carried, anchor_bytes = compiled(True, keras_spft.RadiusOptimizer(keras.optimizers.Adam()))
+    # The anchors are arguments of the step (aliased to its outputs), and
+    # nothing else grows: no copy of them compiled in as constants.
+    scalars = 64 + 4 * 1024  # the optimizer wrapper's own scalars, with room
+    assert anchor_bytes > 0
+    assert 0 <= carried.argument_size_in_bytes - plain.argument_size_in_bytes - anchor_bytes <= scalars
+    assert carried.peak_memory_in_bytes - plain.peak_memory_in_bytes <= anchor_bytes + scalars
 
 
 @pytest.mark.parametrize("kwargs, match", [
