@@ -709,6 +709,13 @@ def run(argv=None):
             check_distribute(args.distribute, keras.backend.backend())
         except ValueError as e:
             parser.error(str(e))
+        from keras_spft.recipe import LEARNED_METHODS
+
+        chosen = getattr(args, "methods", None) or [getattr(args, "method", None)]
+        learned = [m for m in chosen if m in LEARNED_METHODS]
+        if learned and args.distribute == "mirrored":
+            parser.error(f"--distribute mirrored does not support learned radii ({', '.join(learned)}); "
+                         "run them without --distribute, or on JAX with --distribute data-parallel.")
     try:
         return {"finetune": cmd_finetune, "tune": cmd_tune, "compare": cmd_compare}[args.command](args)
     except ValueError as e:

@@ -65,15 +65,22 @@ class _DistanceConstraint(Anchored, keras.constraints.Constraint):
     def _radius_gradient(self, grad, t, radius):
         raise NotImplementedError
 
-    def _init_learning(self, learn_radius, relative):
+    def _init_options(self, radius, relative, learn_radius):
+        """Checks and stores `relative` and `learn_radius` (after the anchor)."""
+        self.relative = bool(relative)
         self.learn_radius = bool(learn_radius)
-        if not self.learn_radius:
-            return
-        if relative:
+        if self.learn_radius and self.relative:
             raise ValueError(
                 f"{self._owner()}: `learn_radius=True` learns one absolute "
                 "radius per kernel; it cannot be combined with `relative=True`."
             )
+        if self.relative:
+            if self._anchor is None:
+                raise ValueError(
+                    f"{self._owner()}: `relative=True` needs an anchor; a "
+                    "ball centred at the origin takes an absolute radius."
+                )
+            check_positive(radius, "radius", self._owner())
 
     def _check_learned_scalar(self):
         if self.learn_radius and tuple(self._scale.shape) != ():
@@ -187,14 +194,13 @@ class MARSDistance(_DistanceConstraint):
     def __init__(self, anchor, radius, axis=0, projection="scale",
                  relative=False, learn_radius=False, name=None):
         self._init_anchor(anchor, name)
-        self._init_learning(learn_radius, relative)
+        self._init_options(radius, relative, learn_radius)
         if projection not in PROJECTIONS:
             raise ValueError(
                 f"{self._owner()}: unknown projection {projection!r}; "
                 f"expected one of {PROJECTIONS}."
             )
         self.projection = projection
-        self.relative = bool(relative)
         self._axis_arg = _axis_list(axis)
         if self._anchor is not None:
             self.axis = spft_ops.normalize_axis(axis, len(self._anchor.shape))
@@ -202,27 +208,20 @@ class MARSDistance(_DistanceConstraint):
         else:
             self.axis = None  # resolved on first call from the kernel rank
             row_shape = None
-        if self.relative:
-            if self._anchor is None:
+        if self.relative and not is_spec(radius):
+            norms = ops.convert_to_numpy(
+                spft_ops.row_l1_norms(
+                    ops.convert_to_tensor(self._anchor.value), self.axis
+                )
+            )
+            if (norms <= 0).any():
                 raise ValueError(
-                    f"{self._owner()}: `relative=True` needs an anchor; a "
-                    "ball centred at the origin takes an absolute radius."
+                    f"{self._owner()}: `relative=True` but "
+                    f"{int((norms <= 0).sum())} anchor rows are zero, "
+                    "which would freeze them; use an absolute radius."
                 )
-            check_positive(radius, "radius", self._owner())
-            if not is_spec(radius):
-                norms = ops.convert_to_numpy(
-                    spft_ops.row_l1_norms(
-                        ops.convert_to_tensor(self._anchor.value), self.axis
-                    )
-                )
-                if (norms <= 0).any():
-                    raise ValueError(
-                        f"{self._owner()}: `relative=True` but "
-                        f"{int((norms <= 0).sum())} anchor rows are zero, "
-                        "which would freeze them; use an absolute radius."
-                    )
-                with np.errstate(over="ignore"):
-                    radius = norms.astype("float64") * float(ops.convert_to_numpy(radius))
+            with np.errstate(over="ignore"):
+                radius = norms.astype("float64") * float(ops.convert_to_numpy(radius))
         self._init_scale(radius, "radius", row_shape)
         self._check_learned_scalar()
 
@@ -301,15 +300,8 @@ class FrobeniusDistance(_DistanceConstraint):
 
     def __init__(self, anchor, radius, relative=False, learn_radius=False, name=None):
         self._init_anchor(anchor, name)
-        self._init_learning(learn_radius, relative)
-        self.relative = bool(relative)
+        self._init_options(radius, relative, learn_radius)
         if self.relative:
-            if self._anchor is None:
-                raise ValueError(
-                    f"{self._owner()}: `relative=True` needs an anchor; a "
-                    "ball centred at the origin takes an absolute radius."
-                )
-            check_positive(radius, "radius", self._owner())
             norm = float(ops.convert_to_numpy(spft_ops.frobenius_norm(
                 ops.convert_to_tensor(self._anchor.value))))
             if norm <= 0:

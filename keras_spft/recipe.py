@@ -148,12 +148,17 @@ def compile_model(model, lr=DEFAULT_LR, radius_lr=DEFAULT_RADIUS_LR):
     """Compiles with the paper's optimizer: Adam(amsgrad=True), cross-entropy on logits.
 
     A model with learned radii gets the optimizer inside a
-    `keras_spft.RadiusOptimizer` with step size `radius_lr`.
+    `keras_spft.RadiusOptimizer` with step size `radius_lr`; so does any
+    model with keras-spft constraints on JAX, where the wrapper carries the
+    anchors as optimizer state instead of compiling them into the step.
     """
+    from keras_spft.constraints import _DistanceConstraint
     from keras_spft.learned import RadiusOptimizer, learned_constraints
 
     optimizer = keras.optimizers.Adam(learning_rate=lr, amsgrad=True)
-    if learned_constraints(model.trainable_variables):
+    variables = model.trainable_variables
+    constrained = any(isinstance(getattr(v, "constraint", None), _DistanceConstraint) for v in variables)
+    if learned_constraints(variables) or (constrained and keras.backend.backend() == "jax"):
         optimizer = RadiusOptimizer(optimizer, radius_learning_rate=radius_lr)
     model.compile(
         optimizer=optimizer,

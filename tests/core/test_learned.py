@@ -306,3 +306,17 @@ def test_radius_optimizer_argument_errors():
         keras_spft.RadiusOptimizer(keras_spft.RadiusOptimizer(keras.optimizers.Adam()))
     with pytest.raises(ValueError, match="per kernel"):
         keras_spft.MARSDistance(np.ones((3, 2), "float32"), np.ones((1, 2)), learn_radius=True)
+
+
+@pytest.mark.parametrize("radius", [None, 2.0, "learned"])
+def test_recipe_compiles_with_radius_optimizer_when_needed(radius):
+    from keras_spft import recipe
+
+    model = small_cnn()
+    if radius is not None:
+        keras_spft.wrap_pretrained(model, radius=radius)
+    recipe.compile_model(model, 1e-3)
+    wrapped = isinstance(model.optimizer, keras_spft.RadiusOptimizer)
+    # Learned radii need it; on JAX fixed radii get it too (anchors as state).
+    assert wrapped == (radius == "learned" or (radius is not None and keras.backend.backend() == "jax"))
+    assert float(to_np(model.optimizer.learning_rate)) == pytest.approx(1e-3)

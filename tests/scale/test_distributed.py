@@ -76,8 +76,58 @@ model.fit(x, y, batch_size=8, epochs=2, verbose=0)
 check(model, report, lambda var: [np.asarray(s.data) for s in var.value.addressable_shards])
 """
 
+JAX_DATA_PARALLEL_LEARNED = """
+import os
+os.environ["KERAS_BACKEND"] = "jax"
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+""" + COMMON + """
+import jax
+assert len(jax.devices()) == 2
+keras.distribution.set_distribution(keras.distribution.DataParallel())
+model = build()
+report = keras_spft.wrap_pretrained(model, radius="learned", head_radius=0.5)
+model.compile(optimizer=keras_spft.RadiusOptimizer(keras.optimizers.Adam(0.05)),
+              loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+model.fit(x, y, batch_size=8, epochs=2, verbose=0)
+radii = keras_spft.learned_radii(model)
+assert len(radii) == 2 and max(radii.values()) > 1e-3, radii
+for w in report.wrapped:
+    var = next(v for v in model.trainable_variables if v.constraint is w.obj)
+    values = [np.asarray(s.data, dtype="float64") for s in var.value.addressable_shards]
+    assert len(values) == 2
+    np.testing.assert_array_equal(values[0], values[1])
+    anchor = 0.0 if w.obj.anchor is None else keras.ops.convert_to_numpy(w.obj.anchor).astype("float64")
+    r = float(keras.ops.convert_to_numpy(w.obj.radius))
+    d = np.abs(values[0] - anchor).sum(axis=tuple(range(values[0].ndim - 1)))
+    assert d.max() <= r * (1 + 1e-5) + 1e-6, (w.path, d.max(), r)
+print("OK", radii)
+"""
 
-@pytest.mark.parametrize("script", [TF_MIRRORED, JAX_DATA_PARALLEL], ids=["tf-mirrored", "jax-data-parallel"])
+TF_MIRRORED_LEARNED_REFUSED = """
+import os
+os.environ["KERAS_BACKEND"] = "tensorflow"
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+""" + COMMON + """
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+with strategy.scope():
+    model = build()
+    keras_spft.wrap_pretrained(model, radius="learned")
+    model.compile(optimizer=keras_spft.RadiusOptimizer(keras.optimizers.Adam(0.05)),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+try:
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+except ValueError as e:
+    assert "not supported under a tf.distribute strategy" in str(e), e
+    print("OK refused")
+"""
+
+
+@pytest.mark.parametrize("script", [TF_MIRRORED, JAX_DATA_PARALLEL, JAX_DATA_PARALLEL_LEARNED,
+                                    TF_MIRRORED_LEARNED_REFUSED],
+                         ids=["tf-mirrored", "jax-data-parallel", "jax-data-parallel-learned",
+                              "tf-mirrored-learned-refused"])
 def test_bound_holds_on_every_replica(script):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     env.pop("KERAS_BACKEND", None)
