@@ -25,10 +25,10 @@ from keras_spft import cli, recipe
 from tests.workflow.conftest import tiny_model
 backbones.build_model = lambda name, n, *, weights, image_size, alpha, head: tiny_model(n, size=image_size)
 real_compile = recipe.compile_model
-def compile_model(model, lr=1e-4):
+def compile_model(model, lr=1e-4, **kwargs):
     print("VARIABLES", sorted({type(v.value).__name__ for v in model.trainable_variables}),
           "IN_SCOPE", tf.distribute.has_strategy())
-    return real_compile(model, lr)
+    return real_compile(model, lr, **kwargs)
 recipe.compile_model = compile_model
 cli.run(sys.argv[1:])
 """
