@@ -319,3 +319,24 @@ def test_recipe_compiles_with_radius_optimizer_when_needed(radius):
     # Learned radii need it; on JAX fixed radii get it too (anchors as state).
     assert wrapped == (radius == "learned" or (radius is not None and keras.backend.backend() == "jax"))
     assert float(to_np(model.optimizer.learning_rate)) == pytest.approx(1e-3)
+
+
+def test_mixed_float16_wraps_radius_optimizer_in_loss_scaling():
+    # Keras puts a LossScaleOptimizer around RadiusOptimizer; radii are still
+    # learned from the unscaled gradients and the bound holds.
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        keras.utils.set_random_seed(0)
+        model = small_cnn()
+        keras_spft.wrap_pretrained(model, radius="learned")
+        model.compile(optimizer=keras_spft.RadiusOptimizer(keras.optimizers.Adam(1e-2)),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+        assert isinstance(model.optimizer.inner_optimizer, keras_spft.RadiusOptimizer)
+        x, y = _data(16)
+        checker = RadiusBoundChecker()
+        model.fit(x, y, epochs=2, batch_size=8, verbose=0, callbacks=[checker])
+        assert checker.checks == 4
+        assert max(keras_spft.learned_radii(model).values()) > 10 * MIN_LEARNED_RADIUS
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
