@@ -5,17 +5,18 @@ import math
 
 import numpy as np
 import keras
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 import keras_spft
 from tests.core.helpers import assert_within_bound
 
 NUMBERS = st.one_of(
     st.none(),
-    st.sampled_from([0.0, -1.0, math.nan, math.inf, -math.inf, 1e-30, 1e30, True]),
+    st.sampled_from([0.0, -1.0, math.nan, math.inf, -math.inf, 1e-30, 1e30, True, "learned", "x"]),
     st.floats(min_value=1e-6, max_value=1e3),
     st.dictionaries(st.sampled_from(["c", "base/fc", "head", "nope", "*"]),
-                    st.one_of(st.floats(min_value=-1, max_value=10), st.just(math.nan)), max_size=3),
+                    st.one_of(st.floats(min_value=-1, max_value=10), st.just(math.nan), st.just("learned")),
+                    max_size=3),
 )
 
 
@@ -37,6 +38,10 @@ MODEL = None
        projection=st.sampled_from([None, "scale", "exact", "fast"]),
        relative=st.booleans(), batchnorm=st.sampled_from([None, "gamma", "reference", "yes"]),
        exclude=st.sampled_from([(), ["c"], ["ghost"]]))
+@example(method="mars-pgm", radius={"*": "learned", "fc": 2.0}, head_radius=1.0, strength=None, head=None,
+         projection="exact", relative=False, batchnorm="gamma", exclude=())
+@example(method="l2-pgm", radius="learned", head_radius=None, strength=None, head=None,
+         projection=None, relative=True, batchnorm=None, exclude=())
 def test_wrap_pretrained_works_or_refuses(method, radius, head_radius, strength, head, projection,
                                           relative, batchnorm, exclude):
     global MODEL
@@ -59,7 +64,11 @@ def test_wrap_pretrained_works_or_refuses(method, radius, head_radius, strength,
     # accepted: every attached object is ours and every PGM kernel keeps its bound
     rng = np.random.default_rng(0)
     grads = [keras.ops.convert_to_tensor(rng.normal(size=v.shape).astype("float32")) for v in model.trainable_variables]
-    keras.optimizers.SGD(1.0).apply(grads, model.trainable_variables)
+    learned = any(getattr(v.constraint, "learn_radius", False) for v in model.trainable_variables)
+    optimizer = keras.optimizers.SGD(1.0)
+    if learned:  # learned radii need the optimizer that learns them
+        optimizer = keras_spft.RadiusOptimizer(optimizer)
+    optimizer.apply(grads, model.trainable_variables)
     for v in model.trainable_variables:
         c = v.constraint
         if c is not None:
