@@ -135,7 +135,7 @@ class RadiusBoundChecker(keras.callbacks.Callback):
         self.checks += 1
 
 
-@pytest.mark.parametrize("method, jit", [("mars-pgm", True), ("mars-pgm-exact", False), ("l2-pgm", True)])
+@pytest.mark.parametrize("method, jit", [("mars-pgm", True), ("mars-pgm-exact", True), ("l2-pgm", False)])
 def test_fit_learns_radii_within_bound(method, jit):
     keras.utils.set_random_seed(0)
     model = small_cnn()
