@@ -20,9 +20,10 @@ run() {  # name, timeout, command...
 EFF=${EFF:-none,mars-pgm,l2-pgm,mars-pgm-learned}
 R101=${R101:-none,l2-pgm,mars-pgm,mars-pgm-learned}
 LIMIT=${LIMIT:-230}
+LOOP=${LOOP:-train_on_batch}   # or fit: steps_per_execution, no per-step host round trip
 run projection 60 $PY -m benchmarks.projection --model resnet101 --reps 7 \
   --impls floor,scale,frobenius,frobenius-rows
 run efficientnetb0 "$LIMIT" $PY benchmarks/overhead.py --model efficientnetb0 --image-size 224 --batch 32 \
-  --reps 5 --steps 20 --methods "$EFF" --out "$OUT/efficientnetb0.json"
+  --reps 5 --steps 20 --loop "$LOOP" --methods "$EFF" --out "$OUT/efficientnetb0.json"
 run resnet101 "$LIMIT" $PY benchmarks/overhead.py --model resnet101 --image-size 224 --batch 32 \
-  --reps 5 --steps 20 --methods "$R101" --out "$OUT/resnet101.json"
+  --reps 5 --steps 20 --loop "$LOOP" --methods "$R101" --out "$OUT/resnet101.json"
