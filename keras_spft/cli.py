@@ -437,7 +437,9 @@ def tune_method(session, method):
     if args.trials <= 0 or not searched:
         values = recipe.method_values(method, given)
         values["lr"] = given.get("lr", recipe.DEFAULT_LR)
-        _log(f"[{method}] no search ({'--trials 0' if args.trials <= 0 else 'all values given'}): "
+        why = ("--trials 0" if args.trials <= 0 else
+               "all values given" if recipe.default_ranges(method) else "nothing to search")
+        _log(f"[{method}] no search ({why}): "
              f"{_fmt_values(values)}")
         return values, None
 
