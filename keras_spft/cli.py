@@ -343,12 +343,13 @@ def train_one(session, method, values, seed, stage, epochs=None):
     keras.backend.clear_session()
     keras.utils.set_random_seed(seed)
     lr = values.get("lr", args.lr or recipe.DEFAULT_LR)
+    radius_lr = args.radius_lr or recipe.DEFAULT_RADIUS_LR   # used by learned-radius methods only
     with session.scope():                           # build, load, wrap, compile
         model = session.build_fn(splits.num_classes)()
         wrapped = recipe.wrap(model, method, values, **options)
         # DELTA trains the DeltaModel around `model`; the others train `model` itself.
         trained = wrapped if method in recipe.DELTA_METHODS else model
-        recipe.compile_model(trained, lr, radius_lr=args.radius_lr or recipe.DEFAULT_RADIUS_LR)
+        recipe.compile_model(trained, lr, radius_lr=radius_lr)
         if trained is not model:
             recipe.compile_model(model, lr)         # the plain network is what is evaluated
     _log(f"[{method} seed {seed}] {recipe.describe(wrapped)}")
@@ -370,7 +371,7 @@ def train_one(session, method, values, seed, stage, epochs=None):
         "history": {k: [None if x is None else float(x) for x in v] for k, v in history.history.items()},
         "train_images": splits.train_size,
         "eval_images": splits.eval_size,
-        **({"learned_radii": learned, "radius_lr": args.radius_lr or recipe.DEFAULT_RADIUS_LR} if learned else {}),
+        **({"learned_radii": learned, "radius_lr": radius_lr} if learned else {}),
         "wall_s": round(wall, 2),
         "settings": session.settings(stage, epochs),
         "keras_backend": keras.backend.backend(),

@@ -25,14 +25,15 @@ from keras_spft.constraints import (
 )
 
 
+def distance_constraints(variables):
+    """`[(variable, constraint)]` for the variables with a keras-spft constraint."""
+    return [(v, v.constraint) for v in variables
+            if isinstance(getattr(v, "constraint", None), _DistanceConstraint)]
+
+
 def learned_constraints(variables):
     """`[(variable, constraint)]` for the variables whose radius is learned."""
-    out = []
-    for v in variables:
-        c = getattr(v, "constraint", None)
-        if isinstance(c, _DistanceConstraint) and c.learn_radius:
-            out.append((v, c))
-    return out
+    return [(v, c) for v, c in distance_constraints(variables) if c.learn_radius]
 
 
 def learned_radii(model):
@@ -135,10 +136,7 @@ class RadiusOptimizer(keras.optimizers.Optimizer):
 
     @tracking.no_automatic_dependency_tracking
     def build(self, var_list):
-        constrained = [
-            (v, v.constraint) for v in var_list
-            if isinstance(getattr(v, "constraint", None), _DistanceConstraint)
-        ]
+        constrained = distance_constraints(var_list)
         if not constrained:
             raise ValueError(
                 "RadiusOptimizer: no trainable weight has a keras-spft constraint; "

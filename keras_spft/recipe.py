@@ -152,13 +152,12 @@ def compile_model(model, lr=DEFAULT_LR, radius_lr=DEFAULT_RADIUS_LR):
     model with keras-spft constraints on JAX, where the wrapper carries the
     anchors as optimizer state instead of compiling them into the step.
     """
-    from keras_spft.constraints import _DistanceConstraint
-    from keras_spft.learned import RadiusOptimizer, learned_constraints
+    from keras_spft.learned import RadiusOptimizer, distance_constraints, learned_constraints
 
     optimizer = keras.optimizers.Adam(learning_rate=lr, amsgrad=True)
     variables = model.trainable_variables
-    constrained = any(isinstance(getattr(v, "constraint", None), _DistanceConstraint) for v in variables)
-    if learned_constraints(variables) or (constrained and keras.backend.backend() == "jax"):
+    on_jax = keras.backend.backend() == "jax"
+    if learned_constraints(variables) or (on_jax and distance_constraints(variables)):
         optimizer = RadiusOptimizer(optimizer, radius_learning_rate=radius_lr)
     model.compile(
         optimizer=optimizer,
