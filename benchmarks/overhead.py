@@ -5,9 +5,16 @@ identical inputs). Repetitions are interleaved in a shuffled order so that
 machine noise hits all methods alike; the figure is the median over
 repetitions of (method step time / plain step time), with the min-max spread.
 "delta" trains `keras_spft.add_delta(model, ...)`, whose extra memory is the
-frozen copy and the attention weights. "naive" is a reference port of the MARS projection written the obvious way
-(rows moved into a matrix, norms, rescale, moved back: separate passes), kept
-here for comparison only.
+frozen copy and the attention weights. "mars-pgm-state" ("l2-pgm-state") is
+mars-pgm (l2-pgm) with a fixed radius compiled through
+`keras_spft.RadiusOptimizer` (anchors as optimizer state: what the CLI does on
+JAX). "floor" ("floor-state") gives every kernel the least an anchored
+constraint can do (`AnchorFloor`: read W and W0, write W), so its ratio is the
+floor of any per-kernel projection. "naive" is a reference port of the MARS
+projection written the obvious way (rows moved into a matrix, norms, rescale,
+moved back: separate passes), kept here for comparison only. A method
+written "name#2" is a second copy of "name", built and compiled separately:
+"none,none#2,..." shows how far two compilations of the same model differ.
 
     python benchmarks/overhead.py --model resnet101 --image-size 64 --batch 8
     KERAS_BACKEND=jax python benchmarks/overhead.py --model resnet101 --image-size 224 --batch 32
@@ -27,7 +34,8 @@ from keras import ops
 import keras_spft
 
 METHODS = ["none", "l2-sp", "mars-sp", "l2-pgm", "mars-pgm", "mars-pgm-exact", "delta", "naive",
-           "mars-pgm-learned", "l2-pgm-learned"]
+           "mars-pgm-learned", "l2-pgm-learned", "mars-pgm-state", "l2-pgm-state",
+           "floor", "floor-state"]
 APPS = {"resnet101": keras.applications.ResNet101, "efficientnetb0": keras.applications.EfficientNetB0,
         "mobilenet": keras.applications.MobileNet}
 
@@ -54,6 +62,15 @@ class NaiveMARS(keras.constraints.Constraint):
         return ops.add(self.anchor, ops.transpose(ops.reshape(rows, self.moved), self.inv))
 
 
+class AnchorFloor(keras_spft.MARSDistance):
+    """The least any anchored constraint can do: `W <- W0 + (W - W0)` reads W and
+    W0 and writes W (no compiler folds it away in floating point). Its step
+    time is the floor of a per-kernel projection inside a real training step."""
+
+    def _project(self, t, radius):
+        return t
+
+
 def build(name, size, classes, seed, alpha=None):
     keras.utils.set_random_seed(seed)
     extra = {} if alpha is None else {"alpha": alpha}
@@ -74,6 +91,13 @@ def wrap(model, method):
                 naive.anchor.assign(np.zeros(var.shape, "float32"))
             var.constraint = naive
         return report.anchor_bytes
+    if method in ("floor", "floor-state"):
+        report = keras_spft.wrap_pretrained(model, method="mars-pgm", radius=1.0, head_radius=1.0)
+        for w in report.wrapped:
+            w.obj.__class__ = AnchorFloor  # same anchor variable, identity projection
+        return report.anchor_bytes
+    if method.endswith("-state"):  # fixed radius, anchors carried by RadiusOptimizer
+        method = method[: -len("-state")]
     if method.endswith("-learned"):
         report = keras_spft.wrap_pretrained(model, method=method[: -len("-learned")], radius="learned",
                                             head_radius=1.0)
@@ -118,16 +142,17 @@ def main():
     models, extra = {}, {}
     for m in methods:
         model = build(a.model, a.image_size, 10, seed=0, alpha=a.alpha)
-        if m == "delta":
+        kind = m.split("#")[0]  # "none#2": a second, separately compiled copy
+        if kind == "delta":
             # DELTA trains a DeltaModel (frozen copy + feature-map term); its
             # channel attention comes from the benchmark batch (not timed).
             model = keras_spft.add_delta(model, x, y, steps=1, head_epochs=1)
             extra[m] = sum(int(np.prod(v.shape)) * 4 for v in model.non_trainable_variables
                            if not any(v is w for w in model.model.non_trainable_variables))
         else:
-            extra[m] = wrap(model, m)
+            extra[m] = wrap(model, kind)
         optimizer = keras.optimizers.Adam(1e-4)
-        if m.endswith("-learned"):
+        if kind.endswith(("-learned", "-state")):
             optimizer = keras_spft.RadiusOptimizer(optimizer)
         model.compile(optimizer=optimizer,
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=jit,

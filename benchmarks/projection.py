@@ -60,9 +60,25 @@ def frobenius_rows(t, radius, axis):
     return t / ops.maximum(1.0, ops.sqrt(ops.sum(partial)) / radius)
 
 
+def scale_div(t, radius, axis):
+    """Candidate: the "scale" projection written as a division by the factor."""
+    return t / ops.maximum(1.0, sops.row_l1_norms(t, axis) / radius)
+
+
+def learned_scale(t, radius, axis):
+    """What a learned-radius step adds to "scale": the radius gradient (with `t`
+    standing in for the loss gradient), FTP's clip to the largest row distance,
+    then the projection with the new radius."""
+    g = sops.l1_radius_gradient(t, t, radius, axis)
+    r = ops.minimum(radius + 1e-3 * ops.sign(g), sops.mars_norm(t, axis))
+    return sops.scale_to_l1_ball(t, ops.maximum(r, 1e-4), axis)
+
+
 IMPLS = {
     "floor": None,
     "scale": sops.scale_to_l1_ball,
+    "scale-div": scale_div,
+    "learned-scale": learned_scale,
     "exact": sops.project_l1_ball,
     "frobenius": lambda t, r, axis: sops.scale_to_frobenius_ball(t, r),
     "frobenius-rows": frobenius_rows,
