@@ -9,6 +9,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import tempfile
 
 import keras
 import pytest
@@ -17,19 +18,54 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODULES = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}
 
 
+_RUNS = {}  # backend -> (process, output file), started together by the first test
+
+
+def _start_runs(session):
+    """Starts `tests/core` on every other installed backend this session
+    selected, side by side (independent processes: together they take about as
+    long as the slowest instead of the sum)."""
+    selected = {item.callspec.params["backend"] for item in session.items
+                if getattr(item, "originalname", None) == "test_core_suite_on_backend"}
+    for backend in sorted(selected):
+        if backend == keras.backend.backend() or backend in _RUNS or not importlib.util.find_spec(MODULES[backend]):
+            continue
+        out = tempfile.TemporaryFile(mode="w+")
+        env = dict(os.environ, KERAS_BACKEND=backend, KERAS_SPFT_SUBRUN="1")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pytest", "tests/core", "-q", "-p", "no:cacheprovider", "-p", "no:warnings"],
+            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, text=True,
+        )
+        _RUNS[backend] = (proc, out)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _stop_leftover_runs():
+    yield
+    for proc, out in _RUNS.values():  # a run not waited for (test deselected or interrupted)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        out.close()
+
+
 @pytest.mark.skipif(bool(os.environ.get("KERAS_SPFT_SUBRUN")), reason="already a per-backend run")
 @pytest.mark.parametrize("backend", sorted(MODULES))
-def test_core_suite_on_backend(backend):
+def test_core_suite_on_backend(backend, request):
     if backend == keras.backend.backend():
         pytest.skip(f"{backend} is the current backend: tests/core ran in this process")
     assert importlib.util.find_spec(MODULES[backend]), (
         f"{backend} is not installed: install the test extras, pip install -e '.[all,test]'"
     )
-    env = dict(os.environ, KERAS_BACKEND=backend, KERAS_SPFT_SUBRUN="1")
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "tests/core", "-q", "-p", "no:cacheprovider", "-p", "no:warnings"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
-    )
-    tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-40:])
+    _start_runs(request.session)
+    proc, out = _RUNS[backend]
+    try:
+        proc.wait(timeout=900)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    out.seek(0)
+    lines = out.read().splitlines()
+    tail = "\n".join(lines[-40:])
     assert proc.returncode == 0, f"tests/core failed on {backend}:\n{tail}"
-    print(f"{backend}: {proc.stdout.strip().splitlines()[-1]}")
+    print(f"{backend}: {lines[-1]}")
