@@ -24,7 +24,7 @@ EFF=${EFF-none,floor,mars-pgm,mars-pgm-learned}
 LIMIT=${LIMIT:-300}
 LOOP=${LOOP:-fit}   # fit: steps_per_execution, no per-step host round trip; or train_on_batch
 run projection 60 $PY -m benchmarks.projection --model resnet101 --reps 7 \
-  --impls floor,scale,scale-div,learned-scale,frobenius
+  --impls floor,scale,scale-grouped,learned-scale,frobenius
 [ -n "$R101" ] && run resnet101 "$LIMIT" $PY benchmarks/overhead.py --model resnet101 --image-size 224 --batch 32 \
   --reps 5 --steps 20 --loop "$LOOP" --methods "$R101" --out "$OUT/resnet101.json"
 [ -n "$EFF" ] && run efficientnetb0 "$LIMIT" $PY benchmarks/overhead.py --model efficientnetb0 --image-size 224 --batch 32 \

@@ -74,6 +74,32 @@ def learned_scale(t, radius, axis):
     return sops.scale_to_l1_ball(t, ops.maximum(r, 1e-4), axis)
 
 
+def _groups(shapes_axes):
+    """Indices of the kernels grouped by (shape, axis)."""
+    groups = {}
+    for i, key in enumerate(shapes_axes):
+        groups.setdefault(key, []).append(i)
+    return list(groups.values())
+
+
+def scale_grouped(ws, anchors, radius, axes):
+    """Candidate: "scale" over all kernels of one shape at once (stacked on a
+    new leading axis), so one group of same-shape kernels is one set of
+    element-wise passes instead of one per kernel."""
+    out = [None] * len(ws)
+    for idx in _groups([(tuple(w.shape), axis) for w, axis in zip(ws, axes)]):
+        axis = tuple(a + 1 for a in axes[idx[0]])
+        w = ops.stack([ws[i] for i in idx])
+        a = ops.stack([anchors[i] for i in idx])
+        p = a + sops.scale_to_l1_ball(w - a, radius, axis)
+        for k, i in enumerate(idx):
+            out[i] = p[k]
+    return out
+
+
+#: Implementations that project the whole list of kernels themselves.
+ALL_AT_ONCE = {"scale-grouped": scale_grouped}
+
 IMPLS = {
     "floor": None,
     "scale": sops.scale_to_l1_ball,
@@ -84,6 +110,7 @@ IMPLS = {
     "frobenius-rows": frobenius_rows,
     "exact-sort": exact_sort,
     "naive-scale": naive,
+    "scale-grouped": None,
 }
 
 
@@ -91,6 +118,8 @@ def make_fn(name):
     f = IMPLS[name]
 
     def project_all(ws, anchors):
+        if name in ALL_AT_ONCE:
+            return ALL_AT_ONCE[name](ws, anchors, RADIUS, AXES)
         out = []
         for (w, a, axis) in zip(ws, anchors, AXES):
             if f is None:

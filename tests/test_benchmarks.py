@@ -48,3 +48,15 @@ def test_anchor_floor_reads_the_anchor_and_leaves_the_kernel():
     w = w0 + rng.normal(size=(5, 4)).astype("float32")
     c = AnchorFloor(w0, radius=1e-3, axis=0)
     np.testing.assert_allclose(ops.convert_to_numpy(c(w)), w, rtol=0, atol=1e-6)
+
+
+def test_grouped_candidate_projects_every_kernel_like_the_core():
+    rng = np.random.default_rng(1)
+    shapes = [(3, 3, 4, 6), (1, 1, 6, 4), (3, 3, 4, 6), (5, 2), (3, 3, 4, 6)]
+    axes = [AXIS, AXIS, AXIS, (0,), AXIS]
+    anchors = [ops.convert_to_tensor(rng.normal(size=s).astype("float32")) for s in shapes]
+    ws = [a + ops.convert_to_tensor(rng.normal(size=s).astype("float32")) for a, s in zip(anchors, shapes)]
+    got = projection.scale_grouped(ws, anchors, 2.0, axes)
+    for w, a, axis, g in zip(ws, anchors, axes, got):
+        want = a + sops.scale_to_l1_ball(w - a, 2.0, axis)
+        np.testing.assert_allclose(ops.convert_to_numpy(g), ops.convert_to_numpy(want), rtol=1e-6, atol=1e-6)
