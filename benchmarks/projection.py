@@ -97,8 +97,8 @@ def scale_grouped(ws, anchors, radius, axes):
     return out
 
 
-#: Implementations that project the whole list of kernels themselves.
-ALL_AT_ONCE = {"scale-grouped": scale_grouped}
+#: Implementations that take the whole list of kernels (and anchors) at once.
+ALL_AT_ONCE = {"scale-grouped"}
 
 IMPLS = {
     "floor": None,
@@ -110,7 +110,7 @@ IMPLS = {
     "frobenius-rows": frobenius_rows,
     "exact-sort": exact_sort,
     "naive-scale": naive,
-    "scale-grouped": None,
+    "scale-grouped": scale_grouped,
 }
 
 
@@ -119,7 +119,7 @@ def make_fn(name):
 
     def project_all(ws, anchors):
         if name in ALL_AT_ONCE:
-            return ALL_AT_ONCE[name](ws, anchors, RADIUS, AXES)
+            return f(ws, anchors, RADIUS, AXES)
         out = []
         for (w, a, axis) in zip(ws, anchors, AXES):
             if f is None:
