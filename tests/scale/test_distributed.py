@@ -40,7 +40,8 @@ x = np.random.default_rng(0).random((32, 8, 8, 3)).astype("float32")
 y = np.arange(32) % 3
 """
 
-TF_MIRRORED = """
+# Two logical CPU devices, then one of the two distribution set-ups.
+TF_TWO_REPLICAS = """
 import os
 os.environ["KERAS_BACKEND"] = "tensorflow"
 import tensorflow as tf
@@ -48,6 +49,21 @@ cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 """ + COMMON + """
 strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+"""
+
+JAX_TWO_REPLICAS = """
+import os
+os.environ["KERAS_BACKEND"] = "jax"
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+""" + COMMON + """
+import jax
+assert len(jax.devices()) == 2
+keras.distribution.set_distribution(keras.distribution.DataParallel())
+def shards(var):
+    return [np.asarray(s.data) for s in var.value.addressable_shards]
+"""
+
+TF_MIRRORED = TF_TWO_REPLICAS + """
 with strategy.scope():
     model = build()
     report = keras_spft.wrap_pretrained(model, radius=0.05, head_radius=0.5)
@@ -60,30 +76,16 @@ model.fit(x, y, batch_size=8, epochs=2, verbose=0)
 check(model, report, lambda var: [np.asarray(v) for v in var.value.values])
 """
 
-JAX_DATA_PARALLEL = """
-import os
-os.environ["KERAS_BACKEND"] = "jax"
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
-""" + COMMON + """
-import jax
-assert len(jax.devices()) == 2
-keras.distribution.set_distribution(keras.distribution.DataParallel())
+JAX_DATA_PARALLEL = JAX_TWO_REPLICAS + """
 model = build()
 report = keras_spft.wrap_pretrained(model, radius=0.05, head_radius=0.5)
 model.compile(optimizer=keras.optimizers.Adam(0.05),
               loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
 model.fit(x, y, batch_size=8, epochs=2, verbose=0)
-check(model, report, lambda var: [np.asarray(s.data) for s in var.value.addressable_shards])
+check(model, report, shards)
 """
 
-JAX_DATA_PARALLEL_LEARNED = """
-import os
-os.environ["KERAS_BACKEND"] = "jax"
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
-""" + COMMON + """
-import jax
-assert len(jax.devices()) == 2
-keras.distribution.set_distribution(keras.distribution.DataParallel())
+JAX_DATA_PARALLEL_LEARNED = JAX_TWO_REPLICAS + """
 model = build()
 report = keras_spft.wrap_pretrained(model, radius="learned", head_radius=0.5)
 model.compile(optimizer=keras_spft.RadiusOptimizer(keras.optimizers.Adam(0.05)),
@@ -92,18 +94,11 @@ model.fit(x, y, batch_size=8, epochs=2, verbose=0)
 radii = keras_spft.learned_radii(model)
 assert len(radii) == 2 and max(radii.values()) > 1e-3, radii
 # every replica within the current radius (learned backbone, fixed head) and identical
-check(model, report, lambda var: [np.asarray(s.data) for s in var.value.addressable_shards],
+check(model, report, shards,
       radius=lambda w: 0.5 if w.role == "head" else float(keras.ops.convert_to_numpy(w.obj.radius)))
 """
 
-TF_MIRRORED_LEARNED_REFUSED = """
-import os
-os.environ["KERAS_BACKEND"] = "tensorflow"
-import tensorflow as tf
-cpu = tf.config.list_physical_devices("CPU")[0]
-tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-""" + COMMON + """
-strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+TF_MIRRORED_LEARNED_REFUSED = TF_TWO_REPLICAS + """
 with strategy.scope():
     model = build()
     keras_spft.wrap_pretrained(model, radius="learned")

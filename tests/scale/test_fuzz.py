@@ -8,6 +8,7 @@ import keras
 from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 import keras_spft
+from keras_spft.learned import learned_constraints
 from tests.core.helpers import assert_within_bound
 
 NUMBERS = st.one_of(
@@ -64,9 +65,8 @@ def test_wrap_pretrained_works_or_refuses(method, radius, head_radius, strength,
     # accepted: every attached object is ours and every PGM kernel keeps its bound
     rng = np.random.default_rng(0)
     grads = [keras.ops.convert_to_tensor(rng.normal(size=v.shape).astype("float32")) for v in model.trainable_variables]
-    learned = any(getattr(v.constraint, "learn_radius", False) for v in model.trainable_variables)
     optimizer = keras.optimizers.SGD(1.0)
-    if learned:  # learned radii need the optimizer that learns them
+    if learned_constraints(model.trainable_variables):  # learned radii need the optimizer that learns them
         optimizer = keras_spft.RadiusOptimizer(optimizer)
     optimizer.apply(grads, model.trainable_variables)
     for v in model.trainable_variables:
