@@ -144,7 +144,7 @@ class RadiusOptimizer(keras.optimizers.Optimizer):
                 "or use the inner optimizer alone."
             )
         learned = [(v, c) for v, c in constrained if c.learn_radius]
-        self._learned = list(learned)
+        self._learned = learned
         if learned:
             self._radius_step = self.add_variable(
                 shape=(), dtype="float32", initializer="zeros", name="radius_step"
