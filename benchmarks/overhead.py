@@ -67,7 +67,7 @@ class AnchorFloor(keras_spft.MARSDistance):
     W0 and writes W (no compiler folds it away in floating point). Its step
     time is the floor of a per-kernel projection inside a real training step."""
 
-    def _project(self, t, radius):
+    def _project(self, t, radius, distances=None):
         return t
 
 

@@ -68,7 +68,17 @@ def scale_div(t, radius, axis):
 def learned_scale(t, radius, axis):
     """What a learned-radius step adds to "scale": the radius gradient (with `t`
     standing in for the loss gradient), FTP's clip to the largest row distance,
-    then the projection with the new radius."""
+    then the projection with the new radius, reusing the clip's row norms as
+    `MARSDistance` does."""
+    g = sops.l1_radius_gradient(t, t, radius, axis)
+    norms = sops.row_l1_norms(t, axis)
+    r = ops.minimum(radius + 1e-3 * ops.sign(g), ops.max(norms))
+    return sops.scale_to_l1_ball(t, ops.maximum(r, 1e-4), axis, norms)
+
+
+def learned_scale_unshared(t, radius, axis):
+    """Reference: "learned-scale" as the core wrote it before, computing the row
+    norms once for the clip and again inside the projection."""
     g = sops.l1_radius_gradient(t, t, radius, axis)
     r = ops.minimum(radius + 1e-3 * ops.sign(g), sops.mars_norm(t, axis))
     return sops.scale_to_l1_ball(t, ops.maximum(r, 1e-4), axis)
@@ -105,6 +115,7 @@ IMPLS = {
     "scale": sops.scale_to_l1_ball,
     "scale-div": scale_div,
     "learned-scale": learned_scale,
+    "learned-scale-unshared": learned_scale_unshared,
     "exact": sops.project_l1_ball,
     "frobenius": lambda t, r, axis: sops.scale_to_frobenius_ball(t, r),
     "frobenius-rows": frobenius_rows,

@@ -53,13 +53,14 @@ def _compute_dtype(dtype):
 class _DistanceConstraint(Anchored, keras.constraints.Constraint):
     """Shared machinery: offset from the anchor, project, add the anchor back."""
 
-    def _project(self, t, radius):
+    def _project(self, t, radius, distances=None):
         raise NotImplementedError
 
     def _row_shape(self, shape):
         raise NotImplementedError
 
-    def _max_distance(self, t):
+    def _distances(self, t):
+        """The norms `_project` reduces `t` to (per row, or one scalar)."""
         raise NotImplementedError
 
     def _radius_gradient(self, grad, t, radius):
@@ -97,6 +98,7 @@ class _DistanceConstraint(Anchored, keras.constraints.Constraint):
         radius = ops.cast(self._scale.value, dtype)
         a = None if self._anchor is None else self._anchor_value(dtype, traced_with=w)
         t = x if a is None else x - a
+        distances = None
         if self.learn_radius:
             if not _LEARNER_DEPTH[0]:
                 raise ValueError(
@@ -106,12 +108,15 @@ class _DistanceConstraint(Anchored, keras.constraints.Constraint):
                     "or wrap with a fixed radius."
                 )
             # FTP's clip: a radius beyond the farthest row would let it drift
-            # where it no longer acts; keep it at or below that row.
+            # where it no longer acts; keep it at or below that row. The
+            # projection reuses these norms (one reduction pass, not two,
+            # where nothing merges them: eager PyTorch).
+            distances = self._distances(t)
             radius = ops.maximum(
-                ops.minimum(radius, self._max_distance(t)), MIN_LEARNED_RADIUS
+                ops.minimum(radius, ops.max(distances)), MIN_LEARNED_RADIUS
             )
             self._scale.assign(ops.cast(radius, "float32"))
-        out = self._project(t, radius)
+        out = self._project(t, radius, distances)
         if a is not None:
             out = a + out
         return ops.cast(out, w.dtype)
@@ -233,14 +238,14 @@ class MARSDistance(_DistanceConstraint):
             return self.axis
         return spft_ops.normalize_axis(self._axis_arg, len(w.shape))
 
-    def _project(self, t, radius):
+    def _project(self, t, radius, distances=None):
         axis = self._axis_for(t)
         if self.projection == "exact":
-            return spft_ops.project_l1_ball(t, radius, axis)
-        return spft_ops.scale_to_l1_ball(t, radius, axis)
+            return spft_ops.project_l1_ball(t, radius, axis, distances)
+        return spft_ops.scale_to_l1_ball(t, radius, axis, distances)
 
-    def _max_distance(self, t):
-        return spft_ops.mars_norm(t, self._axis_for(t))
+    def _distances(self, t):
+        return spft_ops.row_l1_norms(t, self._axis_for(t))
 
     def _radius_gradient(self, grad, t, radius):
         return spft_ops.l1_radius_gradient(
@@ -313,10 +318,10 @@ class FrobeniusDistance(_DistanceConstraint):
         if not isinstance(self._scale_config, float) and self._scale.shape != ():
             raise ValueError(f"{self._owner()}: `radius` must be a scalar.")
 
-    def _project(self, t, radius):
-        return spft_ops.scale_to_frobenius_ball(t, radius)
+    def _project(self, t, radius, distances=None):
+        return spft_ops.scale_to_frobenius_ball(t, radius, distances)
 
-    def _max_distance(self, t):
+    def _distances(self, t):
         return spft_ops.frobenius_norm(t)
 
     def _radius_gradient(self, grad, t, radius):

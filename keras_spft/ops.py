@@ -83,7 +83,7 @@ def _shrink_factor(norm, radius):
     return 1.0 / ops.maximum(1.0, norm / radius)
 
 
-def scale_to_l1_ball(t, radius, axis):
+def scale_to_l1_ball(t, radius, axis, norms=None):
     """The paper's MARS-PGM projection: per-row radial rescale into the L1 ball.
 
     `t_r <- t_r / max(1, ||t_r||_1 / radius)` for every row `r`. This is a
@@ -94,14 +94,18 @@ def scale_to_l1_ball(t, radius, axis):
         radius: positive scalar, or a tensor of per-row radii broadcastable
             against `row_l1_norms(t, axis)`.
         axis: axes summed per row.
+        norms: `row_l1_norms(t, axis)` when the caller has it already (a
+            learned radius is clipped with them first), else `None`.
 
     Returns:
         Tensor like `t` whose every row has L1 norm `<= radius`.
     """
-    return t * _shrink_factor(row_l1_norms(t, axis), radius)
+    if norms is None:
+        norms = row_l1_norms(t, axis)
+    return t * _shrink_factor(norms, radius)
 
 
-def scale_to_frobenius_ball(t, radius):
+def scale_to_frobenius_ball(t, radius, norm=None):
     """Euclidean projection of `t` onto the Frobenius ball of `radius`.
 
     `t <- t / max(1, ||t||_F / radius)`: the closed form of Gouk et al. (Eq. 3).
@@ -109,11 +113,21 @@ def scale_to_frobenius_ball(t, radius):
     H100 (JAX) this form ran one pass over all ResNet101 kernels at the
     memory floor (1.00-1.02 floors), the one-reduction, reciprocal form at
     1.32-1.37 floors (docs/benchmarks.md).
+
+    Args:
+        t: tensor of offsets (kernel minus anchor).
+        radius: positive scalar.
+        norm: `frobenius_norm(t)` when the caller has it already, else `None`.
+
+    Returns:
+        Tensor like `t` with Frobenius norm `<= radius`.
     """
-    return t / ops.maximum(1.0, frobenius_norm(t) / radius)
+    if norm is None:
+        norm = frobenius_norm(t)
+    return t / ops.maximum(1.0, norm / radius)
 
 
-def _l1_threshold(a, radius, axis):
+def _l1_threshold(a, radius, axis, s=None):
     """Soft threshold of the Euclidean projection onto the L1 ball, per row.
 
     `a = |t|`. Michelot's (1986) active-set fixed point: start from the whole
@@ -126,8 +140,9 @@ def _l1_threshold(a, radius, axis):
     row_size = 1
     for ax in axis:
         row_size *= a.shape[ax]
-    one = ops.ones_like(ops.sum(a, axis=axis, keepdims=True))
-    s = ops.sum(a, axis=axis, keepdims=True)
+    if s is None:
+        s = ops.sum(a, axis=axis, keepdims=True)
+    one = ops.ones_like(s)
     count = one * row_size
     theta = (s - radius) / count
 
@@ -150,7 +165,7 @@ def _l1_threshold(a, radius, axis):
     return ops.maximum(theta, 0.0)
 
 
-def project_l1_ball(t, radius, axis):
+def project_l1_ball(t, radius, axis, norms=None):
     """Exact Euclidean projection of every row of `t` onto its L1 ball.
 
     Solves `argmin_x ||x - t_r||_2 s.t. ||x||_1 <= radius` for all rows at
@@ -164,6 +179,8 @@ def project_l1_ball(t, radius, axis):
         radius: positive scalar, or per-row radii broadcastable against
             `row_l1_norms(t, axis)`.
         axis: axes summed per row (`()`: element-wise, i.e. clipping).
+        norms: `row_l1_norms(t, axis)` when the caller has it already, else
+            `None`.
 
     Returns:
         Tensor like `t`, each row projected.
@@ -171,7 +188,7 @@ def project_l1_ball(t, radius, axis):
     if len(axis) == 0:
         return ops.sign(t) * ops.minimum(ops.abs(t), radius)
     a = ops.abs(t)
-    theta = _l1_threshold(a, radius, axis)
+    theta = _l1_threshold(a, radius, axis, norms)
     out = ops.sign(t) * ops.maximum(a - theta, 0.0)
     # Rounding in the sums can leave a row a few ulps outside the ball; a
     # final radial rescale (a factor of exactly 1 for rows inside) keeps the

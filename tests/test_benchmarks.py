@@ -27,6 +27,7 @@ def offsets():
     ("naive-scale", "scale"),
     ("exact-sort", "exact"),
     ("frobenius-rows", "frobenius"),
+    ("learned-scale-unshared", "learned-scale"),
 ])
 def test_candidates_compute_the_core_projection(offsets, candidate, core):
     got = ops.convert_to_numpy(projection.IMPLS[candidate](offsets, 2.0, AXIS))

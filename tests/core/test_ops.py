@@ -86,6 +86,23 @@ def test_frobenius_projection_closed_form(radius):
     assert np.all(zero == 0)
 
 
+@pytest.mark.parametrize("shape,axis", AXES[:4])
+def test_projections_given_their_norms_match_their_own(shape, axis):
+    # A learned radius computes the norms first (to clip the radius) and
+    # passes them on: the projection must be the very one it computes alone.
+    t = ops.convert_to_tensor(_offsets(shape, seed=7))
+    n = sops.row_l1_norms(t, axis)
+    for f in (sops.scale_to_l1_ball, sops.project_l1_ball):
+        np.testing.assert_array_equal(to_np(f(t, 0.3, axis, n)), to_np(f(t, 0.3, axis)))
+    np.testing.assert_array_equal(
+        to_np(sops.scale_to_frobenius_ball(t, 0.3, sops.frobenius_norm(t))),
+        to_np(sops.scale_to_frobenius_ball(t, 0.3)))
+    # ... and uses them: norms of a twice larger offset shrink every row twice as much.
+    np.testing.assert_allclose(
+        to_np(sops.scale_to_l1_ball(t, 0.3, axis, 2.0 * n)),
+        to_np(sops.scale_to_l1_ball(t, 0.15, axis)), rtol=1e-6)
+
+
 def test_norms():
     t = _offsets((3, 3, 4, 5), seed=6)
     assert float(sops.mars_norm(ops.convert_to_tensor(t), (0, 1, 2))) == pytest.approx(
