@@ -18,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODULES = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}
 
 
-_RUNS = {}  # backend -> (process, output file), started together by the first test
+_RUNS = {}  # backend -> (process, output file), started together at collection (conftest.py)
 
 
 def _start_runs(session):
@@ -39,14 +39,14 @@ def _start_runs(session):
         _RUNS[backend] = (proc, out)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _stop_leftover_runs():
-    yield
-    for proc, out in _RUNS.values():  # a run not waited for (test deselected or interrupted)
+def stop_runs():
+    """Kills the runs not waited for (session interrupted or failed early)."""
+    for proc, out in _RUNS.values():
         if proc.poll() is None:
             proc.kill()
             proc.wait()
         out.close()
+    _RUNS.clear()
 
 
 @pytest.mark.skipif(bool(os.environ.get("KERAS_SPFT_SUBRUN")), reason="already a per-backend run")
@@ -57,7 +57,7 @@ def test_core_suite_on_backend(backend, request):
     assert importlib.util.find_spec(MODULES[backend]), (
         f"{backend} is not installed: install the test extras, pip install -e '.[all,test]'"
     )
-    _start_runs(request.session)
+    _start_runs(request.session)  # normally started at collection (conftest.py)
     proc, out = _RUNS[backend]
     try:
         proc.wait(timeout=900)
