@@ -15,7 +15,8 @@ def pytest_collection_finish(session):
     # as soon as the session is known: they run beside the in-process suite,
     # which mostly keeps one of two cores busy, instead of after it.
     module = _backend_runs_module(session)
-    if module is not None and not os.environ.get("KERAS_SPFT_SUBRUN"):
+    if (module is not None and not os.environ.get("KERAS_SPFT_SUBRUN")
+            and not session.config.option.collectonly):
         module._start_runs(session)
 
 
