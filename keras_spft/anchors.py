@@ -50,6 +50,7 @@ class Anchored(KerasSaveable):
             return
         if isinstance(anchor, _SharedAnchor):
             self._anchor = anchor.variable
+            self._anchor_ready = anchor.ready
             return
         if is_spec(anchor):
             # Rebuilt from a config: the values come from the weights file.
@@ -57,7 +58,7 @@ class Anchored(KerasSaveable):
             self._anchor_ready = False
         else:
             value = np.array(ops.convert_to_numpy(anchor), copy=True)
-            if not np.issubdtype(value.dtype, np.floating):
+            if not keras.backend.is_float_dtype(keras.backend.standardize_dtype(value.dtype)):
                 raise ValueError(
                     f"{self._owner()}: the anchor must be a floating point "
                     f"array, got dtype {value.dtype}."
@@ -206,10 +207,12 @@ def _in_stateless_mapping(variable):
 
 
 class _SharedAnchor:
-    """Passes an existing anchor variable to a new object without copying."""
+    """Passes the anchor variable of an existing object to a new one without
+    copying (and whether its value was ever set or loaded)."""
 
-    def __init__(self, variable):
-        self.variable = variable
+    def __init__(self, owner):
+        self.variable = owner.anchor
+        self.ready = owner._anchor_ready
 
 
 def _restore(cls, config, values):

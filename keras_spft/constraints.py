@@ -46,8 +46,10 @@ def _axis_list(axis):
 
 
 def _compute_dtype(dtype):
-    # Project 16-bit weights in float32; round once when storing.
-    return dtype if str(dtype) in ("float32", "float64") else "float32"
+    # Project 16-bit weights in float32; round once when storing. Backends
+    # name dtypes their own way ("torch.float64", tf.float64): standardize.
+    dtype = keras.backend.standardize_dtype(dtype)
+    return dtype if dtype in ("float32", "float64") else "float32"
 
 
 class _DistanceConstraint(Anchored, keras.constraints.Constraint):

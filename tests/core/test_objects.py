@@ -25,6 +25,36 @@ def test_mars_distance_is_anchor_plus_scaled_offset():
     assert_within_bound(c, got)
 
 
+def test_float64_kernels_are_projected_and_penalised_in_float64():
+    a = np.zeros((3, 2), "float64")
+    w = a.copy()
+    w[0, 0] = 1.0 + 1e-12  # inside the ball: must come back exactly
+    w[:, 1] = 4.0          # outside: rescaled in float64
+    if keras.backend.standardize_dtype(ops.convert_to_tensor(w).dtype) != "float64":
+        pytest.skip("this backend holds float64 as float32 (JAX without jax_enable_x64)")
+    c = keras_spft.MARSDistance(a, radius=3.0, axis=0)
+    got = to_np(c(ops.convert_to_tensor(w)))
+    assert got.dtype == np.float64
+    assert got[0, 0] == 1.0 + 1e-12
+    np.testing.assert_allclose(got[:, 1], 1.0, rtol=1e-15)
+    pen = keras_spft.L2SP(a[:, :1], strength=1.0)(ops.convert_to_tensor(w[:, :1]))
+    assert to_np(pen).dtype == np.float64
+    assert float(to_np(pen)) == pytest.approx(1.0 + 2e-12, rel=1e-15, abs=0)  # 1.0 in float32
+
+
+def test_bfloat16_anchors_are_kept_in_bfloat16():
+    import ml_dtypes
+    a = _w((4, 3)).astype(ml_dtypes.bfloat16)
+    c = keras_spft.MARSDistance(a, radius=0.5, axis=0)
+    assert keras.backend.standardize_dtype(c.anchor.dtype) == "bfloat16"
+    np.testing.assert_array_equal(to_np(c.anchor), a)
+    w = ops.cast(ops.convert_to_tensor(a.astype("float32") + 1.0), "bfloat16")
+    got = to_np(c(w))
+    assert got.dtype == a.dtype
+    # the projection runs in float32 and rounds once when stored
+    assert_within_bound(c, got, slack=2.0 ** -8)
+
+
 def test_constraint_copies_the_anchor():
     a = _w((4, 3))
     c = keras_spft.MARSDistance(a, radius=1.0)
