@@ -314,21 +314,21 @@ def wrap_pretrained(
         raise ValueError("the model is not built: call it on data or `model.build(...)` first.")
 
     layers = list(walk_layers(model))
-    by_name = {}
+    by_name = {}  # a path, or a bare name (every layer of that name)
     for path, layer in layers:
-        by_name.setdefault(path, layer)
-        by_name.setdefault(layer.name, layer)
+        for key in {path, layer.name}:
+            by_name.setdefault(key, []).append(layer)
 
     def lookup(names, what):
         if isinstance(names, str):
             names = [names]
-        found = []
+        found = set()
         for n in names:
             if n not in by_name:
                 top = ", ".join(l.name for l in getattr(model, "layers", []))
                 raise ValueError(f"{what} layer '{n}' does not exist in the model (top-level layers: {top}).")
-            found.append(id(by_name[n]))
-        return set(found)
+            found.update(id(l) for l in by_name[n])
+        return found
 
     for what, value in (("radius", radius), ("head_radius", head_radius),
                         ("strength", strength), ("head_strength", head_strength)):
@@ -412,7 +412,17 @@ def wrap_pretrained(
                 continue
             existing = _existing(var, path)
             if existing is not None and existing.anchor is not None:
-                anchor, note = _SharedAnchor(existing.anchor), "kept existing anchor"
+                if not existing._anchor_ready:
+                    raise ValueError(
+                        f"layer '{path}': weight '{var.name}' has a keras-spft "
+                        f"{type(existing).__name__} rebuilt from a config whose "
+                        "anchor was never loaded (e.g. after "
+                        "`keras.models.clone_model`): load the saved model or "
+                        "weights first (`keras.models.load_model`, "
+                        "`model.load_weights`), or remove the constraint and "
+                        "regularizer to anchor at the current weights."
+                    )
+                anchor, note = _SharedAnchor(existing), "kept existing anchor"
             else:
                 anchor, note = var, ""
             shown = (LEARNED if value == LEARNED else f"{_fmt(value)} x row norm" if relative and not (is_bn and batchnorm == "reference") else _fmt(value))

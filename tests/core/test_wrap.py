@@ -160,6 +160,31 @@ def app_models():
 
 # -- errors -------------------------------------------------------------------
 
+def test_rewrapping_a_clone_whose_anchors_were_never_loaded_is_refused():
+    # clone_model rebuilds the constraints from their configs: the anchors
+    # are placeholders until loaded, and must not become the new anchors.
+    model = small_cnn()
+    keras_spft.wrap_pretrained(model, radius=1.0, head_radius=2.0)
+    clone = keras.models.clone_model(model)
+    clone.set_weights(model.get_weights())
+    with pytest.raises(ValueError, match="layer 'base/c1'.*anchor was never loaded"):
+        keras_spft.wrap_pretrained(clone, radius=0.5, head_radius=2.0)
+
+
+def test_a_bare_layer_name_selects_every_layer_of_that_name():
+    def base(name):
+        inp = keras.Input((3,))
+        body = keras.layers.Dense(5, name="body")(inp)
+        return keras.Model(inp, keras.layers.Dense(4, name="fc")(body), name=name)
+    inp = keras.Input((3,))
+    out = keras.layers.Dense(2, name="head")(keras.layers.Concatenate()([base("a")(inp), base("b")(inp)]))
+    model = keras.Model(inp, out)
+    report = keras_spft.wrap_pretrained(model, radius=1.0, exclude=["fc"])
+    assert {s.path for s in report.skipped if "excluded" in s.reason} == {"a/fc", "b/fc"}
+    report = keras_spft.wrap_pretrained(model, radius=1.0, head=["fc"], head_radius=3.0)
+    assert {w.path for w in report.wrapped if w.role == "head"} == {"a/fc", "b/fc"}
+
+
 def test_errors_name_the_option_or_layer():
     model = small_cnn()
     with pytest.raises(ValueError, match="unknown method 'mars'"):
