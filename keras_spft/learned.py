@@ -113,6 +113,14 @@ class RadiusOptimizer(keras.optimizers.Optimizer):
             )
         if isinstance(inner_optimizer, RadiusOptimizer):
             raise ValueError("RadiusOptimizer: the inner optimizer already learns radii.")
+        if isinstance(inner_optimizer, keras.optimizers.LossScaleOptimizer):
+            raise ValueError(
+                "RadiusOptimizer: the inner optimizer is a LossScaleOptimizer, "
+                "whose gradients are still scaled (and inf on overflow steps) "
+                "when the radii read them; wrap the other way round, "
+                "`LossScaleOptimizer(RadiusOptimizer(...))`, which "
+                "`model.compile` does itself under the mixed_float16 policy."
+            )
         if inner_optimizer.gradient_accumulation_steps:
             raise ValueError(
                 "RadiusOptimizer: the inner optimizer accumulates gradients "

@@ -303,6 +303,10 @@ def test_radius_optimizer_argument_errors():
         keras_spft.RadiusOptimizer(keras.optimizers.Adam(gradient_accumulation_steps=2))
     with pytest.raises(ValueError, match="already learns radii"):
         keras_spft.RadiusOptimizer(keras_spft.RadiusOptimizer(keras.optimizers.Adam()))
+    # its gradients are still scaled (inf on overflow steps) when the radii
+    # read them: the other way round works (test_mixed_float16_... below)
+    with pytest.raises(ValueError, match=r"LossScaleOptimizer\(RadiusOptimizer"):
+        keras_spft.RadiusOptimizer(keras.optimizers.LossScaleOptimizer(keras.optimizers.Adam()))
     with pytest.raises(ValueError, match="per kernel"):
         keras_spft.MARSDistance(np.ones((3, 2), "float32"), np.ones((1, 2)), learn_radius=True)
 
