@@ -36,7 +36,7 @@ ARG_NAMES = {"alpha": "delta_alpha", "beta": "delta_beta"}
 ATTENTION_BATCHES = 4
 # Settings that must match for a finished run on disk to be reused.
 SETTING_KEYS = ("data", "model", "weights", "alpha", "image_size", "head", "epochs",
-                "batch_size", "augment", "stage")
+                "batch_size", "augment", "batchnorm", "radius_lr", "stage")
 
 
 def _log(msg):
@@ -256,8 +256,8 @@ class Session:
         return {
             "data": a.data, "model": self.backbone.name, "weights": self.weights, "alpha": a.alpha,
             "image_size": a.image_size, "head": a.head, "epochs": epochs or a.epochs,
-            "batch_size": a.batch_size, "augment": a.augment, "stage": stage,
-            **({"radius_lr": a.radius_lr} if a.radius_lr else {}),
+            "batch_size": a.batch_size, "augment": a.augment, "batchnorm": a.batchnorm,
+            "radius_lr": a.radius_lr or _default_radius_lr(), "stage": stage,
         }
 
     def splits(self, stage):
@@ -295,7 +295,7 @@ class Session:
 
 def _atomic_json(path, obj):
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
+    tmp = f"{path}.{os.getpid()}.tmp"   # distributed search: several processes may write
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2)
     os.replace(tmp, path)
@@ -312,9 +312,11 @@ def _finished(path, settings, values=None):
     shown = ", ".join(f"{k}: {old.get(k)!r} on disk vs {settings.get(k)!r} now" for k in diff)
     if values is not None:
         stored = done.get("values", {})
-        vdiff = [k for k in values if k in stored and not math.isclose(stored[k], values[k], rel_tol=1e-9)]
+        vdiff = [k for k in sorted(set(values) | set(stored))
+                 if k not in values or k not in stored
+                 or not math.isclose(stored[k], values[k], rel_tol=1e-9)]
         shown = ", ".join([shown] * bool(shown) + [
-            f"{k}: {stored[k]!r} on disk vs {values[k]!r} now" for k in vdiff])
+            f"{k}: {stored.get(k)!r} on disk vs {values.get(k)!r} now" for k in vdiff])
         diff += vdiff
     if diff:
         raise SystemExit(
@@ -324,8 +326,25 @@ def _finished(path, settings, values=None):
     return done
 
 
+def _default_radius_lr():
+    from keras_spft import recipe
+
+    return recipe.DEFAULT_RADIUS_LR
+
+
 def _fmt_values(values):
     return ", ".join(f"{k}={v:.4g}" for k, v in values.items()) or "-"
+
+
+def run_splits(session, stage, seed):
+    """The data of one run: the stage's splits, shuffled (and augmented) by
+    `seed`. tf.data draws the order from the global seed too, so it is set
+    first: the same seed gives the same order whatever ran before."""
+    import keras
+
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(seed)
+    return session.splits(stage).reseeded(seed)
 
 
 def train_one(session, method, values, seed, stage, epochs=None):
@@ -337,10 +356,11 @@ def train_one(session, method, values, seed, stage, epochs=None):
 
     args = session.args
     epochs = epochs or args.epochs
-    splits = session.splits(stage).reseeded(seed)   # the run's seed: data order, head init
+    splits = run_splits(session, stage, seed)
     options = session.wrap_options(method)          # (DELTA: its attention, computed once)
     xb, yb = session.probe(stage)
-    keras.backend.clear_session()
+    # The head's initial weights: seeded after the attention and the probe,
+    # which may or may not have been computed in this process.
     keras.utils.set_random_seed(seed)
     lr = values.get("lr", args.lr or recipe.DEFAULT_LR)
     radius_lr = args.radius_lr or recipe.DEFAULT_RADIUS_LR   # used by learned-radius methods only
@@ -383,7 +403,11 @@ def train_one(session, method, values, seed, stage, epochs=None):
 def run_seeds(session, method, values, seeds, stage="final"):
     """Runs `method` for every seed, skipping the ones finished on disk."""
     args = session.args
+    from keras_spft import recipe
+
     folder = "runs" if stage == "final" else "runs_tune"
+    # The learning rate the run uses, as train_one records it with the run.
+    values = {**values, "lr": values.get("lr", args.lr or recipe.DEFAULT_LR)}
     results = []
     for seed in seeds:
         path = os.path.join(args.out, folder, method, f"seed{seed}.json")
@@ -415,6 +439,31 @@ def _given_values(args, method):
     if args.lr is not None:
         given["lr"] = args.lr
     return given
+
+
+def _refuse_unused_options(args, method):
+    """For a one-method command: an option the method has no use for is an
+    error naming it, not silently dropped."""
+    from keras_spft import recipe
+
+    own = set(recipe.hyperparameter_names(method))
+    names = sorted({n for m in recipe.METHODS for n in recipe.hyperparameter_names(m)} - own)
+    unused = []
+    for name in names:
+        arg = ARG_NAMES.get(name, name)
+        for suffix in ("", "_range"):
+            if getattr(args, arg + suffix, None) is not None:
+                unused.append("--" + (arg + suffix).replace("_", "-"))
+    if method in recipe.LEARNED_METHODS and getattr(args, "radius_range", None) is not None:
+        unused.append("--radius-range")
+    if method != "none" and getattr(args, "lr_range", None) is not None:
+        unused.append("--lr-range")   # only the baseline searches its learning rate
+    if unused:
+        uses = ", ".join("--" + ARG_NAMES.get(n, n).replace("_", "-") for n in sorted(own)) or "none"
+        raise SystemExit(
+            f"keras-spft: error: {', '.join(unused)} {'does' if len(unused) == 1 else 'do'} "
+            f"not apply to {method} (its hyper-parameters: {uses})."
+        )
 
 
 def tune_method(session, method):
@@ -461,11 +510,28 @@ def tune_method(session, method):
             f"keras-spft: error: '{best_path}' is a finished search with other settings; "
             "use another --out or remove that folder."
         )
+    # An unfinished search resumes from KerasTuner's state in `folder` (its
+    # finished trials are kept): only with the settings it was started with.
+    started_path = os.path.join(folder, "search_settings.json")
+    if os.path.isfile(started_path):
+        with open(started_path) as f:
+            started = json.load(f)
+        if started != json.loads(json.dumps(settings_search)):
+            diff = sorted(k for k in set(started) | set(settings_search)
+                          if started.get(k) != json.loads(json.dumps(settings_search.get(k))))
+            raise SystemExit(
+                f"keras-spft: error: '{folder}' holds an unfinished search started with other "
+                f"settings ({', '.join(diff)}); rerun with those settings to resume it, or use "
+                "another --out or remove that folder."
+            )
+    _atomic_json(started_path, settings_search)
     from keras_spft.tuning import search
 
     splits = session.splits("tune")
-    _log(f"[{method}] searching {', '.join(searched)} with {args.tuner}, {args.trials} trials of "
-         f"{epochs} epochs, objective {args.objective} (train -> val); KerasTuner state in {folder}")
+    budget = (f"its own budget (--trials does not apply; up to {epochs} epochs per model, factor 3)"
+              if args.tuner == "hyperband" else f"{args.trials} trials of {epochs} epochs")
+    _log(f"[{method}] searching {', '.join(searched)} with {args.tuner}, {budget}, "
+         f"objective {args.objective} (train -> val); KerasTuner state in {folder}")
     start = time.time()
     result = search(
         session.build_fn(splits.num_classes), splits.train, splits.eval, method,
@@ -629,6 +695,7 @@ def _column(args):
 
 
 def cmd_finetune(args):
+    _refuse_unused_options(args, args.method)
     session = Session(args)
     from keras_spft import recipe
 
@@ -655,6 +722,7 @@ def _pipeline(args, methods, stem, diagnostics=False):
 
 
 def cmd_tune(args):
+    _refuse_unused_options(args, args.method)
     return _pipeline(args, [args.method], "tune")
 
 

@@ -185,3 +185,60 @@ def test_learned_method_refuses_radius(tiny):
     data, out, _ = tiny
     with pytest.raises(SystemExit, match="--radius does not apply to mars-pgm-learned"):
         cli.run(["finetune"] + _args(data, out, "--method", "mars-pgm-learned", "--radius", "2"))
+
+
+def test_resume_refuses_runs_made_with_another_lr_or_batchnorm(tiny):
+    data, out, _ = tiny
+    cli.run(["finetune"] + _args(data, out, "--method", "l2-pgm", "--radius", "2", "--lr", "0.001"))
+    # the default learning rate now (no --lr) is another value than the stored run's
+    with pytest.raises(SystemExit, match=r"lr: 0.001 on disk vs 0.0001 now"):
+        cli.run(["finetune"] + _args(data, out, "--method", "l2-pgm", "--radius", "2"))
+    with pytest.raises(SystemExit, match=r"batchnorm: 'none' on disk vs 'gamma' now"):
+        cli.run(["finetune"] + _args(data, out, "--method", "l2-pgm", "--radius", "2", "--lr", "0.001",
+                                     "--batchnorm", "gamma"))
+    with pytest.raises(SystemExit, match=r"radius_lr: 0.01 on disk vs 0.1 now"):
+        cli.run(["finetune"] + _args(data, out, "--method", "l2-pgm", "--radius", "2", "--lr", "0.001",
+                                     "--radius-lr", "0.1"))
+
+
+def test_unfinished_search_resumes_only_with_its_settings(tiny, monkeypatch):
+    data, out, _ = tiny
+    import keras_spft.tuning as tuning
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(tuning, "search", interrupted)
+    tune = ["tune"] + _args(data, out, "--method", "mars-pgm", "--trials", "2")
+    with pytest.raises(KeyboardInterrupt):
+        cli.run(tune)
+    started = out / "search" / "mars-pgm" / "search_settings.json"
+    assert json.loads(started.read_text())["trials"] == 2
+    with pytest.raises(SystemExit, match=r"unfinished search started with other settings \(ranges\)"):
+        cli.run(tune + ["--radius-range", "2", "3"])
+    with pytest.raises(KeyboardInterrupt):   # the same settings: resumed
+        cli.run(tune)
+
+
+def test_a_seed_gives_the_same_data_order_whatever_ran_before(tiny):
+    import keras
+    import numpy as np
+
+    data, out, _ = tiny
+    session = cli.Session(cli.build_parser().parse_args(["finetune"] + _args(data, out)))
+
+    def labels():
+        return np.concatenate([np.asarray(y) for _, y in cli.run_splits(session, "final", 1).train])
+    keras.utils.set_random_seed(0)
+    first = labels()
+    keras.utils.set_random_seed(5)
+    assert np.array_equal(labels(), first)
+
+
+def test_options_a_method_does_not_use_are_errors(tiny):
+    data, out, _ = tiny
+    with pytest.raises(SystemExit, match=r"--strength does not apply to mars-pgm \(its hyper-parameters: --head-radius, --radius\)"):
+        cli.run(["finetune"] + _args(data, out, "--method", "mars-pgm", "--strength", "0.1"))
+    with pytest.raises(SystemExit, match=r"--radius, --radius-range do not apply to l2-sp"):
+        cli.run(["tune"] + _args(data, out, "--method", "l2-sp", "--radius", "5", "--radius-range", "2", "3"))
+    with pytest.raises(SystemExit, match=r"--lr-range does not apply to l2-pgm"):
+        cli.run(["tune"] + _args(data, out, "--method", "l2-pgm", "--lr-range", "1e-4", "1e-2"))
