@@ -189,8 +189,12 @@ def _result(tuner, method, objective):
         t for t in tuner.oracle.get_best_trials(num_trials=10**6)
         if t.score is not None
     ]
+    # Hyperband adds its own bookkeeping ("tuner/epochs", "tuner/bracket",
+    # ...) to each trial's values: not hyper-parameters of the method.
     rows = [
-        {"trial_id": t.trial_id, **{k: float(v) for k, v in t.hyperparameters.values.items()}, "score": float(t.score)}
+        {"trial_id": t.trial_id,
+         **{k: float(v) for k, v in t.hyperparameters.values.items() if not k.startswith("tuner/")},
+         "score": float(t.score)}
         for t in trials
     ]
     if not rows:
@@ -234,7 +238,9 @@ def search(
             arguments as `**tuner_kwargs`) or an already built tuner instance
             (then `build_model`, `method`, `ranges`, `objective` and
             `max_trials` are the instance's business).
-        max_trials: trials to run (20 as in the paper).
+        max_trials: trials to run (20 as in the paper). Not used by
+            `"hyperband"`, whose budget is `max_epochs` (default: `epochs`)
+            and `factor` (pass them as `**tuner_kwargs`).
         objective: `"val_accuracy"` (default) or `"val_loss"`, or a
             `keras_tuner.Objective`.
         ranges: overrides of the search ranges, see `SPFTHyperModel`.

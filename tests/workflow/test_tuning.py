@@ -124,3 +124,11 @@ def test_recipe_defaults_and_schedule():
     assert recipe.halving_epochs(30) == 20 and recipe.halving_epochs(6) == 4 and recipe.halving_epochs(1) == 1
     sched = recipe.lr_schedule(1e-4, 30)
     assert [sched.schedule(e, None) for e in (0, 19, 20, 29)] == [1e-4, 1e-4, 5e-5, 5e-5]
+
+
+def test_hyperband_bookkeeping_is_not_reported_as_values(tmp_path):
+    x, y = _data()
+    res = _run(tiny_model, x, y, tmp_path, tuner="hyperband", max_epochs=2, factor=2)
+    assert isinstance(res.tuner, keras_tuner.Hyperband)
+    assert set(res.best) == {"radius", "head_radius"}   # no "tuner/epochs", "tuner/bracket", ...
+    assert all(set(t) == {"trial_id", "radius", "head_radius", "score"} for t in res.trials)
