@@ -51,6 +51,17 @@ def _registry():
                 # A constructor exported by several modules (ResNet50 is in
                 # `resnet` and `resnet50`) keeps the first: same preprocessing.
                 found.setdefault(attr.lower(), Backbone(attr, fn, mod.preprocess_input, mod_name))
+    # Constructors exported only at the top level (MobileNetV3Small/Large: the
+    # public `mobilenet_v3` module has just the preprocessing): find their
+    # module by where they are defined.
+    for attr in sorted(dir(apps)):
+        fn = getattr(apps, attr)
+        if not (attr[0].isupper() and callable(fn)) or attr.lower() in found:
+            continue
+        mod_name = getattr(fn, "__module__", "").rsplit(".", 1)[-1]
+        mod = getattr(apps, mod_name, None)
+        if isinstance(mod, types.ModuleType) and hasattr(mod, "preprocess_input"):
+            found[attr.lower()] = Backbone(attr, fn, mod.preprocess_input, mod_name)
     return found
 
 

@@ -24,6 +24,11 @@ def test_names_map_to_constructor_and_its_preprocessing():
     mob = get_backbone("mobilenet")
     assert mob.constructor is keras.applications.MobileNet and mob.has_alpha
     assert get_backbone("mobilenet_v2").constructor is keras.applications.MobileNetV2
+    # exported only at the top level of keras.applications, not by their module
+    v3 = get_backbone("MobileNetV3Small")
+    assert v3.constructor is keras.applications.MobileNetV3Small and v3.has_alpha
+    assert v3.preprocess_input is keras.applications.mobilenet_v3.preprocess_input
+    assert "mobilenetv3large" in names
 
 
 def test_unknown_model_lists_valid_names():
