@@ -98,7 +98,11 @@ def _positions(layer):
 
 
 def _terms(model, norm, distances, head, layer_bounds, head_bound, conv_positions):
-    kernels = tracked_kernels(model, head)
+    if distances not in ("current", "radius"):
+        raise ValueError(f"unknown distances={distances!r}; expected 'current' or 'radius'.")
+    # Frozen layers are layers of the network too: they add their factor
+    # 2 B_j to the product, with D_j = 0.
+    kernels = tracked_kernels(model, head, include_frozen=True)
     heads = [k for k in kernels if k.role == "head"]
     body = [k for k in kernels if k.role == "backbone"]
     if head_bound is None and len(heads) != 1:
@@ -120,6 +124,10 @@ def _terms(model, norm, distances, head, layer_bounds, head_bound, conv_position
     out = []
     for k in body:
         w = _np(k.variable)
+        if k.frozen:
+            b = float(layer_bounds[k.name]) if layer_bounds is not None and k.name in layer_bounds else mat_norm(w, k)
+            out.append(LayerTerm(k.name, b, 0.0))
+            continue
         if k.obj is not None and k.obj.anchor is not None:
             w0 = _np(k.obj.anchor)
         elif distances == "current":

@@ -32,6 +32,8 @@ class TrackedKernel:
         axis: axes summed per row (MARS).
         role: `"backbone"` or `"head"`.
         obj: the keras-spft constraint/regularizer on it, or `None`.
+        frozen: the weight or its layer is not trainable (listed only with
+            `include_frozen=True`).
     """
 
     path: str
@@ -40,6 +42,7 @@ class TrackedKernel:
     axis: tuple
     role: str
     obj: object = None
+    frozen: bool = False
 
     @property
     def name(self):
@@ -52,7 +55,7 @@ def _unwrap(model):
     return model.model if isinstance(model, DeltaModel) else model
 
 
-def tracked_kernels(model, head=None):
+def tracked_kernels(model, head=None, include_frozen=False):
     """The trainable kernels of `model` with their row axes and roles.
 
     A kernel is `"head"` when its keras-spft object is centred at the origin,
@@ -63,6 +66,9 @@ def tracked_kernels(model, head=None):
     Args:
         model: a built model.
         head: optional names/paths of head layers.
+        include_frozen: also list the kernels that are not trainable
+            (`frozen=True`): they do not move, but they are still layers of
+            the network (the bounds multiply over every layer).
 
     Returns:
         List of `TrackedKernel`, in layer order.
@@ -84,7 +90,8 @@ def tracked_kernels(model, head=None):
             continue
         for spec in specs:
             var = spec.variable
-            if not var.trainable or not layer.trainable:
+            frozen = not (var.trainable and layer.trainable)
+            if frozen and not include_frozen:
                 continue
             obj = None
             for what in ("constraint", "regularizer"):
@@ -95,7 +102,7 @@ def tracked_kernels(model, head=None):
                 role = "head" if obj.anchor is None else "backbone"
             else:
                 role = "head" if (path in head_paths or layer.name in head_paths) else "backbone"
-            out.append(TrackedKernel(path, spec.weight, var, tuple(spec.axis), role, obj))
+            out.append(TrackedKernel(path, spec.weight, var, tuple(spec.axis), role, obj, frozen))
     return out
 
 

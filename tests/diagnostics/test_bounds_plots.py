@@ -112,3 +112,31 @@ def test_plots_write_readable_pngs(tmp_path):
         plots.plot_distance_histograms({"none": {"loss": [1.0]}}, str(tmp_path / "x.png"))
     with pytest.raises(ValueError, match="GradientNormMonitor"):
         plots.plot_gradient_norms({"none": {"loss": [1.0]}}, str(tmp_path / "x.png"))
+
+
+def test_frozen_layers_stay_in_the_product_with_zero_distance():
+    model = two_layer_net()
+    t = bounds.theorem2_bound(model, num_examples=100, num_classes=2, input_dim=2, input_bound=1.0)
+    model.get_layer("w1").trainable = False
+    f = bounds.theorem2_bound(model, num_examples=100, num_classes=2, input_dim=2, input_bound=1.0)
+    # w1 still multiplies the bound by 2 B_1 = 3, but its distance no longer counts
+    assert [(l.path, l.bound, l.distance) for l in f.layers] == [("w1", 1.5, 0.0), ("w2", 3.0, 0.0)]
+    assert f.value == 0.0 and t.value > 0
+    model.get_layer("w1").trainable = True
+    model.get_layer("w2").trainable = False
+    g = bounds.theorem2_bound(model, num_examples=100, num_classes=2, input_dim=2, input_bound=1.0)
+    assert g.value == pytest.approx(t.value, rel=1e-12)   # w2 had D = 0 already
+    with pytest.raises(ValueError, match="unknown distances='radii'"):
+        bounds.theorem2_bound(model, num_examples=100, num_classes=2, input_dim=2, input_bound=1.0,
+                              distances="radii")
+
+
+def test_the_at_bound_aggregate_is_not_a_layer():
+    h = {"loss": [1.0], "spft/at_bound": [0.8], "spft/base/c1/at_bound": [1.0], "spft/base/c2/at_bound": [0.5]}
+    assert plots.layer_distances(h, metric="at_bound") == {"base/c1": 1.0, "base/c2": 0.5}
+
+
+def test_gradient_norms_logged_every_other_epoch_need_the_monitor(tmp_path):
+    h = {"loss": [1.0, 0.9, 0.8, 0.7], "grad/global": [2.0, 1.0]}   # GradientNormMonitor(every=2)
+    with pytest.raises(ValueError, match="'grad/global' was logged on 2 of 4 epochs"):
+        plots.plot_gradient_norms({"mars-pgm": h}, str(tmp_path / "g.png"))
