@@ -45,7 +45,9 @@ def layer_distances(run, metric="mars", prefix="spft", epoch=-1, head=False):
     out = {}
     start, end = prefix + "/", "/" + metric
     for key, values in h.items():
-        if not (key.startswith(start) and key.endswith(end)) or not values:
+        # (len check: the aggregate "spft/at_bound" is no layer)
+        if not (key.startswith(start) and key.endswith(end)) or not values \
+                or len(key) <= len(start) + len(end):
             continue
         layer = key[len(start):-len(end)]
         if layer.startswith("head/") and not head:
@@ -142,7 +144,17 @@ def plot_gradient_norms(results, path, key="grad/global", log_scale=True, title=
         if hasattr(run, "history") and isinstance(run.history, list):
             pts = [(e["epoch"] + 1, e[key]) for e in run.history if key in e]
         else:
-            vals = _history_dict(run).get(key, [])
+            h = _history_dict(run)
+            vals = h.get(key, [])
+            epochs = len(h.get("loss", vals))
+            if vals and len(vals) != epochs:
+                # A History keeps only the epochs a key was logged on: with
+                # GradientNormMonitor(every > 1) their numbers are lost.
+                raise ValueError(
+                    f"'{method}': '{key}' was logged on {len(vals)} of {epochs} epochs "
+                    "(GradientNormMonitor(every > 1)?); pass the monitor itself, "
+                    "whose history records the epochs."
+                )
             pts = [(i + 1, v) for i, v in enumerate(vals) if v is not None]
         if not pts:
             continue
