@@ -73,7 +73,9 @@ def default_feature_layers(model, variant="li2019", max_maps=4):
     `conv_pw_5_relu`, `conv_pw_11_relu`, `conv_pw_13_relu`). Blocks are
     recognised by the layer names of `keras.applications` ResNet, EfficientNet
     and MobileNet models; for other models this falls back to the last feature
-    map with a warning (pass `feature_layers=` explicitly).
+    map with a warning (pass `feature_layers=` explicitly). EfficientNet and
+    MobileNet maps are told apart by their spatial size: a base built without
+    `input_shape` (sizes `None`) is a `ValueError`.
     `"last-layer"`: the last layer with a spatial (rank >= 3) output.
 
     Args:
@@ -114,6 +116,16 @@ def default_feature_layers(model, variant="li2019", max_maps=4):
             stacklevel=2,
         )
         return [last]
+    unknown = [p for p, s in blocks
+               if not re.fullmatch(r"conv(\d)_block\d+_out", p.rsplit("/", 1)[-1])
+               and any(d is None for d in s[1:-1])]
+    if unknown:
+        raise ValueError(
+            f"DELTA: the feature maps of the model have no known spatial size "
+            f"(e.g. '{unknown[0]}'), so its resolutions cannot be told apart: "
+            "build the base with `input_shape=(height, width, 3)`, or pass "
+            "`feature_layers=`."
+        )
     by_group = {}
     for p, s in blocks:  # topological order: the last one of a group wins
         stage = re.fullmatch(r"conv(\d)_block\d+_out", p.rsplit("/", 1)[-1])
@@ -227,6 +239,22 @@ def _frozen_copy(features, name):
 
 
 # -- the model ------------------------------------------------------------------
+def _head_names(model, head):
+    """`head` as a list of top-level layer names (default: `_default_head`);
+    a single name is one layer, and every name must exist."""
+    if head is None:
+        return _default_head(model)
+    head = [head] if isinstance(head, str) else list(head)
+    top = {l.name for l in getattr(model, "layers", [])}
+    missing = [h for h in head if h not in top]
+    if missing:
+        raise ValueError(
+            f"DELTA: head layer(s) {missing} are not top-level layers of the model "
+            f"(top-level layers: {sorted(top)})."
+        )
+    return head
+
+
 def _default_head(model):
     top = model.layers if isinstance(model, keras.Model) else []
     nested = [l for l in top if isinstance(l, keras.Model)]
@@ -317,7 +345,7 @@ class DeltaModel(keras.Model):
         elif isinstance(feature_layers, str):
             feature_layers = [feature_layers]
         self.feature_layers = _find(model, list(feature_layers))
-        self.head = list(head) if head is not None else _default_head(model)
+        self.head = _head_names(model, head)
         tap, n_out, found = _rebuild(model, set(self.feature_layers), lambda p, t: t)
         order = [found.index(p) for p in self.feature_layers]
         self._n_out = n_out
@@ -559,7 +587,7 @@ def compute_attention(model, x, y=None, *, feature_layers=None, variant="li2019"
         warnings.warn(f"DELTA: attention cache {cache} does not match; recomputing.", stacklevel=2)
     if from_logits is None:
         from_logits = not _ends_in_softmax(model)
-    head = list(head) if head is not None else _default_head(model)
+    head = _head_names(model, head)
     data = _batches(x, y, batch_size, None)
 
     # 1. a copy with a frozen backbone and a trained head

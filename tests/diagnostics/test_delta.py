@@ -209,3 +209,27 @@ def test_errors():
         dm.set_attention([np.ones(3)])
     with pytest.raises(ValueError, match="add_delta"):
         keras_spft.wrap_pretrained(model, method="delta")
+
+
+def test_unknown_spatial_sizes_are_an_error_not_one_map():
+    # An EfficientNet-named base built without input_shape: every map is
+    # (None, None) and its resolutions cannot be told apart.
+    x = inp = keras.Input((None, None, 3))
+    for b in ("2b", "3b", "5c"):
+        x = L.Conv2D(2, 1, strides=2, name=f"block{b}_conv")(x)
+        x = L.ReLU(name=f"block{b}_add")(x)
+    with pytest.raises(ValueError, match="no known spatial size.*block2b_add.*input_shape.*feature_layers"):
+        D.default_feature_layers(keras.Model(inp, x))
+
+
+def test_head_given_as_one_name():
+    model = small_cnn()
+    dm = D.DeltaModel(model, feature_layers=["r2"], head="head")
+    assert dm.head == ["head"]
+    with pytest.raises(ValueError, match=r"head layer\(s\) \['nope'\] are not top-level layers"):
+        D.DeltaModel(model, feature_layers=["r2"], head="nope")
+    x, y = data(8)
+    with pytest.raises(ValueError, match=r"head layer\(s\) \['h'\] are not top-level layers"):
+        D.compute_attention(model, x, y, feature_layers=["r2"], head=["h"])
+    att = D.compute_attention(model, x, y, feature_layers=["r2"], head="head")
+    assert len(att) == 1 and np.isclose(att[0].sum(), 1.0)
