@@ -17,10 +17,14 @@ Theorem 3 (Frobenius norm, ReLU activations, `||x||_2 <= C_2`):
     R(F_F) <= sqrt(2c) * rho * C_2 * B_V
               * (sum_j D_j / B_j) * (prod_j 2 B_j) / sqrt(m)
 
-These are the statements of the main text. The appendix's chain of lemmas
-gives the same expressions with `sum_j D_j / (2 B_j)`, i.e. half the value:
-the stated bounds are valid, a factor 2 loose; `BoundTerms.value` follows
-the statements.
+These are the statements of the main text, and `BoundTerms.value` follows
+them. The appendix announces `sum_j D_j / (2 B_j)`, but its own step (iii)
+gives `D_L / B_L * prod_j 2 B_j` per layer, as stated; and its iteration,
+carried down to the input, leaves one more term that the statements omit:
+the same expression with `sum_j D_j / B_j` replaced by 1 (Massart's bound on
+`E ||sum_i sigma_i x_i||`, Theorem 2; `sqrt(m) C_2`, Theorem 3), which does
+not depend on the distances. `BoundTerms.value_with_input_term` adds it:
+`constant * B_V * (1 + sum_j D_j / B_j) * prod_j 2 B_j`.
 
 Here the `W_j` are the backbone kernels of a (wrapped) model, in layer
 order, taken as if they formed a plain chain (residual connections,
@@ -74,6 +78,10 @@ class BoundTerms:
         distance_sum: `sum_j D_j / B_j`.
         log_product: `log prod_j 2 B_j`.
         layers: list of `LayerTerm`.
+        value_with_input_term: what the appendix's proof gives when its
+            iteration is carried to the input: `sum_j D_j / B_j` replaced by
+            `1 + sum_j D_j / B_j` (see the module docstring).
+        log_value_with_input_term: its natural log.
     """
 
     theorem: int
@@ -84,6 +92,8 @@ class BoundTerms:
     distance_sum: float
     log_product: float
     layers: list = field(default_factory=list)
+    value_with_input_term: float = math.nan
+    log_value_with_input_term: float = math.nan
 
 
 def _positions(layer):
@@ -179,7 +189,13 @@ def _assemble(theorem, constant, head_bound, layers):
     else:
         log_value = math.log(constant) + math.log(head_bound) + math.log(dsum) + log_prod
     value = math.exp(log_value) if log_value < 709 else math.inf
-    return BoundTerms(theorem, value, log_value, constant, head_bound, dsum, log_prod, layers)
+    if constant == 0 or head_bound == 0 or log_prod == -math.inf:
+        log_full = -math.inf
+    else:
+        log_full = math.log(constant) + math.log(head_bound) + math.log1p(dsum) + log_prod
+    full = math.exp(log_full) if log_full < 709 else math.inf
+    return BoundTerms(theorem, value, log_value, constant, head_bound, dsum, log_prod, layers,
+                      full, log_full)
 
 
 def theorem2_bound(model, *, num_examples, num_classes, input_dim, input_bound,

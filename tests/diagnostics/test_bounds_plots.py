@@ -38,6 +38,8 @@ def test_theorem2_by_hand():
     assert t.value == pytest.approx(expected, rel=1e-6)
     assert [(l.path, l.bound, l.distance) for l in t.layers] == [("w1", 1.5, 0.5), ("w2", 3.0, 0.0)]
     assert t.head_bound == 4.0 and t.distance_sum == pytest.approx(1 / 3)
+    # the proof carried to the input adds the distance-free term (sum -> 1 + sum)
+    assert t.value_with_input_term == pytest.approx(expected * (1 + 1 / 3) / (1 / 3), rel=1e-6)
     # The radius (5) bounds every reachable D_j: D = (5, 5).
     r = bounds.theorem2_bound(two_layer_net(), num_examples=100, num_classes=2, input_dim=2,
                               input_bound=1.0, distances="radius")
