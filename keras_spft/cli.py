@@ -293,12 +293,18 @@ class Session:
         return {} if bn == "none" else {"batchnorm": bn}
 
 
-def _atomic_json(path, obj):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+def _atomic_write(path, write):
+    """Writes `path` through `write(file)` into a temporary file, then renames
+    it: a reader (or a killed run) never sees half a file."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp"   # distributed search: several processes may write
     with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
+        write(f)
     os.replace(tmp, path)
+
+
+def _atomic_json(path, obj):
+    _atomic_write(path, lambda f: json.dump(obj, f, indent=2))
 
 
 def _finished(path, settings, values=None):
@@ -669,8 +675,8 @@ def _write_tables(args, results_by_method, searches, column, stem, extra, diagno
         summary["diagnostics"] = [os.path.basename(p) for p in figures]
     table = markdown_table(summary)
     _atomic_json(os.path.join(args.out, stem + ".json"), summary)
-    with open(os.path.join(args.out, stem + ".md"), "w") as f:
-        f.write(table + "\n\n" + summary["metric"] + ".\n")
+    _atomic_write(os.path.join(args.out, stem + ".md"),
+                  lambda f: f.write(table + "\n\n" + summary["metric"] + ".\n"))
     plot(summary, os.path.join(args.out, stem + ".png"))
     _log("\n" + table)
     _log(f"\nwritten: {os.path.join(args.out, stem)}.md, .json, .png")
