@@ -128,7 +128,7 @@ def test_recipe_defaults_and_schedule():
 
 def test_hyperband_bookkeeping_is_not_reported_as_values(tmp_path):
     x, y = _data()
-    res = _run(tiny_model, x, y, tmp_path, tuner="hyperband", max_epochs=2, factor=2)
+    res = _run(tiny_model, x, y, tmp_path, tuner="hyperband", max_epochs=2, factor=3)
     assert isinstance(res.tuner, keras_tuner.Hyperband)
     assert set(res.best) == {"radius", "head_radius"}   # no "tuner/epochs", "tuner/bracket", ...
     assert all(set(t) == {"trial_id", "radius", "head_radius", "score"} for t in res.trials)
