@@ -39,18 +39,23 @@ def test_diverging_run_stops_before_checkpointing(tmp_path):
     ckpt = tmp_path / "last.keras"
     x = np.random.default_rng(0).normal(size=(64, 4)).astype("float32") * 100
     y = np.ones((64, 1), "float32") * 1e3
-    with pytest.raises(FloatingPointError, match=r"loss became (nan|inf) at epoch 0, batch \d+"):
+    # A checkpoint after every batch: Keras' own TerminateOnNaN would let it
+    # write the broken weights at the failing batch; this one raises first.
+    with pytest.raises(FloatingPointError, match=r"loss became (nan|inf) at epoch 0, batch [1-9]"):
         model.fit(x, y, batch_size=4, epochs=3, verbose=0,
                   callbacks=[keras_spft.TerminateOnNonFinite(),
-                             keras.callbacks.ModelCheckpoint(ckpt)])
-    assert not ckpt.exists()
+                             keras.callbacks.ModelCheckpoint(ckpt, save_freq=1)])
+    assert ckpt.exists()  # the batches before the failing one were saved ...
+    saved = keras.models.load_model(ckpt)
+    for v in saved.weights:  # ... and only finite weights were
+        assert np.all(np.isfinite(keras.ops.convert_to_numpy(v))), v.path
 
 
 KILLED_RUN = """
 import os, sys
 import numpy as np, keras, keras_spft
 out, kill = sys.argv[1], sys.argv[2] == "kill"
-keras.utils.set_random_seed(0)
+keras.utils.set_random_seed(0 if kill else 1)  # the restart's fresh weights and anchors differ
 base = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(4, 3, name="c"),
                          keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(6, name="fc")], name="base")
 model = keras.Sequential([keras.Input((8, 8, 3)), base, keras.layers.Dense(3, name="head")])
@@ -60,16 +65,24 @@ if kill:
                                                   for w in report.wrapped if w.obj.anchor is not None})
 model.compile(optimizer=keras.optimizers.Adam(0.05),
               loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+if not kill:  # so only a restore can bring the original anchors back
+    saved = np.load(os.path.join(out, "anchors.npz"))
+    assert all(not np.array_equal(keras.ops.convert_to_numpy(w.obj.anchor), saved[w.path])
+               for w in report.wrapped if w.obj.anchor is not None)
 class Kill(keras.callbacks.Callback):
+    first_epoch = None
     def on_train_batch_end(self, batch, logs=None):
         if kill and self.params and getattr(self, "_epoch", 0) == 1 and batch == 2:
             os._exit(17)  # killed mid-epoch
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
+        if Kill.first_epoch is None:
+            Kill.first_epoch = epoch
 x = np.random.default_rng(0).random((32, 8, 8, 3)).astype("float32")
 y = np.arange(32) % 3
 backup = keras.callbacks.BackupAndRestore(os.path.join(out, "backup"), save_freq=1)
 model.fit(x, y, batch_size=4, epochs=3, verbose=0, callbacks=[backup, Kill()])
+assert Kill.first_epoch == 1, Kill.first_epoch  # resumed in the killed epoch, not from scratch
 saved = np.load(os.path.join(out, "anchors.npz"))
 for w in report.wrapped:
     if w.obj.anchor is None:
