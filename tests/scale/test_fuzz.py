@@ -93,10 +93,54 @@ def test_mars_distance_works_or_refuses(shape, radius, axis, projection, relativ
     try:
         c = keras_spft.MARSDistance(anchor, radius, axis=axis, projection=projection, relative=relative)
     except ValueError as e:
-        assert str(e)
+        assert any(k in str(e) for k in ("radius", "axis", "projection", "relative")), str(e)
         return
     assert math.isfinite(radius) and radius > 0 and projection in ("scale", "exact")
     w = anchor + rng.normal(size=shape).astype("float32") * 10
     out = keras.ops.convert_to_numpy(c(keras.ops.convert_to_tensor(w)))
     assert np.all(np.isfinite(out))
     assert_within_bound(c, out)
+
+
+# Valid options only (the hostile strategies above are mostly refused): each
+# must be accepted, and every kernel keeps its bound after a real step.
+VALID_RADIUS = st.one_of(st.floats(min_value=1e-3, max_value=1e2),
+                         st.fixed_dictionaries({"*": st.floats(min_value=1e-3, max_value=1e2)},
+                                               optional={"c": st.floats(min_value=1e-3, max_value=1e2),
+                                                         "base/fc": st.just("learned")}))
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+@given(method=st.sampled_from(["l2-pgm", "mars-pgm", "mars-pgm-exact", "l2-sp", "mars-sp"]),
+       radius=VALID_RADIUS, head_radius=st.one_of(st.none(), st.floats(min_value=1e-3, max_value=1e2)),
+       head=st.sampled_from([None, "head", ["head"]]), relative=st.booleans(),
+       batchnorm=st.sampled_from([None, "gamma", "reference"]), exclude=st.sampled_from([(), ["fc"]]),
+       lr=st.floats(min_value=1e-3, max_value=1e2))
+def test_valid_options_are_accepted_and_keep_the_bound(method, radius, head_radius, head, relative,
+                                                       batchnorm, exclude, lr):
+    global MODEL
+    if MODEL is None:
+        MODEL = _model()
+    model = MODEL
+    keras_spft.wrap_pretrained(model, method="none")
+    sp = method.endswith("-sp")
+    learned = isinstance(radius, dict) and "learned" in radius.values()
+    if sp:
+        radius = {k: v for k, v in radius.items() if v != "learned"} if isinstance(radius, dict) else radius
+        kwargs = dict(strength=radius, head_strength=head_radius)
+    else:
+        kwargs = dict(radius=radius, head_radius=head_radius, relative=relative and not learned,
+                      batchnorm=None if learned and batchnorm == "reference" else batchnorm)
+    report = keras_spft.wrap_pretrained(model, method=method, head=head, exclude=exclude, **kwargs)
+    assert report.wrapped
+    rng = np.random.default_rng(0)
+    grads = [keras.ops.convert_to_tensor(rng.normal(size=v.shape).astype("float32")) for v in model.trainable_variables]
+    optimizer = keras.optimizers.SGD(lr)
+    if learned_constraints(model.trainable_variables):
+        optimizer = keras_spft.RadiusOptimizer(optimizer)
+    optimizer.apply(grads, model.trainable_variables)
+    for v in model.trainable_variables:
+        if v.constraint is not None:
+            assert_within_bound(v.constraint, v)
+        if v.regularizer is not None:
+            assert math.isfinite(float(keras.ops.convert_to_numpy(v.regularizer(v))))
