@@ -388,7 +388,31 @@ class DeltaModel(keras.Model):
         return [np.asarray(ops.convert_to_numpy(v)) for v in self.attention_weights]
 
     def compute_attention(self, x, y=None, **kwargs):
-        """Computes and sets the channel weights; see `compute_attention`."""
+        """Computes and sets the channel weights; see `compute_attention`.
+
+        The weights come from the pre-trained backbone: once training has
+        moved it away from the frozen copy (after `fit`), this raises a
+        `ValueError` instead of computing them from fine-tuned weights.
+        """
+        if y is None and iter(x) is x:   # a one-shot iterator: no batch to spare
+            return self._set_computed_attention(x, y, **kwargs)
+        bx = _batches(x, y, 8, 1)[0][0]
+        outs = self._tap(bx, training=False)
+        now = [outs[self._n_out + i] for i in self._order]
+        ref = self.frozen(bx, training=False)
+        ref = ref if isinstance(ref, (list, tuple)) else [ref]
+        for path, f, f0 in zip(self.feature_layers, now, ref):
+            f, f0 = (np.asarray(ops.convert_to_numpy(t), "float64") for t in (f, f0))
+            if not np.allclose(f, f0, rtol=1e-4, atol=1e-5 * (np.abs(f0).max() + 1e-12)):
+                raise ValueError(
+                    f"DeltaModel.compute_attention: the backbone has moved from its "
+                    f"pre-trained copy (feature map '{path}' differs), so the channel "
+                    "weights would come from fine-tuned weights; compute them before "
+                    "`fit` (or with `keras_spft.compute_attention` on the pre-trained model)."
+                )
+        return self._set_computed_attention(x, y, **kwargs)
+
+    def _set_computed_attention(self, x, y, **kwargs):
         att = compute_attention(self.model, x, y, feature_layers=self.feature_layers,
                                 variant=self.variant, head=self.head, **kwargs)
         self.set_attention(att)

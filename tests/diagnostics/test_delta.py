@@ -159,6 +159,9 @@ def test_frozen_copy_does_not_change_during_fit():
     moved = [not np.allclose(s, to_np(w)) for s, w in zip(start, model.weights)]
     assert any(moved)
     assert float(to_np(dm.delta_loss(x))) > 0
+    # the channel weights must come from the pre-trained backbone, not this one
+    with pytest.raises(ValueError, match="backbone has moved from its pre-trained copy"):
+        dm.compute_attention(x, y, steps=1, head_epochs=1)
 
 
 def test_save_and_load(tmp_path):
