@@ -257,8 +257,15 @@ class Session:
             "data": a.data, "model": self.backbone.name, "weights": self.weights, "alpha": a.alpha,
             "image_size": a.image_size, "head": a.head, "epochs": epochs or a.epochs,
             "batch_size": a.batch_size, "augment": a.augment, "batchnorm": a.batchnorm,
-            "radius_lr": a.radius_lr or _default_radius_lr(), "stage": stage,
+            "radius_lr": self.radius_lr, "stage": stage,
         }
+
+    @property
+    def radius_lr(self):
+        """The radii's learning rate (learned-radius methods only)."""
+        from keras_spft import recipe
+
+        return self.args.radius_lr or recipe.DEFAULT_RADIUS_LR
 
     def splits(self, stage):
         if stage not in self._splits:
@@ -332,10 +339,11 @@ def _finished(path, settings, values=None):
     return done
 
 
-def _default_radius_lr():
+def _run_lr(args, values):
+    """The learning rate a run uses: its value, else --lr, else the default."""
     from keras_spft import recipe
 
-    return recipe.DEFAULT_RADIUS_LR
+    return values.get("lr", args.lr or recipe.DEFAULT_LR)
 
 
 def _fmt_values(values):
@@ -368,8 +376,8 @@ def train_one(session, method, values, seed, stage, epochs=None):
     # The head's initial weights: seeded after the attention and the probe,
     # which may or may not have been computed in this process.
     keras.utils.set_random_seed(seed)
-    lr = values.get("lr", args.lr or recipe.DEFAULT_LR)
-    radius_lr = args.radius_lr or recipe.DEFAULT_RADIUS_LR   # used by learned-radius methods only
+    lr = _run_lr(args, values)
+    radius_lr = session.radius_lr
     with session.scope():                           # build, load, wrap, compile
         model = session.build_fn(splits.num_classes)()
         wrapped = recipe.wrap(model, method, values, **options)
@@ -409,11 +417,9 @@ def train_one(session, method, values, seed, stage, epochs=None):
 def run_seeds(session, method, values, seeds, stage="final"):
     """Runs `method` for every seed, skipping the ones finished on disk."""
     args = session.args
-    from keras_spft import recipe
-
     folder = "runs" if stage == "final" else "runs_tune"
     # The learning rate the run uses, as train_one records it with the run.
-    values = {**values, "lr": values.get("lr", args.lr or recipe.DEFAULT_LR)}
+    values = {**values, "lr": _run_lr(args, values)}
     results = []
     for seed in seeds:
         path = os.path.join(args.out, folder, method, f"seed{seed}.json")
@@ -460,8 +466,6 @@ def _refuse_unused_options(args, method):
         for suffix in ("", "_range"):
             if getattr(args, arg + suffix, None) is not None:
                 unused.append("--" + (arg + suffix).replace("_", "-"))
-    if method in recipe.LEARNED_METHODS and getattr(args, "radius_range", None) is not None:
-        unused.append("--radius-range")
     if method != "none" and getattr(args, "lr_range", None) is not None:
         unused.append("--lr-range")   # only the baseline searches its learning rate
     if unused:
@@ -505,10 +509,11 @@ def tune_method(session, method):
     settings = session.settings("tune", epochs)
     settings_search = {**settings, "trials": args.trials, "tuner": args.tuner, "objective": args.objective,
                        "ranges": {k: list(v) if isinstance(v, tuple) else v for k, v in ranges.items()}}
+    as_stored = json.loads(json.dumps(settings_search))   # tuples as lists, as read back from JSON
     if os.path.isfile(best_path):
         with open(best_path) as f:
             done = json.load(f)
-        if done.get("search_settings") == json.loads(json.dumps(settings_search)):
+        if done.get("search_settings") == as_stored:
             _log(f"[{method}] search done already: {_fmt_values(done['best'])} "
                  f"({done['objective']} {done['best_score']:.4f}, {best_path})")
             return done["best"], done
@@ -522,9 +527,8 @@ def tune_method(session, method):
     if os.path.isfile(started_path):
         with open(started_path) as f:
             started = json.load(f)
-        if started != json.loads(json.dumps(settings_search)):
-            diff = sorted(k for k in set(started) | set(settings_search)
-                          if started.get(k) != json.loads(json.dumps(settings_search.get(k))))
+        if started != as_stored:
+            diff = sorted(k for k in set(started) | set(as_stored) if started.get(k) != as_stored.get(k))
             raise SystemExit(
                 f"keras-spft: error: '{folder}' holds an unfinished search started with other "
                 f"settings ({', '.join(diff)}); rerun with those settings to resume it, or use "
@@ -706,8 +710,6 @@ def cmd_finetune(args):
     from keras_spft import recipe
 
     values = recipe.method_values(args.method, _given_values(args, args.method))
-    if args.method == "none":
-        values["lr"] = args.lr or recipe.DEFAULT_LR
     results = run_seeds(session, args.method, values, args.seeds, stage=args.stage)
     if len(results) > 1:
         _write_tables(args, {args.method: results}, {}, _column(args), "finetune", {})

@@ -240,5 +240,7 @@ def test_options_a_method_does_not_use_are_errors(tiny):
         cli.run(["finetune"] + _args(data, out, "--method", "mars-pgm", "--strength", "0.1"))
     with pytest.raises(SystemExit, match=r"--radius, --radius-range do not apply to l2-sp"):
         cli.run(["tune"] + _args(data, out, "--method", "l2-sp", "--radius", "5", "--radius-range", "2", "3"))
+    with pytest.raises(SystemExit, match=r"error: --radius-range does not apply to mars-pgm-learned"):
+        cli.run(["tune"] + _args(data, out, "--method", "mars-pgm-learned", "--radius-range", "1", "2"))
     with pytest.raises(SystemExit, match=r"--lr-range does not apply to l2-pgm"):
         cli.run(["tune"] + _args(data, out, "--method", "l2-pgm", "--lr-range", "1e-4", "1e-2"))
