@@ -131,13 +131,8 @@ def _terms(model, norm, distances, head, layer_bounds, head_bound, conv_position
             conv_positions and isinstance(layers[k.path], _CONV)) else 1.0
         return scale * float(np.sqrt((t ** 2).sum()))
 
-    out = []
-    for k in body:
-        w = _np(k.variable)
-        if k.frozen:
-            b = float(layer_bounds[k.name]) if layer_bounds is not None and k.name in layer_bounds else mat_norm(w, k)
-            out.append(LayerTerm(k.name, b, 0.0))
-            continue
+    def anchor_and_distance(k, w):
+        """`(W0_j or None, D_j)` of a trained kernel."""
         if k.obj is not None and k.obj.anchor is not None:
             w0 = _np(k.obj.anchor)
         elif distances == "current":
@@ -147,18 +142,25 @@ def _terms(model, norm, distances, head, layer_bounds, head_bound, conv_position
             )
         else:
             w0 = None
-        if distances == "radius":
-            want = MARSDistance if norm == "mars" else FrobeniusDistance
-            if not isinstance(k.obj, want):
-                raise ValueError(
-                    f"distances='radius' needs a {want.__name__} on '{k.name}' "
-                    f"for this theorem, found {type(k.obj).__name__}."
-                )
-            d = float(_np(k.obj.radius).max())
-            if norm == "frobenius" and conv_positions and isinstance(layers[k.path], _CONV):
-                d *= math.sqrt(_positions(layers[k.path]))
-        else:
-            d = mat_norm(w - w0, k)
+        if distances == "current":
+            return w0, mat_norm(w - w0, k)
+        want = MARSDistance if norm == "mars" else FrobeniusDistance
+        if not isinstance(k.obj, want):
+            raise ValueError(
+                f"distances='radius' needs a {want.__name__} on '{k.name}' "
+                f"for this theorem, found {type(k.obj).__name__}."
+            )
+        d = float(_np(k.obj.radius).max())
+        if norm == "frobenius" and conv_positions and isinstance(layers[k.path], _CONV):
+            d *= math.sqrt(_positions(layers[k.path]))
+        return w0, d
+
+    out = []
+    for k in body:
+        w = _np(k.variable)
+        # A frozen kernel never moves (D_j = 0) but is still a layer of the
+        # chain: its factor 2 B_j stays in the product.
+        w0, d = (None, 0.0) if k.frozen else anchor_and_distance(k, w)
         if layer_bounds is not None and k.name in layer_bounds:
             b = float(layer_bounds[k.name])
         else:
@@ -183,17 +185,14 @@ def _assemble(theorem, constant, head_bound, layers):
         if t.distance > 0:
             dsum += t.distance / t.bound if t.bound > 0 else math.inf
     log_prod = sum(math.log(2 * t.bound) if t.bound > 0 else -math.inf for t in layers)
-    parts = [constant, head_bound, dsum]
-    if any(p == 0 for p in parts) or log_prod == -math.inf:
-        log_value = -math.inf
-    else:
-        log_value = math.log(constant) + math.log(head_bound) + math.log(dsum) + log_prod
-    value = math.exp(log_value) if log_value < 709 else math.inf
-    if constant == 0 or head_bound == 0 or log_prod == -math.inf:
-        log_full = -math.inf
-    else:
-        log_full = math.log(constant) + math.log(head_bound) + math.log1p(dsum) + log_prod
-    full = math.exp(log_full) if log_full < 709 else math.inf
+    def log_bound(log_sum):  # log(constant * B_V * sum * prod_j 2 B_j)
+        if constant == 0 or head_bound == 0 or log_sum == -math.inf or log_prod == -math.inf:
+            return -math.inf
+        return math.log(constant) + math.log(head_bound) + log_sum + log_prod
+
+    log_value = log_bound(math.log(dsum) if dsum > 0 else -math.inf)
+    log_full = log_bound(math.log1p(dsum))
+    value, full = (math.exp(v) if v < 709 else math.inf for v in (log_value, log_full))
     return BoundTerms(theorem, value, log_value, constant, head_bound, dsum, log_prod, layers,
                       full, log_full)
 
