@@ -47,6 +47,8 @@ def _output_shape(layer):
         return None
 
 
+# A ResNet block output, with its stage (ResNets are grouped by stage).
+_RESNET_BLOCK = re.compile(r"conv(\d)_block\d+_out")
 _BLOCK_PATTERNS = (
     # ResNet / ResNetV2 (keras.applications): output of every block.
     r"conv\d_block\d+_out",
@@ -117,7 +119,7 @@ def default_feature_layers(model, variant="li2019", max_maps=4):
         )
         return [last]
     unknown = [p for p, s in blocks
-               if not re.fullmatch(r"conv(\d)_block\d+_out", p.rsplit("/", 1)[-1])
+               if not _RESNET_BLOCK.fullmatch(p.rsplit("/", 1)[-1])
                and any(d is None for d in s[1:-1])]
     if unknown:
         raise ValueError(
@@ -128,7 +130,7 @@ def default_feature_layers(model, variant="li2019", max_maps=4):
         )
     by_group = {}
     for p, s in blocks:  # topological order: the last one of a group wins
-        stage = re.fullmatch(r"conv(\d)_block\d+_out", p.rsplit("/", 1)[-1])
+        stage = _RESNET_BLOCK.fullmatch(p.rsplit("/", 1)[-1])
         # ResNet: group by stage (ResNetV2 downsamples inside a stage's last
         # block); others: by spatial resolution.
         by_group[("stage", stage.group(1)) if stage else tuple(s[1:-1])] = p
