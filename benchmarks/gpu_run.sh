@@ -23,7 +23,12 @@ R101=${R101-none,none#2,floor,mars-pgm,l2-pgm}
 EFF=${EFF-none,floor,mars-pgm,mars-pgm-learned}
 LIMIT=${LIMIT:-300}
 LOOP=${LOOP:-fit}   # fit: steps_per_execution, no per-step host round trip; or train_on_batch
-run projection 60 $PY -m benchmarks.projection --model resnet101 --reps 7 \
+# --passes 20: the pass time without the call's fixed costs (earlier GPU runs
+# timed one pass per call: 3.5 ms on the H200, 144 GB/s, over 20 times below
+# its memory bandwidth, so most of that was not the pass).
+# XLA_FLAGS=--xla_gpu_autotune_level=0 in the environment takes autotuning
+# (one suspect of the variance between compilations) out of every run.
+run projection 90 $PY -m benchmarks.projection --model resnet101 --reps 7 --passes 20 \
   --impls floor,scale,scale-grouped,learned-scale,frobenius
 [ -n "$R101" ] && run resnet101 "$LIMIT" $PY benchmarks/overhead.py --model resnet101 --image-size 224 --batch 32 \
   --reps 5 --steps 20 --loop "$LOOP" --methods "$R101" --out "$OUT/resnet101.json"

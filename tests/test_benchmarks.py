@@ -61,3 +61,21 @@ def test_grouped_candidate_projects_every_kernel_like_the_core():
     for w, a, axis, g in zip(ws, anchors, axes, got):
         want = a + sops.scale_to_l1_ball(w - a, 2.0, axis)
         np.testing.assert_allclose(ops.convert_to_numpy(g), ops.convert_to_numpy(want), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("passes", [1, 3])
+def test_chained_passes_each_project_the_previous_result(monkeypatch, passes):
+    """`--passes N` must run N real passes, each on the last one's output (so a
+    compiler can neither hoist nor drop them): a "projection" that adds one
+    moves every kernel by exactly N."""
+    rng = np.random.default_rng(2)
+    shapes = [(3, 3, 4, 6), (5, 2)]
+    monkeypatch.setattr(projection, "AXES", [AXIS, (0,)], raising=False)
+    monkeypatch.setattr(projection, "RADIUS", 2.0, raising=False)
+    monkeypatch.setitem(projection.IMPLS, "plus-one", lambda t, radius, axis: t + 1.0)
+    anchors = [ops.convert_to_tensor(rng.normal(size=s).astype("float32")) for s in shapes]
+    ws = [a + ops.convert_to_tensor(rng.normal(size=s).astype("float32")) for a, s in zip(anchors, shapes)]
+    out = projection.make_fn("plus-one", passes)(ws, anchors)
+    projection.wait_for(out)
+    for w, o in zip(ws, out):
+        np.testing.assert_allclose(ops.convert_to_numpy(o), ops.convert_to_numpy(w) + passes, rtol=1e-6, atol=1e-5)
