@@ -439,10 +439,11 @@ def run_seeds(session, method, values, seeds, stage="final"):
 
 
 def _given_values(args, method):
+    """The command line's values of `method`'s hyper-parameters (and `lr`);
+    options the method has no use for were refused by `_refuse_unused_options`
+    (in `compare`, they apply to the methods that have them)."""
     from keras_spft import recipe
 
-    if method in recipe.LEARNED_METHODS and args.radius is not None:
-        raise SystemExit(f"keras-spft: error: --radius does not apply to {method}: its backbone radii are learned.")
     given = {}
     for name in recipe.hyperparameter_names(method):
         v = getattr(args, ARG_NAMES.get(name, name))
@@ -453,12 +454,14 @@ def _given_values(args, method):
     return given
 
 
-def _refuse_unused_options(args, method):
-    """For a one-method command: an option the method has no use for is an
-    error naming it, not silently dropped."""
+def _refuse_unused_options(args, methods):
+    """An option none of `methods` has a use for is an error naming it, not
+    silently dropped (for `compare`, an option that some of its methods use
+    applies to those)."""
     from keras_spft import recipe
 
-    own = set(recipe.hyperparameter_names(method))
+    methods = [methods] if isinstance(methods, str) else list(methods)
+    own = {n for m in methods for n in recipe.hyperparameter_names(m)}
     names = sorted({n for m in recipe.METHODS for n in recipe.hyperparameter_names(m)} - own)
     unused = []
     for name in names:
@@ -466,13 +469,14 @@ def _refuse_unused_options(args, method):
         for suffix in ("", "_range"):
             if getattr(args, arg + suffix, None) is not None:
                 unused.append("--" + (arg + suffix).replace("_", "-"))
-    if method != "none" and getattr(args, "lr_range", None) is not None:
+    if "none" not in methods and getattr(args, "lr_range", None) is not None:
         unused.append("--lr-range")   # only the baseline searches its learning rate
     if unused:
         uses = ", ".join("--" + ARG_NAMES.get(n, n).replace("_", "-") for n in sorted(own)) or "none"
+        which = (f"{methods[0]} (its hyper-parameters: {uses})" if len(methods) == 1 else
+                 f"any of {', '.join(methods)} (their hyper-parameters: {uses})")
         raise SystemExit(
-            f"keras-spft: error: {', '.join(unused)} {'does' if len(unused) == 1 else 'do'} "
-            f"not apply to {method} (its hyper-parameters: {uses})."
+            f"keras-spft: error: {', '.join(unused)} {'does' if len(unused) == 1 else 'do'} not apply to {which}."
         )
 
 
@@ -735,6 +739,7 @@ def cmd_tune(args):
 
 
 def cmd_compare(args):
+    _refuse_unused_options(args, args.methods)
     return _pipeline(args, args.methods, "compare", diagnostics=True)
 
 

@@ -234,6 +234,22 @@ def test_a_seed_gives_the_same_data_order_whatever_ran_before(tiny):
     assert np.array_equal(labels(), first)
 
 
+def test_compare_applies_an_option_to_the_methods_that_have_it(tiny):
+    data, out, _ = tiny
+    with pytest.raises(SystemExit, match=r"--radius does not apply to any of none, l2-sp \(their hyper-parameters: "
+                                         r"--head-strength, --strength\)"):
+        cli.run(["compare"] + _args(data, out, "--methods", "none,l2-sp", "--radius", "2"))
+    with pytest.raises(SystemExit, match=r"--lr-range does not apply to any of l2-pgm, mars-pgm-learned"):
+        cli.run(["compare"] + _args(data, out, "--methods", "l2-pgm,mars-pgm-learned", "--lr-range", "1e-4", "1e-2"))
+    # --radius fixes mars-pgm's radius; the learned method (no radius) runs beside it.
+    cli.run(["compare"] + _args(data, out, "--methods", "mars-pgm,mars-pgm-learned", "--radius", "2",
+                                "--head-radius", "3", "--trials", "0"))
+    fixed = json.load(open(out / "runs" / "mars-pgm" / "seed0.json"))
+    learned = json.load(open(out / "runs" / "mars-pgm-learned" / "seed0.json"))
+    assert fixed["values"]["radius"] == 2.0 and fixed["values"]["head_radius"] == 3.0
+    assert "radius" not in learned["values"] and learned["values"]["head_radius"] == 3.0
+
+
 def test_options_a_method_does_not_use_are_errors(tiny):
     data, out, _ = tiny
     with pytest.raises(SystemExit, match=r"--strength does not apply to mars-pgm \(its hyper-parameters: --head-radius, --radius\)"):
