@@ -114,9 +114,7 @@ class _DistanceConstraint(Anchored, keras.constraints.Constraint):
             # projection reuses these norms (one reduction pass, not two,
             # where nothing merges them: eager PyTorch).
             distances = self._distances(t)
-            radius = ops.maximum(
-                ops.minimum(radius, ops.max(distances)), MIN_LEARNED_RADIUS
-            )
+            radius = spft_ops.at_least(spft_ops.at_most(radius, ops.max(distances)), MIN_LEARNED_RADIUS)
             self._scale.assign(ops.cast(radius, "float32"))
         out = self._project(t, radius, distances)
         if a is not None:

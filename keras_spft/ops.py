@@ -76,11 +76,26 @@ def frobenius_norm(x):
     return ops.sqrt(ops.sum(sq))
 
 
+def at_least(x, low):
+    """`max(x, low)` in `x`'s dtype, NaN propagated.
+
+    Not `ops.maximum`/`ops.minimum`: on the PyTorch backend (Keras 3.15)
+    they compute float64 tensors in float32 (their result dtype is looked up
+    from `torch.float64`, which Keras' `result_type` does not recognise).
+    """
+    return ops.where(x < low, low, x)
+
+
+def at_most(x, high):
+    """`min(x, high)` in `x`'s dtype, NaN propagated (see `at_least`)."""
+    return ops.where(x > high, high, x)
+
+
 def _shrink_factor(norm, radius):
     # min(1, radius / norm) written as 1 / max(1, norm / radius): exactly 1 for
     # rows inside the ball, no division by zero for zero rows, and no NaN for
     # tiny or huge radii (norm / radius may overflow to inf, 1 / inf == 0).
-    return 1.0 / ops.maximum(1.0, norm / radius)
+    return 1.0 / at_least(norm / radius, 1.0)
 
 
 def scale_to_l1_ball(t, radius, axis, norms=None):
@@ -124,7 +139,7 @@ def scale_to_frobenius_ball(t, radius, norm=None):
     """
     if norm is None:
         norm = frobenius_norm(t)
-    return t / ops.maximum(1.0, norm / radius)
+    return t / at_least(norm / radius, 1.0)
 
 
 def _l1_threshold(a, radius, axis, s=None):
@@ -151,18 +166,18 @@ def _l1_threshold(a, radius, axis, s=None):
 
     def body(theta, count, prev, i):
         mask = ops.cast(ops.greater(a, theta), a.dtype)
-        new_count = ops.maximum(ops.sum(mask, axis=axis, keepdims=True), 1.0)
+        new_count = at_least(ops.sum(mask, axis=axis, keepdims=True), 1.0)
         new_s = ops.sum(a * mask, axis=axis, keepdims=True)
         # theta never decreases in exact arithmetic; taking the maximum keeps
         # rounding from growing the set back (which could oscillate), so the
         # set size strictly decreases until the loop stops.
-        new_theta = ops.maximum((new_s - radius) / new_count, theta)
+        new_theta = at_least((new_s - radius) / new_count, theta)
         return new_theta, new_count, count, i + 1
 
     theta, _, _, _ = ops.while_loop(
         cond, body, (theta, count, -one, ops.convert_to_tensor(0, "int32"))
     )
-    return ops.maximum(theta, 0.0)
+    return ops.relu(theta)
 
 
 def project_l1_ball(t, radius, axis, norms=None):
@@ -186,10 +201,10 @@ def project_l1_ball(t, radius, axis, norms=None):
         Tensor like `t`, each row projected.
     """
     if len(axis) == 0:
-        return ops.sign(t) * ops.minimum(ops.abs(t), radius)
+        return ops.sign(t) * at_most(ops.abs(t), radius)
     a = ops.abs(t)
     theta = _l1_threshold(a, radius, axis, norms)
-    out = ops.sign(t) * ops.maximum(a - theta, 0.0)
+    out = ops.sign(t) * ops.relu(a - theta)
     # Rounding in the sums can leave a row a few ulps outside the ball; a
     # final radial rescale (a factor of exactly 1 for rows inside) keeps the
     # guarantee ||row||_1 <= radius.
@@ -231,7 +246,7 @@ def l1_radius_gradient(grad, t, radius, axis, projection="scale", rtol=1e-3):
         if len(axis):
             dots = ops.sum(ops.sign(t) * grad, axis=axis, keepdims=True)
             nnz = ops.sum(ops.cast(ops.not_equal(t, 0.0), t.dtype), axis=axis, keepdims=True)
-            per_row = dots / ops.maximum(nnz, 1.0)
+            per_row = dots / at_least(nnz, 1.0)
         else:
             per_row = ops.sign(t) * grad
     else:
