@@ -80,11 +80,13 @@ class Anchored(KerasSaveable):
         else:
             with np.errstate(over="ignore", under="ignore"):
                 arr = np.asarray(ops.convert_to_numpy(value), dtype="float32")
-            if not (np.all(np.isfinite(arr)) and np.all(arr > 0)):
+            # At least float32's smallest normal number: a subnormal radius is
+            # flushed to 0 by XLA on the CPU, and 0 / 0 gives NaN kernels.
+            if not (np.all(np.isfinite(arr)) and np.all(arr >= np.finfo(np.float32).tiny)):
                 raise ValueError(
                     f"{self._owner()}: `{what}` must be positive and finite in "
                     f"float32 (about 1.2e-38 to 3.4e38), got {value!r} "
-                    f"({'underflows to 0' if np.any(arr == 0) else 'overflows'})."
+                    f"({'overflows' if not np.all(np.isfinite(arr)) else 'underflows'})."
                 )
             if arr.ndim and shape is not None:
                 try:

@@ -98,7 +98,12 @@ class MARSSP(_DistancePenalty):
     def __call__(self, x):
         t = self._offset(x)
         axis = spft_ops.normalize_axis(self._axis_arg, len(t.shape))
-        return ops.cast(self._scale.value, t.dtype) * spft_ops.mars_norm(t, axis)
+        # sign(t) * t, not |t|: the same value, but a gradient of exactly 0
+        # where t = 0 on every backend (JAX's |x| has slope 1 at 0, so at the
+        # anchor, the first step of every fine-tuning, the penalty would push
+        # all weights one way on JAX only).
+        rows = ops.sign(t) * t if len(axis) == 0 else ops.sum(ops.sign(t) * t, axis=axis, keepdims=True)
+        return ops.cast(self._scale.value, t.dtype) * ops.max(rows)
 
     def get_config(self):
         return {"anchor": self.anchor_spec, "strength": self._scale_config,

@@ -8,7 +8,7 @@ import keras
 from keras import ops
 
 import keras_spft
-from tests.core.helpers import assert_within_bound, to_np
+from tests.core.helpers import assert_within_bound, l1_projection_reference, to_np
 
 
 def _w(shape, seed=0):
@@ -40,6 +40,31 @@ def test_float64_kernels_are_projected_and_penalised_in_float64():
     pen = keras_spft.L2SP(a[:, :1], strength=1.0)(ops.convert_to_tensor(w[:, :1]))
     assert to_np(pen).dtype == np.float64
     assert float(to_np(pen)) == pytest.approx(1.0 + 2e-12, rel=1e-15, abs=0)  # 1.0 in float32
+
+
+@pytest.mark.parametrize("method", ["scale", "exact", "frobenius"])
+def test_float64_projections_match_float64_references(method):
+    """Random rows, most outside the ball: every projection keeps float64
+    precision (on PyTorch, `ops.maximum` alone would compute it in float32)."""
+    rng = np.random.default_rng(7)
+    a = rng.normal(size=(40, 5))
+    w = a + rng.normal(size=(40, 5)) * 0.05
+    if keras.backend.standardize_dtype(ops.convert_to_tensor(w).dtype) != "float64":
+        pytest.skip("this backend holds float64 as float32 (JAX without jax_enable_x64)")
+    t = w - a
+    if method == "frobenius":
+        c = keras_spft.FrobeniusDistance(a, radius=0.125)   # radii are float32: exact ones here
+        want = a + t / max(1.0, np.sqrt((t ** 2).sum()) / 0.125)
+    else:
+        c = keras_spft.MARSDistance(a, radius=0.25, axis=0, projection=method)
+        if method == "scale":
+            want = a + t / np.maximum(1.0, np.abs(t).sum(axis=0) / 0.25)
+        else:
+            want = a + np.stack([l1_projection_reference(t[:, j], 0.25) for j in range(5)], axis=1)
+    got = to_np(c(ops.convert_to_tensor(w)))
+    assert got.dtype == np.float64
+    assert not np.allclose(got, w)   # the ball was active
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-13)
 
 
 def test_bfloat16_anchors_are_kept_in_bfloat16():
@@ -175,9 +200,26 @@ def test_penalty_enters_model_losses_exactly():
     assert got == pytest.approx(want, rel=1e-5)
 
 
+def test_mars_sp_pulls_nothing_at_the_anchor():
+    """At W = W0 (the first step of every fine-tuning) the penalty's gradient
+    is 0 on every backend: a step on a zero data loss leaves the kernel at its
+    anchor (on JAX, |x| has slope 1 at 0)."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(4, name="a"), keras.layers.Dense(3, name="b")])
+    keras_spft.wrap_pretrained(model, method="mars-sp", strength=0.5, head_strength=0.1)
+    a0 = to_np(model.get_layer("a").kernel)
+    b0 = to_np(model.get_layer("b").kernel)
+    model.compile(optimizer=keras.optimizers.SGD(1.0), loss=lambda y, p: 0.0 * ops.sum(p))
+    x = np.ones((2, 6), "float32")
+    model.train_on_batch(x, np.zeros((2, 3), "float32"))
+    np.testing.assert_array_equal(to_np(model.get_layer("a").kernel), a0)
+    assert not np.allclose(to_np(model.get_layer("b").kernel), b0)   # the head (centred at 0) is pulled
+
+
 def test_radius_that_vanishes_or_overflows_in_float32_is_rejected():
     # found by the fuzz test: 1e-210 is positive in float64 but 0 in float32
-    for bad in (1e-210, 1e39):
+    # and 1e-39 is subnormal in float32: flushed to 0 by XLA on the CPU (NaN kernels)
+    for bad in (1e-210, 1e-39, 1e39):
         with pytest.raises(ValueError, match="positive and finite in float32"):
             keras_spft.MARSDistance(_w((4, 3)), bad, name="d/kernel")
     with pytest.raises(ValueError, match="positive and finite in float32"):
