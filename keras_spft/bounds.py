@@ -97,13 +97,20 @@ class BoundTerms:
 
 
 def _positions(layer):
+    """Number of output positions P of a convolution (its Frobenius norm as a
+    linear map is `sqrt(P) * ||K||_F`). Raises rather than guess: taking P = 1
+    would make the bound too small for every larger input."""
+    fix = ("build the model on a fixed input size (e.g. `input_shape=(224, 224, 3)`), or pass "
+           "`conv_positions=False` to use the kernels' own norms (then not a bound on the layer's map)")
     try:
         shape = tuple(layer.output.shape)
-    except (AttributeError, ValueError):
-        return 1
+    except (AttributeError, ValueError) as e:
+        raise ValueError(f"the Frobenius bound needs the output shape of convolution {layer.name!r}, "
+                         f"which Keras cannot give ({e}); {fix}.") from None
     dims = shape[1:-1] if keras.config.image_data_format() == "channels_last" else shape[2:]
     if any(d is None for d in dims):
-        return 1
+        raise ValueError(f"the Frobenius bound needs the number of output positions of convolution "
+                         f"{layer.name!r}, whose output shape {shape} has unknown spatial sizes; {fix}.")
     return int(np.prod(dims)) if dims else 1
 
 

@@ -79,6 +79,18 @@ def test_conv_frobenius_counts_output_positions():
     assert (t1.layers[0].bound, t1.layers[0].distance) == pytest.approx((2.0, 1.0))
 
 
+def test_conv_frobenius_refuses_unknown_output_sizes():
+    """With unknown spatial sizes P cannot be counted; taking P = 1 would give
+    a "bound" far below the real one for any input larger than the kernel."""
+    model = keras.Sequential([keras.Input((None, None, 1)), L.Conv2D(2, 3, use_bias=False, name="c"),
+                              L.GlobalAveragePooling2D(), L.Dense(2, use_bias=False, name="v")])
+    keras_spft.wrap_pretrained(model, radius=1.0, method="l2-pgm", head=["v"])
+    with pytest.raises(ValueError, match=r"output positions of convolution 'c'.*unknown spatial sizes.*fixed input size"):
+        bounds.theorem3_bound(model, num_examples=1, num_classes=2, input_bound=1.0)
+    t = bounds.theorem3_bound(model, num_examples=1, num_classes=2, input_bound=1.0, conv_positions=False)
+    assert t.layers[0].bound > 0
+
+
 def fake_history(scale, n_layers=12, radius=None):
     rng = np.random.default_rng(int(scale * 10))
     h = {"loss": [1.0, 0.5], "spft/mars_max": [0.0, 0.0]}
