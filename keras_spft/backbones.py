@@ -193,13 +193,23 @@ def build_model(
                 "(alpha applies to MobileNet, MobileNetV2, MobileNetV3Small/Large)."
             )
         kwargs["alpha"] = float(alpha)
-    base = backbone.constructor(
-        include_top=False,
-        weights=check_weights(weights),
-        input_shape=size + (3,),
-        pooling="avg" if head == "avg" else None,
-        **kwargs,
-    )
+    weights = check_weights(weights)
+    try:
+        base = backbone.constructor(
+            include_top=False,
+            weights=weights,
+            input_shape=size + (3,),
+            pooling="avg" if head == "avg" else None,
+            **kwargs,
+        )
+    except Exception as e:
+        if weights != "imagenet" or "URL fetch failure" not in str(e):
+            raise
+        # keras.utils.get_file raises a bare Exception when offline.
+        raise ValueError(
+            f"weights='imagenet': downloading the ImageNet weights of {backbone.name} failed ({e}); "
+            "check the network, or pass a local weights file (weights=PATH; --weights PATH on the command line)."
+        ) from None
     inputs = keras.Input(size + (3,), name="image")
     x = base(inputs)
     if head == "flatten":

@@ -32,6 +32,9 @@ DISTRIBUTE_BACKEND = {"mirrored": "tensorflow", "data-parallel": "jax"}
 #: Command-line names of hyper-parameters whose plain name is taken
 #: (`--alpha` is the width multiplier): DELTA's alpha and beta.
 ARG_NAMES = {"alpha": "delta_alpha", "beta": "delta_beta"}
+#: The search-range options (`LOW HIGH`).
+RANGE_OPTIONS = ("radius-range", "head-radius-range", "strength-range", "head-strength-range",
+                 "delta-alpha-range", "delta-beta-range", "lr-range")
 #: Batches of the training data used to compute DELTA's attention.
 ATTENTION_BATCHES = 4
 # Settings that must match for a finished run on disk to be reused.
@@ -43,11 +46,25 @@ def _log(msg):
     print(msg, flush=True)
 
 
+class UsageError(SystemExit):
+    """A bad option, or an output folder that holds other settings: one line
+    on stderr (printed by `run`) and exit status 2, as argparse's errors."""
+
+    def __init__(self, message):
+        super().__init__(2)
+        self.message = "keras-spft: error: " + message
+
+    def __str__(self):
+        return self.message
+
+
 def _seeds(text):
     text = str(text).strip()
     try:
         if "," in text:
             seeds = [int(s) for s in text.split(",") if s.strip()]
+            if not seeds:
+                raise ValueError
         else:
             n = int(text)
             if n < 1:
@@ -67,7 +84,22 @@ def _methods(text):
     for m in methods:
         if m not in METHODS:
             raise argparse.ArgumentTypeError(f"--methods: unknown method {m!r}; expected from {METHODS}.")
+    if not methods:
+        raise argparse.ArgumentTypeError(f"--methods {text!r}: give at least one method from {METHODS}.")
     return methods
+
+
+def _count(low):
+    """An int option of at least `low`."""
+    def parse(text):
+        try:
+            v = int(text)
+        except ValueError:
+            v = None
+        if v is None or v < low:
+            raise argparse.ArgumentTypeError(f"expected an integer of at least {low}, got {text!r}.")
+        return v
+    return parse
 
 
 def _positive(text):
@@ -95,7 +127,7 @@ def build_parser():
         g.add_argument("--weights", default="imagenet", help="imagenet (default), none, or a weights file path")
         g.add_argument("--alpha", type=_positive, default=None,
                        help="width multiplier, for models that have one (MobileNet*)")
-        g.add_argument("--image-size", type=int, default=224, help="input size in pixels (default 224)")
+        g.add_argument("--image-size", type=_count(1), default=224, help="input size in pixels (default 224)")
         g.add_argument("--head", choices=("avg", "flatten"), default="avg",
                        help="new head on global average pooling (default) or Flatten as in the paper's code")
         g.add_argument("--augment", action="store_true", help="random flip and crop while training")
@@ -112,8 +144,8 @@ def build_parser():
                        help="step size of the learned radii (methods *-learned; default 1e-2, FTP's)")
         t.add_argument("--batchnorm", choices=("none", "gamma", "reference"), default="none",
                        help="BatchNorm handling of wrap_pretrained (default none: gamma free)")
-        t.add_argument("--epochs", type=int, default=30, help="epochs per run (default 30, as the paper)")
-        t.add_argument("--batch-size", type=int, default=32, help="batch size (default 32)")
+        t.add_argument("--epochs", type=_count(1), default=30, help="epochs per run (default 30, as the paper)")
+        t.add_argument("--batch-size", type=_count(1), default=32, help="batch size (default 32)")
         t.add_argument("--lr", type=_positive, default=None,
                        help="initial learning rate (default 1e-4), halved every 2/3 of the run; "
                             "in tune/compare the 'none' baseline searches its own (see --lr-range)")
@@ -128,11 +160,11 @@ def build_parser():
 
     def searching(p):
         s = p.add_argument_group("search (KerasTuner)")
-        s.add_argument("--trials", type=int, default=20, help="search trials per method (default 20; 0: no search)")
+        s.add_argument("--trials", type=_count(0), default=20, help="search trials per method (default 20; 0: no search)")
         s.add_argument("--tuner", choices=("bayesian", "random", "hyperband", "grid"), default="bayesian")
         s.add_argument("--objective", choices=("val_accuracy", "val_loss"), default="val_accuracy")
-        s.add_argument("--tune-epochs", type=int, default=None, help="epochs per trial (default --epochs)")
-        for name in ("radius", "head-radius", "strength", "head-strength", "delta-alpha", "delta-beta"):
+        s.add_argument("--tune-epochs", type=_count(1), default=None, help="epochs per trial (default --epochs)")
+        for name in (o[:-len("-range")] for o in RANGE_OPTIONS if o != "lr-range"):
             s.add_argument(f"--{name}-range", type=_positive, nargs=2, metavar=("LOW", "HIGH"), default=None,
                            help=f"log-uniform search range of {name.replace('-', '_')} "
                                 f"(default {'e^0.5 e^3.5' if 'radius' in name else 'e^-10 e^-1'})")
@@ -171,6 +203,11 @@ def _methods_list():
 # ----------------------------------------------------------------------------
 
 
+def _data_key(data):
+    """`--data` as recorded in the settings: `syn/` and `./syn` are `syn`."""
+    return data if data.startswith("tfds:") else os.path.normpath(data)
+
+
 class Session:
     """Loads data once per stage and builds models for one invocation."""
 
@@ -180,14 +217,14 @@ class Session:
         self.args = args
         self.backbone = get_backbone(args.model)
         if args.alpha is not None and not self.backbone.has_alpha:
-            raise SystemExit(
-                f"keras-spft: error: --alpha given, but {self.backbone.name} has no width multiplier "
+            raise UsageError(
+                f"--alpha given, but {self.backbone.name} has no width multiplier "
                 "(only MobileNet, MobileNetV2, MobileNetV3Small/Large)."
             )
         try:
             self.weights = check_weights(args.weights)
         except ValueError as e:
-            raise SystemExit(f"keras-spft: error: --weights: {e}") from None
+            raise UsageError(f"--weights: {e}") from None
         self._splits = {}
         self._probes = {}
         self._attention = None
@@ -215,6 +252,11 @@ class Session:
     def probe(self, stage):
         """One fixed batch of the training data (numpy), for `GradientNormMonitor`."""
         if stage not in self._probes:
+            import keras
+
+            # tf.data's order also depends on the global seed: fix it, so the
+            # probe is the same batch whichever run asks first.
+            keras.utils.set_random_seed(0)
             x, y = next(iter(self.splits(stage).reseeded(0).train))
             self._probes[stage] = (x.numpy(), y.numpy())
         return self._probes[stage]
@@ -222,8 +264,8 @@ class Session:
     def attention_cache(self):
         """The `.npz` file under `--out` holding DELTA's attention of this backbone."""
         a = self.args
-        key = json.dumps([a.data, self.backbone.name, self.weights, a.alpha, a.image_size, a.head,
-                          ATTENTION_BATCHES, a.batch_size])
+        key = json.dumps([_data_key(a.data), self.backbone.name, self.weights, a.alpha, a.image_size, a.head,
+                          ATTENTION_BATCHES, a.batch_size, a.augment])
         digest = hashlib.sha1(key.encode()).hexdigest()[:10]
         return os.path.join(a.out, "delta", f"attention_{self.backbone.name}_{digest}.npz")
 
@@ -254,7 +296,7 @@ class Session:
     def settings(self, stage, epochs=None):
         a = self.args
         return {
-            "data": a.data, "model": self.backbone.name, "weights": self.weights, "alpha": a.alpha,
+            "data": _data_key(a.data), "model": self.backbone.name, "weights": self.weights, "alpha": a.alpha,
             "image_size": a.image_size, "head": a.head, "epochs": epochs or a.epochs,
             "batch_size": a.batch_size, "augment": a.augment, "batchnorm": a.batchnorm,
             "radius_lr": self.radius_lr, "stage": stage,
@@ -332,8 +374,8 @@ def _finished(path, settings, values=None):
             f"{k}: {stored.get(k)!r} on disk vs {values.get(k)!r} now" for k in vdiff])
         diff += vdiff
     if diff:
-        raise SystemExit(
-            f"keras-spft: error: '{path}' is a finished run with other settings ({shown}); "
+        raise UsageError(
+            f"'{path}' is a finished run with other settings ({shown}); "
             "use another --out or remove that file."
         )
     return done
@@ -471,13 +513,23 @@ def _refuse_unused_options(args, methods):
                 unused.append("--" + (arg + suffix).replace("_", "-"))
     if "none" not in methods and getattr(args, "lr_range", None) is not None:
         unused.append("--lr-range")   # only the baseline searches its learning rate
+    if args.command != "finetune" and set(methods) == {"none"} and args.lr is not None:
+        unused.append("--lr")         # the baseline searches its own (--lr-range)
+    if args.radius_lr is not None and not set(methods) & set(recipe.LEARNED_METHODS):
+        unused.append("--radius-lr")  # only learned radii have a step size
     if unused:
         uses = ", ".join("--" + ARG_NAMES.get(n, n).replace("_", "-") for n in sorted(own)) or "none"
         which = (f"{methods[0]} (its hyper-parameters: {uses})" if len(methods) == 1 else
                  f"any of {', '.join(methods)} (their hyper-parameters: {uses})")
-        raise SystemExit(
-            f"keras-spft: error: {', '.join(unused)} {'does' if len(unused) == 1 else 'do'} not apply to {which}."
+        raise UsageError(
+            f"{', '.join(unused)} {'does' if len(unused) == 1 else 'do'} not apply to {which}."
         )
+
+
+def _differences(old, new):
+    """'key: old on disk vs new now' for every setting that differs."""
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    return ", ".join(f"{k}: {old.get(k)!r} on disk vs {new.get(k)!r} now" for k in keys)
 
 
 def tune_method(session, method):
@@ -521,8 +573,9 @@ def tune_method(session, method):
             _log(f"[{method}] search done already: {_fmt_values(done['best'])} "
                  f"({done['objective']} {done['best_score']:.4f}, {best_path})")
             return done["best"], done
-        raise SystemExit(
-            f"keras-spft: error: '{best_path}' is a finished search with other settings; "
+        raise UsageError(
+            f"'{best_path}' is a finished search with other settings "
+            f"({_differences(done.get('search_settings') or {}, as_stored)}); "
             "use another --out or remove that folder."
         )
     # An unfinished search resumes from KerasTuner's state in `folder` (its
@@ -532,16 +585,18 @@ def tune_method(session, method):
         with open(started_path) as f:
             started = json.load(f)
         if started != as_stored:
-            diff = sorted(k for k in set(started) | set(as_stored) if started.get(k) != as_stored.get(k))
-            raise SystemExit(
-                f"keras-spft: error: '{folder}' holds an unfinished search started with other "
-                f"settings ({', '.join(diff)}); rerun with those settings to resume it, or use "
+            raise UsageError(
+                f"'{folder}' holds an unfinished search started with other "
+                f"settings ({_differences(started, as_stored)}); rerun with those settings to resume it, or use "
                 "another --out or remove that folder."
             )
-    _atomic_json(started_path, settings_search)
     from keras_spft.tuning import search
 
+    # Data (and DELTA's attention) first: a command that fails before the
+    # search starts leaves no record that would block the corrected one.
     splits = session.splits("tune")
+    wrap_options = session.wrap_options(method)
+    _atomic_json(started_path, settings_search)
     budget = (f"its own budget (--trials does not apply; up to {epochs} epochs per model, factor 3)"
               if args.tuner == "hyperband" else f"{args.trials} trials of {epochs} epochs")
     _log(f"[{method}] searching {', '.join(searched)} with {args.tuner}, {budget}, "
@@ -550,7 +605,8 @@ def tune_method(session, method):
     result = search(
         session.build_fn(splits.num_classes), splits.train, splits.eval, method,
         epochs=epochs, tuner=args.tuner, max_trials=args.trials, objective=args.objective,
-        ranges=ranges, lr=given.get("lr", recipe.DEFAULT_LR), wrap_options=session.wrap_options(method),
+        ranges=ranges, lr=given.get("lr", recipe.DEFAULT_LR), radius_lr=session.radius_lr,
+        wrap_options=wrap_options,
         directory=os.path.join(args.out, "search"), project_name=method,
         verbose=args.verbose,
         **({"distribution_strategy": session.strategy} if session.strategy is not None else {}),
@@ -576,6 +632,7 @@ def summarise(results_by_method, searches, column):
     import numpy as np
 
     rows = []
+    split = "/".join(sorted({r.get("eval_split", "test") for rs in results_by_method.values() for r in rs})) or "test"
     for method, results in results_by_method.items():
         accs = np.array([r["accuracy"] for r in results], dtype="float64") * 100
         rows.append({
@@ -591,7 +648,8 @@ def summarise(results_by_method, searches, column):
                 if k in searches[method]},
             "wall_s": float(sum(r["wall_s"] for r in results)),
         })
-    return {"column": column, "metric": "test accuracy (%), final epoch, mean +- std over seeds", "rows": rows}
+    return {"column": column, "accuracy_label": f"{split} accuracy (%)",
+            "metric": f"{split} accuracy (%), final epoch, mean +- std over seeds", "rows": rows}
 
 
 def markdown_table(summary):
@@ -621,7 +679,7 @@ def plot(summary, path):
     for x, r in zip(xs, rows):
         ax.plot([x] * len(r["accuracy"]), r["accuracy"], "k.", alpha=0.6)
     ax.set_xticks(list(xs), [r["name"] for r in rows])
-    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylabel(summary.get("accuracy_label", "test accuracy (%)"))
     ax.set_title(summary["column"])
     lo = min((min(r["accuracy"]) for r in rows if r["accuracy"]), default=0)
     ax.set_ylim(max(0, lo - 10), 100)
@@ -715,8 +773,9 @@ def cmd_finetune(args):
 
     values = recipe.method_values(args.method, _given_values(args, args.method))
     results = run_seeds(session, args.method, values, args.seeds, stage=args.stage)
-    if len(results) > 1:
-        _write_tables(args, {args.method: results}, {}, _column(args), "finetune", {})
+    if len(results) > 1:   # --stage tune scores val: its own files, never the final table
+        stem = "finetune" if args.stage == "final" else "finetune_tune"
+        _write_tables(args, {args.method: results}, {}, _column(args), stem, {})
     return results
 
 
@@ -728,7 +787,7 @@ def _pipeline(args, methods, stem, diagnostics=False):
         values, record = tune_method(session, method)
         searches[method] = record
         results[method] = run_seeds(session, method, values, args.seeds, stage="final")
-    extra = {"command": "keras-spft " + " ".join(sys.argv[1:]) if sys.argv[1:] else None,
+    extra = {"command": "keras-spft " + " ".join(args.argv) if getattr(args, "argv", None) else None,
              "wall_s_this_invocation": round(time.time() - start, 1)}
     return _write_tables(args, results, searches, _column(args), stem, extra, diagnostics=diagnostics)
 
@@ -782,10 +841,11 @@ def run(argv=None):
     """
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.epochs < 1:
-        parser.error("--epochs must be at least 1.")
-    if args.batch_size < 1:
-        parser.error("--batch-size must be at least 1.")
+    for name in RANGE_OPTIONS:
+        rng = getattr(args, name.replace("-", "_"), None)
+        if rng is not None and not rng[0] < rng[1]:
+            parser.error(f"--{name} {rng[0]:g} {rng[1]:g}: LOW must be below HIGH.")
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.distribute != "none":
         import keras
 
@@ -805,6 +865,9 @@ def run(argv=None):
     except ValueError as e:
         # Bad data, model or option: one clear line, no traceback.
         parser.exit(2, f"keras-spft: error: {e}\n")
+    except UsageError as e:
+        sys.stderr.write(f"{e}\n")
+        raise
 
 
 if __name__ == "__main__":

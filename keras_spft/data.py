@@ -12,6 +12,7 @@ This module imports TensorFlow (tf.data); `import keras_spft` does not.
 
 import dataclasses
 import os
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -134,22 +135,29 @@ def scan_image_folder(path, splits=SPLITS, check_images=True):
                 f"split folder '{split_dir}' is missing: an image folder needs "
                 f"{'/, '.join(splits)}/ subfolders with one folder per class (found: {present})."
             )
-        names = sorted(d for d in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, d)))
+        # Hidden entries (.ipynb_checkpoints, .DS_Store) are not data.
+        names = sorted(d for d in os.listdir(split_dir)
+                       if not d.startswith(".") and os.path.isdir(os.path.join(split_dir, d)))
         if not names:
             raise ValueError(f"split folder '{split_dir}' has no class subfolders.")
         classes[split] = names
-        entries = []
+        entries, others = [], []
         for label, name in enumerate(names):
             class_dir = os.path.join(split_dir, name)
-            images = sorted(
-                f for f in os.listdir(class_dir)
-                if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(class_dir, f))
-            )
+            found = [f for f in os.listdir(class_dir)
+                     if not f.startswith(".") and os.path.isfile(os.path.join(class_dir, f))]
+            images = sorted(f for f in found if f.lower().endswith(IMAGE_EXTENSIONS))
+            others += sorted(os.path.join(name, f) for f in found if not f.lower().endswith(IMAGE_EXTENSIONS))
             if not images:
                 raise ValueError(
                     f"class folder '{class_dir}' has no images (expected {', '.join(IMAGE_EXTENSIONS)} files)."
                 )
             entries += [(os.path.join(class_dir, f), label) for f in images]
+        if others:
+            warnings.warn(
+                f"'{split_dir}': {len(others)} file(s) left out, not {'/'.join(IMAGE_EXTENSIONS)} images: "
+                f"{', '.join(others[:5])}{', ...' if len(others) > 5 else ''}; convert them to use them.",
+                stacklevel=2)
         files[split] = entries
     first = splits[0]
     for split in splits[1:]:

@@ -600,7 +600,11 @@ def compute_attention(model, x, y=None, *, feature_layers=None, variant="li2019"
         feature_layers = default_feature_layers(model, variant)
     paths = _find(model, list(feature_layers))
     if cache is not None and os.path.exists(cache):
-        loaded = load_attention(cache)
+        try:
+            loaded = load_attention(cache)
+        except ValueError as e:
+            warnings.warn(f"DELTA: {e} Recomputing it.", stacklevel=2)
+            loaded = None
         if loaded is not None and loaded[0] == paths and loaded[2] == variant:
             att = loaded[1]
             shapes_ok = True
@@ -610,7 +614,8 @@ def compute_attention(model, x, y=None, *, feature_layers=None, variant="li2019"
                     shapes_ok = False
             if shapes_ok:
                 return att
-        warnings.warn(f"DELTA: attention cache {cache} does not match; recomputing.", stacklevel=2)
+        if loaded is not None:
+            warnings.warn(f"DELTA: attention cache {cache} does not match; recomputing.", stacklevel=2)
     if from_logits is None:
         from_logits = not _ends_in_softmax(model)
     head = _head_names(model, head)
@@ -702,16 +707,27 @@ def save_attention(path, feature_layers, attention, variant="li2019"):
     meta = json.dumps({"feature_layers": list(feature_layers), "variant": variant})
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
-    with open(path, "wb") as f:
+    # Written whole, then renamed: a killed process never leaves half a file.
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as f:
         np.savez(f, meta=np.array(meta), **arrays)
+    os.replace(tmp, path)
 
 
 def load_attention(path):
-    """Reads `(feature_layers, attention, variant)` written by `save_attention`."""
-    with np.load(path) as z:
-        meta = json.loads(str(z["meta"]))
-        att = [z[f"layer_{i}"] for i in range(len(meta["feature_layers"]))]
-    return meta["feature_layers"], att, meta["variant"]
+    """Reads `(feature_layers, attention, variant)` written by `save_attention`.
+
+    Raises:
+        ValueError: `path` is not such a file (truncated, or something else).
+    """
+    try:
+        with np.load(path) as z:
+            meta = json.loads(str(z["meta"]))
+            att = [z[f"layer_{i}"] for i in range(len(meta["feature_layers"]))]
+        return meta["feature_layers"], att, meta["variant"]
+    except Exception as e:   # zipfile, pickle, JSON and key errors alike
+        raise ValueError(f"cannot read the DELTA attention file {path} ({type(e).__name__}: {e}); "
+                         "remove it to compute the attention again.") from None
 
 
 def add_delta(model, x=None, y=None, *, feature_layers=None, alpha=0.01, beta=0.01,

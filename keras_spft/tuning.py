@@ -49,6 +49,8 @@ class SPFTHyperModel(keras_tuner.HyperModel):
             single number instead of a pair is fixed, not searched. An `lr`
             range makes the learning rate searched for any method.
         lr: learning rate when it is not searched.
+        radius_lr: step size of the learned radii (methods `*-learned`; see
+            `keras_spft.recipe.compile_model`).
         wrap_options: further `wrap_pretrained` keyword arguments
             (e.g. `{"batchnorm": "gamma"}`); for `"delta"` `DeltaModel` ones,
             e.g. `{"attention": att}` with channel weights computed once by
@@ -64,7 +66,7 @@ class SPFTHyperModel(keras_tuner.HyperModel):
     """
 
     def __init__(self, build_model, method="mars-pgm", *, ranges=None, lr=recipe.DEFAULT_LR,
-                 wrap_options=None, name=None):
+                 radius_lr=recipe.DEFAULT_RADIUS_LR, wrap_options=None, name=None):
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; expected one of {METHODS}.")
         if not callable(build_model):
@@ -73,6 +75,7 @@ class SPFTHyperModel(keras_tuner.HyperModel):
         self.build_model = build_model
         self.method = method
         self.lr = float(lr)
+        self.radius_lr = float(radius_lr)
         self.wrap_options = dict(wrap_options or {})
         allowed = set(recipe.hyperparameter_names(method)) | {"lr"}
         self.ranges = dict(recipe.default_ranges(method))
@@ -105,7 +108,7 @@ class SPFTHyperModel(keras_tuner.HyperModel):
         wrapped = recipe.wrap(model, self.method, values, **self.wrap_options)
         if self.method in recipe.DELTA_METHODS:
             model = wrapped   # the DeltaModel is trained (and scored: inference runs `.model` only)
-        return recipe.compile_model(model, values.get("lr", self.lr))
+        return recipe.compile_model(model, values.get("lr", self.lr), radius_lr=self.radius_lr)
 
     def fit(self, hp, model, *args, epochs=1, callbacks=None, **kwargs):
         lr = hp.values.get("lr", self.lr)
@@ -215,6 +218,7 @@ def search(
     objective="val_accuracy",
     ranges=None,
     lr=recipe.DEFAULT_LR,
+    radius_lr=recipe.DEFAULT_RADIUS_LR,
     wrap_options=None,
     directory=None,
     project_name=None,
@@ -245,6 +249,7 @@ def search(
             `keras_tuner.Objective`.
         ranges: overrides of the search ranges, see `SPFTHyperModel`.
         lr: learning rate when it is not searched.
+        radius_lr: step size of the learned radii (methods `*-learned`).
         wrap_options: further `wrap_pretrained` keyword arguments.
         directory: where KerasTuner keeps its trials; a search started again
             with the same directory and project name resumes (finished trials
@@ -290,7 +295,8 @@ def search(
             cls = tuner
         else:
             raise ValueError(f"`tuner` must be a name, a keras_tuner.Tuner subclass or instance, got {tuner!r}.")
-        hypermodel = SPFTHyperModel(build_model, method, ranges=ranges, lr=lr, wrap_options=wrap_options)
+        hypermodel = SPFTHyperModel(build_model, method, ranges=ranges, lr=lr, radius_lr=radius_lr,
+                                    wrap_options=wrap_options)
         if directory is None:
             import tempfile
 

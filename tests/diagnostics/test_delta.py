@@ -127,6 +127,20 @@ def test_attention_sums_to_one_per_layer_and_is_cached(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+def test_a_truncated_attention_file_is_named_and_recomputed(tmp_path):
+    model = small_cnn()
+    x, y = data()
+    cache = tmp_path / "att.npz"
+    cache.write_bytes(b"PK\x03\x04 half a file")          # e.g. a process killed mid-write
+    with pytest.raises(ValueError, match=r"cannot read the DELTA attention file .*att.npz.*remove it"):
+        keras_spft.add_delta(model, feature_layers=["r1", "r2"], cache=str(cache))
+    with pytest.warns(UserWarning, match="cannot read the DELTA attention file"):
+        att = D.compute_attention(model, x, y, feature_layers=["r1", "r2"], batch_size=8, steps=1,
+                                  head_epochs=1, cache=str(cache))
+    assert [a.shape for a in D.load_attention(str(cache))[1]] == [a.shape for a in att]   # rewritten whole
+    assert [p.name for p in tmp_path.iterdir()] == ["att.npz"]                            # no temporary left
+
+
 def test_ablating_a_dead_channel_changes_nothing():
     # The head ignores channel 1 of the last map: its loss increase is 0,
     # so the sigmoid weight is exactly 1/2; the live channels differ.

@@ -47,6 +47,20 @@ def test_missing_weights_file_is_named(tmp_path):
         build_model("mobilenet", 3, weights=str(missing), image_size=32, alpha=0.25)
 
 
+def test_offline_imagenet_download_is_one_clear_error(monkeypatch):
+    """Offline, keras.utils.get_file raises a bare Exception; the user gets a
+    ValueError naming the option and the way out. (The download itself is
+    not faked: get_file fails here as it does without a network.)"""
+    from keras.src.utils import file_utils
+
+    def offline(fname, origin=None, **kwargs):
+        raise Exception(f"URL fetch failure on {origin}: None -- [Errno -3] Temporary failure in name resolution")
+    monkeypatch.setattr(file_utils, "get_file", offline)
+    with pytest.raises(ValueError, match=r"weights='imagenet': downloading the ImageNet weights of MobileNet "
+                                         r"failed \(URL fetch failure.*pass a local weights file"):
+        build_model("mobilenet", 3, weights="imagenet", image_size=128, alpha=0.25)
+
+
 def test_build_model_heads_and_default_wrap_head():
     model = build_model("mobilenet", 5, weights=None, image_size=32, alpha=0.25)
     assert model.output_shape == (None, 5)

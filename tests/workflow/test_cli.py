@@ -196,9 +196,9 @@ def test_resume_refuses_runs_made_with_another_lr_or_batchnorm(tiny):
     with pytest.raises(SystemExit, match=r"batchnorm: 'none' on disk vs 'gamma' now"):
         cli.run(["finetune"] + _args(data, out, "--method", "l2-pgm", "--radius", "2", "--lr", "0.001",
                                      "--batchnorm", "gamma"))
+    cli.run(["finetune"] + _args(data, out, "--method", "mars-pgm-learned"))
     with pytest.raises(SystemExit, match=r"radius_lr: 0.01 on disk vs 0.1 now"):
-        cli.run(["finetune"] + _args(data, out, "--method", "l2-pgm", "--radius", "2", "--lr", "0.001",
-                                     "--radius-lr", "0.1"))
+        cli.run(["finetune"] + _args(data, out, "--method", "mars-pgm-learned", "--radius-lr", "0.1"))
 
 
 def test_unfinished_search_resumes_only_with_its_settings(tiny, monkeypatch):
@@ -213,7 +213,7 @@ def test_unfinished_search_resumes_only_with_its_settings(tiny, monkeypatch):
         cli.run(tune)
     started = out / "search" / "mars-pgm" / "search_settings.json"
     assert json.loads(started.read_text())["trials"] == 2
-    with pytest.raises(SystemExit, match=r"unfinished search started with other settings \(ranges\)"):
+    with pytest.raises(SystemExit, match=r"unfinished search started with other settings \(ranges: \{.lr.: 0.0001\} on disk vs \{.radius.: \[2.0, 3.0\], .lr.: 0.0001\} now\)"):
         cli.run(tune + ["--radius-range", "2", "3"])
     with pytest.raises(KeyboardInterrupt):   # the same settings: resumed
         cli.run(tune)
@@ -260,3 +260,88 @@ def test_options_a_method_does_not_use_are_errors(tiny):
         cli.run(["tune"] + _args(data, out, "--method", "mars-pgm-learned", "--radius-range", "1", "2"))
     with pytest.raises(SystemExit, match=r"--lr-range does not apply to l2-pgm"):
         cli.run(["tune"] + _args(data, out, "--method", "l2-pgm", "--lr-range", "1e-4", "1e-2"))
+
+
+def test_usage_errors_exit_with_status_2_and_bad_values_are_refused(tiny, capsys):
+    data, out, _ = tiny
+    cli.run(["finetune"] + _args(data, out, "--method", "l2-pgm", "--radius", "2"))
+    with pytest.raises(SystemExit) as e:   # a settings mismatch, as argparse's errors: status 2
+        cli.main(["finetune"] + _args(data, out, "--method", "l2-pgm", "--radius", "5"))
+    assert e.value.code == 2
+    assert "is a finished run with other settings (radius: 2.0 on disk vs 5.0 now)" in capsys.readouterr().err
+    for bad, said in [(["--seeds", ","], "--seeds ','"),
+                      (["--image-size", "0"], "--image-size: expected an integer of at least 1, got '0'"),
+                      (["--epochs", "0"], "--epochs: expected an integer of at least 1")]:
+        with pytest.raises(SystemExit) as e:
+            cli.run(["finetune"] + _args(data, out) + bad)
+        assert e.value.code == 2 and said in capsys.readouterr().err
+    for bad, said in [(["--methods", ""], "--methods '': give at least one method"),
+                      (["--tune-epochs", "0"], "--tune-epochs: expected an integer of at least 1"),
+                      (["--trials", "-1"], "--trials: expected an integer of at least 0"),
+                      (["--radius-range", "20", "2"], "--radius-range 20 2: LOW must be below HIGH")]:
+        with pytest.raises(SystemExit) as e:
+            cli.run(["compare"] + _args(data, out) + bad)
+        assert e.value.code == 2 and said in capsys.readouterr().err
+
+
+def test_radius_lr_and_lr_are_refused_where_nothing_uses_them(tiny):
+    data, out, _ = tiny
+    with pytest.raises(SystemExit, match=r"--radius-lr does not apply to l2-pgm"):
+        cli.run(["tune"] + _args(data, out, "--method", "l2-pgm", "--radius-lr", "0.5"))
+    with pytest.raises(SystemExit, match=r"--lr does not apply to none"):
+        cli.run(["tune"] + _args(data, out, "--method", "none", "--lr", "1e-3"))
+
+
+def test_a_failed_start_leaves_nothing_that_blocks_the_corrected_command(tiny, monkeypatch):
+    data, out, _ = tiny
+    import keras_spft.tuning as tuning
+
+    seen = {}
+
+    def fake_search(*a, **k):   # records what the search was given, then stops the command
+        seen.update(k)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(tuning, "search", fake_search)
+    tune = ["tune", "--method", "mars-pgm-learned", "--head-radius-range", "2", "20", "--radius-lr", "0.5"]
+    with pytest.raises(SystemExit):   # a typo in --data: fails while loading
+        cli.run(tune + _args(str(out / "typo"), out)[2:] + ["--data", str(out / "typo")])
+    assert not (out / "search").exists()
+    with pytest.raises(KeyboardInterrupt):   # the corrected command starts its search
+        cli.run(tune + _args(data, out))
+    assert seen["radius_lr"] == 0.5   # the trials learn their radii at the given step size
+
+
+def test_finished_search_error_says_what_differs_and_data_paths_are_normalised(tiny):
+    data, out, _ = tiny
+    tune = _args(data, out, "--method", "mars-pgm", "--trials", "1", "--tuner", "random")
+    cli.run(["tune"] + tune)
+    cli.run(["tune"] + _args(data + os.sep, out, "--method", "mars-pgm", "--trials", "1", "--tuner", "random"))
+    with pytest.raises(SystemExit, match=r"finished search with other settings \(trials: 1 on disk vs 2 now\)"):
+        cli.run(["tune"] + _args(data, out, "--method", "mars-pgm", "--trials", "2", "--tuner", "random"))
+
+
+def test_stage_tune_tables_say_val_and_keep_the_final_table(tiny, monkeypatch):
+    data, out, _ = tiny
+    monkeypatch.setattr(sys, "argv", ["python", "--unrelated-flag"])
+    cli.run(["finetune"] + _args(data, out, "--method", "l2-pgm", "--radius", "2", "--seeds", "2", "--stage", "tune"))
+    assert json.load(open(out / "finetune_tune.json"))["metric"].startswith("val accuracy (%)")
+    assert (out / "finetune_tune.md").is_file() and not (out / "finetune.md").exists()
+    assert "val accuracy (%)" in (out / "finetune_tune.md").read_text()
+    # compare records the command it was given, not the Python process's argv
+    argv = ["compare"] + _args(data, out, "--methods", "l2-pgm", "--radius", "2", "--head-radius", "3")
+    cli.run(argv)
+    assert json.load(open(out / "compare.json"))["command"] == "keras-spft " + " ".join(argv)
+
+
+def test_the_gradient_probe_is_the_same_batch_whatever_ran_first(tiny):
+    import keras
+    import numpy as np
+
+    data, out, _ = tiny
+    args = cli.build_parser().parse_args(["finetune"] + _args(data, out))
+    keras.utils.set_random_seed(0)
+    first = cli.Session(args).probe("final")
+    keras.utils.set_random_seed(5)
+    again = cli.Session(args).probe("final")
+    np.testing.assert_array_equal(first[1], again[1])
+    np.testing.assert_array_equal(first[0], again[0])

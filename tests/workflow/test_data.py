@@ -104,6 +104,17 @@ def test_class_without_images_names_the_folder(image_folder):
         load_data(image_folder)
 
 
+def test_hidden_entries_are_ignored_and_other_files_named(image_folder):
+    for split in ("train", "val", "test"):
+        os.makedirs(os.path.join(image_folder, split, ".ipynb_checkpoints"))   # not a class
+        open(os.path.join(image_folder, split, "cat", ".DS_Store"), "w").write("x")
+    open(os.path.join(image_folder, "train", "dog", "scan.tif"), "w").write("x")
+    with pytest.warns(UserWarning, match=r"train': 1 file\(s\) left out, not .* images: dog/scan.tif"):
+        classes, files = scan_image_folder(image_folder, check_images=False)
+    assert classes == ["cat", "dog"]
+    assert not any(".DS_Store" in f or f.endswith(".tif") for entries in files.values() for f, _ in entries)
+
+
 def test_split_without_classes_names_the_folder(image_folder):
     shutil.rmtree(os.path.join(image_folder, "test"))
     os.makedirs(os.path.join(image_folder, "test"))
