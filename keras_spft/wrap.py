@@ -141,10 +141,23 @@ def _has_kernel(layer):
         return True
 
 
+def _selectors(path):
+    """The names that select the layer at `path`: its path and name, then
+    those of every enclosing layer or model, nearest first ("base/block/conv":
+    "base/block/conv", "conv", "base/block", "block", "base", "base")."""
+    parts = path.split("/")
+    keys = []
+    for k in range(len(parts), 0, -1):
+        keys += ["/".join(parts[:k]), parts[k - 1]]
+    return keys
+
+
 def _resolve(value, layer, path, what):
-    """A per-layer number from a scalar, a dict or a callable."""
+    """A per-layer number from a scalar, a dict or a callable. A dict entry
+    for a nested model or layer applies to everything inside it; the nearest
+    enclosing entry wins."""
     if isinstance(value, dict):
-        for key in (path, layer.name, "*"):
+        for key in _selectors(path) + ["*"]:
             if key in value:
                 value = value[key]
                 break
@@ -207,7 +220,9 @@ def wrap_pretrained(
         model: a built Keras model (e.g. a keras.applications base inside a
             Sequential or functional model with a new head).
         radius: PGM methods: the distance bound. A float, a dict
-            `{layer name or path: radius}` (key `"*"` is the default), or a
+            `{layer name or path: radius}` (key `"*"` is the default; the
+            name of a nested model or layer covers everything inside it, the
+            nearest entry winning), or a
             callable `layer -> radius` (returning `None` leaves that layer
             free, and the report says so). `"learned"` (also as a dict value
             or callable result): one radius per kernel, starting at 1e-4
@@ -216,7 +231,8 @@ def wrap_pretrained(
             learns it (FTP, Tian et al. 2023).
         method: one of `"none"`, `"l2-sp"`, `"mars-sp"`, `"l2-pgm"`,
             `"mars-pgm"`, `"mars-pgm-exact"`.
-        head: names (or paths) of the new head layers, bounded around zero.
+        head: names (or paths) of the new head layers, bounded around zero
+            (a nested model's name: all of its layers).
             Default: the kernel layers outside the nested pre-trained
             model(s), or, when the model has no nested model, its last kernel
             layer. `[]`: no head, every kernel is anchored.
@@ -236,8 +252,8 @@ def wrap_pretrained(
             code: the effective scale `gamma / sqrt(moving_variance + eps)`
             stays within `radius` of its pre-trained value, element-wise,
             with the pre-trained moving variance.
-        exclude: names (or paths) of layers to leave alone; listed in the
-            report.
+        exclude: names (or paths) of layers to leave alone, with everything
+            inside them; listed in the report.
 
     Returns:
         A `WrapReport`; `print(report)` shows every wrapped weight (kind,
@@ -320,15 +336,13 @@ def wrap_pretrained(
             by_name.setdefault(key, []).append(layer)
 
     def lookup(names, what):
-        if isinstance(names, str):
-            names = [names]
-        found = set()
+        """Ids of the layers named, and of every layer inside them."""
+        names = {names} if isinstance(names, str) else set(names)
         for n in names:
             if n not in by_name:
                 top = ", ".join(l.name for l in getattr(model, "layers", []))
                 raise ValueError(f"{what} layer '{n}' does not exist in the model (top-level layers: {top}).")
-            found.update(id(l) for l in by_name[n])
-        return found
+        return {id(l) for path, l in layers if names.intersection(_selectors(path))}
 
     for what, value in (("radius", radius), ("head_radius", head_radius),
                         ("strength", strength), ("head_strength", head_strength)):

@@ -185,6 +185,27 @@ def test_a_bare_layer_name_selects_every_layer_of_that_name():
     assert {w.path for w in report.wrapped if w.role == "head"} == {"a/fc", "b/fc"}
 
 
+def test_a_nested_model_name_selects_every_layer_inside_it():
+    inp = keras.Input((3,))
+    base = keras.Sequential([keras.Input((3,)), keras.layers.Dense(5, name="d1"),
+                             keras.layers.Dense(4, name="d2")], name="base")
+    classifier = keras.Sequential([keras.Input((4,)), keras.layers.Dense(6, name="h1"),
+                                   keras.layers.Dense(2, name="h2")], name="classifier")
+    model = keras.Model(inp, classifier(base(inp)))
+    report = keras_spft.wrap_pretrained(model, radius=0.5, head=["classifier"], head_radius=3.0)
+    roles = {w.path: (w.role, w.shown) for w in report.wrapped}
+    assert roles == {"base/d1": ("backbone", "0.5"), "base/d2": ("backbone", "0.5"),
+                     "classifier/h1": ("head", "3"), "classifier/h2": ("head", "3")}
+    assert report["h1"].anchor is None   # bounded around zero, not around its random start
+    report = keras_spft.wrap_pretrained(model, radius={"base": 9.0, "d2": 2.0, "*": 0.01}, head=[])
+    assert {w.path: w.shown for w in report.wrapped} == {
+        "base/d1": "9", "base/d2": "2", "classifier/h1": "0.01", "classifier/h2": "0.01"}
+    report = keras_spft.wrap_pretrained(model, radius=0.5, exclude=["base"], head=[])
+    assert [w.path for w in report.wrapped] == ["classifier/h1", "classifier/h2"]
+    assert model.get_layer("base").get_layer("d1").kernel.constraint is None
+    assert {s.path for s in report.skipped if "excluded" in s.reason} >= {"base/d1", "base/d2"}
+
+
 def test_errors_name_the_option_or_layer():
     model = small_cnn()
     with pytest.raises(ValueError, match="unknown method 'mars'"):
