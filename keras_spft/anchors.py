@@ -114,6 +114,14 @@ class Anchored(KerasSaveable):
     def anchor_spec(self):
         return None if self._anchor is None else _spec(self._anchor)
 
+    def _scale_value(self, dtype, traced_with=None):
+        """The radius (or strength) in `dtype`; notes when a JAX trace
+        compiles it in as a constant (see `_anchor_value`)."""
+        if (traced_with is not None and _is_jax_tracer(traced_with)
+                and not _in_stateless_mapping(self._scale)):
+            self._captured_by_jit = True
+        return ops.cast(self._scale.value, dtype)
+
     def _anchor_value(self, dtype, traced_with=None):
         if (traced_with is not None and _is_jax_tracer(traced_with)
                 and not _in_stateless_mapping(self._anchor)):

@@ -97,7 +97,7 @@ class _DistanceConstraint(Anchored, keras.constraints.Constraint):
         self._check_shape(w)
         dtype = _compute_dtype(w.dtype)
         x = ops.cast(w, dtype)
-        radius = ops.cast(self._scale.value, dtype)
+        radius = self._scale_value(dtype, traced_with=w)
         a = None if self._anchor is None else self._anchor_value(dtype, traced_with=w)
         t = x if a is None else x - a
         distances = None

@@ -162,10 +162,13 @@ class RadiusOptimizer(keras.optimizers.Optimizer):
             n = len(learned)
             self._radius_m = self.add_variable(shape=(n,), dtype="float32", initializer="zeros", name="radius_m")
             self._radius_v = self.add_variable(shape=(n,), dtype="float32", initializer="zeros", name="radius_v")
-        for _, c in learned:
+        for _, c in constrained:
             # The constraint's own radius variable, shared: the optimizer's
-            # state carries it through compiled (stateless) steps.
+            # state carries it through compiled (stateless) steps, so a
+            # radius assigned or loaded later is the one in force (fixed
+            # radii too; a JAX step would otherwise compile them in).
             self._track_variable(c.radius)
+        self._fixed_radii = [c.radius for _, c in constrained if not c.learn_radius]
         # The anchors too: as optimizer state they are inputs of a compiled
         # JAX step instead of constants compiled into it (which held two
         # extra copies of them). They are not written by `save_own_variables`
@@ -226,7 +229,8 @@ class RadiusOptimizer(keras.optimizers.Optimizer):
             self.inner_optimizer.apply(grads, trainable_variables=trainable_variables)
 
     def _saved_variables(self):
-        skip = {id(a) for a in self._anchors} if self.built else set()
+        # Anchors and fixed radii are saved by their constraints.
+        skip = {id(a) for a in self._anchors + self._fixed_radii} if self.built else set()
         return [v for v in self.variables if id(v) not in skip]
 
     def save_own_variables(self, store):

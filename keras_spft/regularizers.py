@@ -61,7 +61,7 @@ class L2SP(_DistancePenalty):
 
     def __call__(self, x):
         t = self._offset(x)
-        return ops.cast(self._scale.value, t.dtype) * ops.sum(ops.square(t))
+        return self._scale_value(t.dtype, traced_with=t) * ops.sum(ops.square(t))
 
     def get_config(self):
         return {"anchor": self.anchor_spec, "strength": self._scale_config,
@@ -103,7 +103,7 @@ class MARSSP(_DistancePenalty):
         # anchor, the first step of every fine-tuning, the penalty would push
         # all weights one way on JAX only).
         rows = ops.sign(t) * t if len(axis) == 0 else ops.sum(ops.sign(t) * t, axis=axis, keepdims=True)
-        return ops.cast(self._scale.value, t.dtype) * ops.max(rows)
+        return self._scale_value(t.dtype, traced_with=t) * ops.max(rows)
 
     def get_config(self):
         return {"anchor": self.anchor_spec, "strength": self._scale_config,

@@ -245,7 +245,8 @@ def test_fixed_radii_with_radius_optimizer(tmp_path):
     anchors = [v.constraint.anchor for v in model.trainable_variables
                if getattr(v.constraint, "anchor", None) is not None]
     assert len(opt._anchors) == len(anchors) == 4
-    assert len(opt._saved_variables()) == len(opt.variables) - 4
+    assert len(opt._fixed_radii) == 5   # the head's too
+    assert len(opt._saved_variables()) == len(opt.variables) - 4 - 5
     path = str(tmp_path / "f.keras")
     model.save(path)
     loaded = keras.models.load_model(path)
@@ -255,6 +256,25 @@ def test_fixed_radii_with_radius_optimizer(tmp_path):
             np.testing.assert_array_equal(to_np(a.constraint.anchor), to_np(b.constraint.anchor))
     for a, b in zip(opt._saved_variables(), loaded.optimizer._saved_variables()):
         np.testing.assert_array_equal(to_np(a), to_np(b))
+
+
+def test_a_fixed_radius_changed_after_compiling_is_in_force():
+    """RadiusOptimizer carries fixed radii as state too: on JAX a radius
+    compiled in as a constant would ignore the new value."""
+    keras.utils.set_random_seed(0)
+    model = small_cnn()
+    keras_spft.wrap_pretrained(model, radius=1.0, head_radius=3.0)
+    model.compile(optimizer=keras_spft.RadiusOptimizer(keras.optimizers.Adam(0.1)),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x, y = _data()
+    model.fit(x, y, epochs=1, batch_size=8, verbose=0)
+    backbone = [(v, v.constraint) for v in model.trainable_variables
+                if isinstance(v.constraint, keras_spft.MARSDistance) and v.constraint.anchor is not None]
+    for _, c in backbone:
+        c.radius.assign(0.01)
+    model.fit(x, y, epochs=1, batch_size=8, verbose=0)
+    farthest = max(float(np.max(assert_within_bound(c, v))) for v, c in backbone)
+    assert 0.009 < farthest <= 0.01 * (1 + 1e-5)
 
 
 @pytest.mark.skipif(keras.backend.backend() != "jax", reason="JAX compiles the train step with jax.jit")
