@@ -25,9 +25,14 @@ def is_spec(value):
 
 def check_positive(value, what, owner):
     """Raises `ValueError` unless `value` is a finite number (or array) > 0."""
-    arr = np.asarray(value, dtype="float64") if not is_spec(value) else None
-    if arr is None:
+    if is_spec(value):
         return
+    if isinstance(value, (bool, np.bool_, str, bytes)):
+        raise ValueError(f"{owner}: `{what}` must be a positive number, got {value!r}.")
+    try:
+        arr = np.asarray(ops.convert_to_numpy(value) if hasattr(value, "shape") else value, dtype="float64")
+    except (TypeError, ValueError):
+        raise ValueError(f"{owner}: `{what}` must be a positive number (or array of them), got {value!r}.") from None
     if arr.size == 0 or not np.all(np.isfinite(arr)) or not np.all(arr > 0):
         shown = value if arr.size == 1 else f"array with min {np.nanmin(arr) if arr.size else 'n/a'}"
         raise ValueError(

@@ -127,10 +127,19 @@ class RadiusOptimizer(keras.optimizers.Optimizer):
                 "(`gradient_accumulation_steps`); learned radii need one "
                 "update per batch."
             )
-        if not radius_learning_rate > 0:
+        try:
+            ok = 0 < float(radius_learning_rate) < float("inf")
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
             raise ValueError(
-                f"RadiusOptimizer: `radius_learning_rate` must be > 0, got {radius_learning_rate}."
+                f"RadiusOptimizer: `radius_learning_rate` must be a positive finite number, got {radius_learning_rate!r}."
             )
+        for what, b in (("beta_1", beta_1), ("beta_2", beta_2)):
+            if not 0.0 <= b < 1.0:
+                raise ValueError(f"RadiusOptimizer: `{what}` must be in [0, 1), got {b}.")
+        if not epsilon > 0:
+            raise ValueError(f"RadiusOptimizer: `epsilon` must be > 0, got {epsilon}.")
         if not 0.0 <= shrink_factor <= 1.0:
             raise ValueError(
                 f"RadiusOptimizer: `shrink_factor` must be in [0, 1], got {shrink_factor}."

@@ -177,7 +177,10 @@ def _resolve(value, layer, path, what):
             + (f" or {LEARNED!r}" if what == "radius" else "") + f", got {value!r}."
         )
     check_positive(value, what, f"layer '{path}'")
-    return float(value)
+    if np.ndim(keras.ops.convert_to_numpy(value) if hasattr(value, "shape") else value) != 0:
+        raise ValueError(f"layer '{path}': `{what}` must be one number per layer, got {value!r} "
+                         "(per-row radii: give the constraint itself an array).")
+    return float(keras.ops.convert_to_numpy(value) if hasattr(value, "shape") else value)
 
 
 def _fmt(x):
@@ -226,7 +229,8 @@ def wrap_pretrained(
             callable `layer -> radius` (returning `None` leaves that layer
             free, and the report says so). `"learned"` (also as a dict value
             or callable result): one radius per kernel, starting at 1e-4
-            (the weights start at the anchor) and learned during training;
+            (the weights start at the anchor; wrapping a learned radius
+            again goes on from its current value) and learned during training;
             compile with `optimizer=keras_spft.RadiusOptimizer(...)`, which
             learns it (FTP, Tian et al. 2023).
         method: one of `"none"`, `"l2-sp"`, `"mars-sp"`, `"l2-pgm"`,
@@ -439,8 +443,16 @@ def wrap_pretrained(
                 anchor, note = _SharedAnchor(existing), "kept existing anchor"
             else:
                 anchor, note = var, ""
+            # Wrapping a learned radius again (say, for another head radius)
+            # goes on from the radius learned so far, not from the start.
+            learned_from = None
+            if (value == LEARNED and getattr(existing, "learn_radius", False)
+                    and type(existing) is {"mars-pgm": MARSDistance, "l2-pgm": FrobeniusDistance}.get(method)):
+                learned_from = float(keras.ops.convert_to_numpy(existing.radius))
+                note += ", kept learned radius"
             shown = (LEARNED if value == LEARNED else f"{_fmt(value)} x row norm" if relative and not (is_bn and batchnorm == "reference") else _fmt(value))
-        obj = _make(method, projection, anchor, value, spec, layer, path, relative and not is_head, is_bn and batchnorm == "reference")
+        obj = _make(method, projection, anchor, value, spec, layer, path, relative and not is_head,
+                    is_bn and batchnorm == "reference", learned_from=None if is_head else learned_from)
         if is_bn and batchnorm == "reference":
             shown = f"{_fmt(value)} on gamma/sqrt(var+eps)"
         role = "head" if is_head else ("batchnorm" if is_bn else "backbone")
@@ -471,19 +483,19 @@ def _existing(var, path):
 def _mentions_learned(value):
     if isinstance(value, dict):
         return any(v == LEARNED for v in value.values() if isinstance(v, str))
-    return value == LEARNED
+    return isinstance(value, str) and value == LEARNED
 
 
-def _make(method, projection, anchor, value, spec, layer, path, relative, reference):
+def _make(method, projection, anchor, value, spec, layer, path, relative, reference, learned_from=None):
     name = f"{path}/{spec.weight}"
-    learn = value == LEARNED
+    learn = isinstance(value, str) and value == LEARNED
     if learn:
         if reference or relative:
             raise ValueError(
                 f"layer '{path}': radius='learned' cannot be combined with "
                 + ("batchnorm='reference'." if reference else "relative=True.")
             )
-        value = MIN_LEARNED_RADIUS
+        value = MIN_LEARNED_RADIUS if learned_from is None else learned_from
     if reference:
         eps = layer.epsilon
         var0 = keras.ops.convert_to_numpy(layer.moving_variance)

@@ -316,6 +316,38 @@ def test_bad_learned_options(kwargs, match):
         keras_spft.wrap_pretrained(model, **kwargs)
 
 
+def test_radius_and_radius_optimizer_values_are_checked_with_their_names():
+    model = small_cnn()
+    for bad, said in [(True, r"`radius` must be a positive number, got True"),
+                      ("a", r"`radius` must be a positive number or 'learned', got 'a'"),
+                      ([1.0, 2.0], r"`radius` must be one number per layer"),
+                      (ops.convert_to_tensor(-1.0), r"`radius` must be positive and finite")]:
+        with pytest.raises(ValueError, match=r"layer 'base/c1': " + said):
+            keras_spft.wrap_pretrained(model, radius=bad, head_radius=1.0)
+    report = keras_spft.wrap_pretrained(model, radius=keras.Variable(0.5), head_radius=1.0)   # a tensor works
+    assert float(to_np(report["c1"].radius)) == 0.5
+    with pytest.raises(ValueError, match=r"MARSDistance\(unnamed\): `radius` must be a positive number"):
+        keras_spft.MARSDistance(np.zeros((2, 2), "float32"), "a")
+    for kwargs, said in [({"radius_learning_rate": float("inf")}, "radius_learning_rate"),
+                         ({"beta_1": 1.5}, "beta_1"), ({"beta_2": -0.1}, "beta_2"), ({"epsilon": 0.0}, "epsilon")]:
+        with pytest.raises(ValueError, match=said):
+            keras_spft.RadiusOptimizer(keras.optimizers.Adam(), **kwargs)
+
+
+def test_rewrapping_a_learned_radius_goes_on_from_it():
+    keras.utils.set_random_seed(0)
+    model = small_cnn()
+    keras_spft.wrap_pretrained(model, radius="learned", head_radius=3.0)
+    model.compile(optimizer=keras_spft.RadiusOptimizer(keras.optimizers.Adam(1e-2)),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x, y = _data()
+    model.fit(x, y, epochs=3, batch_size=8, verbose=0)
+    before = keras_spft.learned_radii(model)
+    assert max(before.values()) > 10 * MIN_LEARNED_RADIUS      # it learned something
+    report = keras_spft.wrap_pretrained(model, radius="learned", head_radius=5.0)
+    assert keras_spft.learned_radii(model) == before and "kept learned radius" in str(report)
+
+
 def test_radius_optimizer_argument_errors():
     with pytest.raises(ValueError, match="shrink_factor"):
         keras_spft.RadiusOptimizer(keras.optimizers.Adam(), shrink_factor=2.0)
