@@ -153,6 +153,26 @@ class RadiusOptimizer(keras.optimizers.Optimizer):
 
     @tracking.no_automatic_dependency_tracking
     def build(self, var_list):
+        self._bind_constraints(var_list)
+        self.inner_optimizer.build(var_list)
+        super().build(var_list)
+
+    @tracking.no_automatic_dependency_tracking
+    def rebind(self):
+        """Takes up the constraints now on its variables.
+
+        `wrap_pretrained` calls it when it wraps a model whose optimizer this
+        is, already built: the state of the old constraints (their radii and
+        anchors, the radii's Adam moments) is dropped and that of the new
+        ones taken up; the inner optimizer's state is kept.
+        """
+        drop = {id(v) for v in self._bound}
+        # In place: Keras' tracker appends to this very list.
+        self._variables[:] = [v for v in self._variables if id(v) not in drop]
+        self._tracker.stored_ids["variables"] -= drop
+        self._bind_constraints(self._trainable_variables)
+
+    def _bind_constraints(self, var_list):
         constrained = distance_constraints(var_list)
         if not constrained:
             raise ValueError(
@@ -162,6 +182,8 @@ class RadiusOptimizer(keras.optimizers.Optimizer):
             )
         learned = [(v, c) for v, c in constrained if c.learn_radius]
         self._learned = learned
+        self._constraint_ids = {id(c) for _, c in constrained}
+        before = len(self._variables)
         if learned:
             self._radius_step = self.add_variable(
                 shape=(), dtype="float32", initializer="zeros", name="radius_step"
@@ -189,8 +211,7 @@ class RadiusOptimizer(keras.optimizers.Optimizer):
                 seen.add(id(c.anchor))
                 self._track_variable(c.anchor)
                 self._anchors.append(c.anchor)
-        self.inner_optimizer.build(var_list)
-        super().build(var_list)
+        self._bound = self._variables[before:]   # what `rebind` drops
 
     @property
     def variables(self):
@@ -232,6 +253,13 @@ class RadiusOptimizer(keras.optimizers.Optimizer):
                 self.build(trainable_variables)
             self.built = True
         tvs = self._trainable_variables if trainable_variables is None else list(trainable_variables)
+        if {id(c) for _, c in distance_constraints(tvs)} != self._constraint_ids:
+            raise ValueError(
+                "RadiusOptimizer: the model's keras-spft constraints changed after this "
+                "optimizer was built (wrap_pretrained called again?); its state holds "
+                "the old radii and anchors. Compile the model again with a new "
+                "RadiusOptimizer, e.g. `model.compile(optimizer=keras_spft.RadiusOptimizer(...), ...)`."
+            )
         grads = list(grads)
         self._update_radii(grads, tvs)
         with radius_learning():

@@ -461,7 +461,31 @@ def wrap_pretrained(
 
     for layer, spec, obj, is_constraint in attachments:
         _attach(layer, spec, obj, is_constraint)
+    _forget_compiled_steps(model)
+    _rebind_radius_optimizer(model)
     return report
+
+
+def _rebind_radius_optimizer(model):
+    """A `RadiusOptimizer` already built for this model holds the state of
+    the objects just replaced: it takes up the new ones (see its `rebind`)."""
+    from keras_spft.learned import RadiusOptimizer
+
+    opt = getattr(model, "optimizer", None)
+    while opt is not None and not isinstance(opt, RadiusOptimizer):
+        opt = getattr(opt, "inner_optimizer", None)   # LossScaleOptimizer(RadiusOptimizer(...))
+    if opt is not None and opt.built:
+        opt.rebind()
+
+
+def _forget_compiled_steps(model):
+    """A train (or test) step traced before holds the objects it found then:
+    drop it, so the next `fit`/`evaluate` traces one with the new objects."""
+    models = [model] + [l for _, l in walk_layers(model) if isinstance(l, keras.Model)]
+    for m in models:
+        for attr in ("train_function", "test_function"):
+            if getattr(m, attr, None) is not None:
+                setattr(m, attr, None)
 
 
 def _existing(var, path):

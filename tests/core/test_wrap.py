@@ -268,3 +268,51 @@ def test_after_a_call_the_objects_are_exactly_those_reported():
     gamma = next(v for v in model.weights if v.name == "gamma")
     assert gamma.constraint is None
     assert model.get_layer("base").get_layer("dense").kernel.constraint is None
+
+
+def test_wrapping_again_after_compiling_takes_effect_at_the_next_fit():
+    from tests.core.helpers import assert_within_bound
+
+    keras.utils.set_random_seed(0)
+    model = small_cnn()
+    keras_spft.wrap_pretrained(model, radius=1.0, head_radius=3.0)
+    model.compile(optimizer=keras.optimizers.Adam(0.1),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(16, 12, 12, 3)).astype("float32"), rng.integers(0, 3, 16)
+    model.fit(x, y, epochs=1, batch_size=8, verbose=0)
+    report = keras_spft.wrap_pretrained(model, radius=0.01, head_radius=3.0)   # no compile in between
+    model.fit(x, y, epochs=1, batch_size=8, verbose=0)
+    farthest = max(float(np.max(assert_within_bound(w.obj, w.obj and model.get_layer("base").get_layer(w.path.split("/")[-1]).kernel)))
+                   for w in report.wrapped if w.role == "backbone")
+    assert 0.009 < farthest <= 0.01 * (1 + 1e-5)
+
+
+def test_wrapping_again_rebinds_a_built_radius_optimizer():
+    """Re-wrapping mid-training (here: another head radius) goes on with the
+    same optimizer: its radius state follows the new constraints, the radii
+    go on from their learned values, and the inner Adam keeps its moments."""
+    from tests.core.helpers import assert_within_bound
+
+    keras.utils.set_random_seed(0)
+    model = small_cnn()
+    keras_spft.wrap_pretrained(model, radius="learned", head_radius=3.0)
+    opt = keras_spft.RadiusOptimizer(keras.optimizers.Adam(1e-2))
+    model.compile(optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(32, 12, 12, 3)).astype("float32"), rng.integers(0, 3, 32)
+    model.fit(x, y, epochs=2, batch_size=8, verbose=0)
+    before = keras_spft.learned_radii(model)
+    n_vars, inner_iterations = len(opt.variables), int(to_np(opt.inner_optimizer.iterations))
+    report = keras_spft.wrap_pretrained(model, radius="learned", head_radius=0.5)
+    assert len(opt.variables) == n_vars and keras_spft.learned_radii(model) == before
+    model.fit(x, y, epochs=1, batch_size=8, verbose=0)
+    after = keras_spft.learned_radii(model)
+    assert after != before                                         # still learning, the new radii
+    assert int(to_np(opt.inner_optimizer.iterations)) == inner_iterations + 4
+    for w in report.wrapped:
+        layer = model.get_layer(w.path) if "/" not in w.path else model.get_layer("base").get_layer(w.path.split("/")[-1])
+        assert_within_bound(w.obj, layer.kernel)                  # the head within its new 0.5
+    with pytest.raises(ValueError, match="constraints changed after this optimizer was built"):
+        model.get_layer("head").kernel.constraint = keras_spft.MARSDistance(None, 1.0, name="manual")
+        opt.apply([keras.ops.zeros(v.shape) for v in model.trainable_variables], model.trainable_variables)
