@@ -30,7 +30,10 @@ LOOP=${LOOP:-fit}   # fit: steps_per_execution, no per-step host round trip; or 
 # (one suspect of the variance between compilations) out of every run.
 run projection 90 $PY -m benchmarks.projection --model resnet101 --reps 7 --passes 20 \
   --impls floor,scale,scale-grouped,learned-scale,frobenius
+# COUNT=--count-kernels (default) also counts the kernels each method's step
+# launches (XLA's HLO dumps; where a constraint's time goes); COUNT= skips it.
+COUNT=${COUNT---count-kernels}
 [ -n "$R101" ] && run resnet101 "$LIMIT" $PY benchmarks/overhead.py --model resnet101 --image-size 224 --batch 32 \
-  --reps 5 --steps 20 --loop "$LOOP" --methods "$R101" --out "$OUT/resnet101.json"
+  --reps 5 --steps 20 --loop "$LOOP" --methods "$R101" --out "$OUT/resnet101.json" $COUNT
 [ -n "$EFF" ] && run efficientnetb0 "$LIMIT" $PY benchmarks/overhead.py --model efficientnetb0 --image-size 224 --batch 32 \
   --reps 5 --steps 20 --loop "$LOOP" --methods "$EFF" --out "$OUT/efficientnetb0.json"

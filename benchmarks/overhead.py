@@ -15,6 +15,9 @@ projection written the obvious way (rows moved into a matrix, norms, rescale,
 moved back: separate passes), kept here for comparison only. A method
 written "name#2" is a second copy of "name", built and compiled separately:
 "none,none#2,..." shows how far two compilations of the same model differ.
+`--count-kernels` (JAX) has XLA dump each compiled step into a temporary
+folder and counts the kernels each method's step launches
+(`benchmarks/hlo_kernels.py`); the dumps (hundreds of MB) are then removed.
 
     python benchmarks/overhead.py --model resnet101 --image-size 64 --batch 8
     KERAS_BACKEND=jax python benchmarks/overhead.py --model resnet101 --image-size 224 --batch 32
@@ -22,7 +25,10 @@ written "name#2" is a second copy of "name", built and compiled separately:
 
 import argparse
 import json
+import os
 import platform
+import shutil
+import tempfile
 import random
 import statistics
 import time
@@ -32,6 +38,11 @@ import keras
 from keras import ops
 
 import keras_spft
+
+try:
+    from benchmarks import hlo_kernels
+except ImportError:   # run as a script: benchmarks/ itself is on the path
+    import hlo_kernels
 
 METHODS = ["none", "l2-sp", "mars-sp", "l2-pgm", "mars-pgm", "mars-pgm-exact", "delta", "naive",
            "mars-pgm-learned", "l2-pgm-learned", "mars-pgm-state", "l2-pgm-state",
@@ -132,7 +143,18 @@ def main():
                    help="time `train_on_batch` calls (a host round trip per step), or one `fit` call "
                         "per block with steps_per_execution=--steps (no per-step synchronisation)")
     p.add_argument("--out", default=None, help="write the result as JSON here")
+    p.add_argument("--count-kernels", action="store_true",
+                   help="JAX: count the kernels of each method's compiled step (from XLA's HLO dumps)")
     a = p.parse_args()
+    dump = None
+    if a.count_kernels:
+        if keras.backend.backend() != "jax":
+            p.error("--count-kernels needs the JAX backend (XLA_FLAGS dumps of jax.jit modules).")
+        dump = tempfile.mkdtemp(prefix="spft_hlo_")
+        # Read by XLA when the backend starts, i.e. at the first array below.
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={dump}"
+                                   " --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*train.*").strip()
+    kernels = {}
     methods = a.methods.split(",")
     assert methods[0] == "none", "the first method must be the plain baseline 'none'"
     rng = np.random.default_rng(0)
@@ -163,6 +185,11 @@ def main():
         if a.loop == "fit":
             _fit_block(model, x, y, a.steps)  # compiles the multi-step function
         print(f"built {m}: warm-up {time.perf_counter() - t0:.1f}s", flush=True)
+        if dump:   # the train functions this method compiled; then the dumps go
+            kernels[m] = [(n, hlo_kernels.summary(hlo_kernels.kernel_counts(t)))
+                          for n, t in hlo_kernels.modules(dump)]
+            shutil.rmtree(dump)
+            os.makedirs(dump)
         models[m] = model
     # Timed steps read a batch already on the device: no host-to-device copy
     # of the images inside the timed blocks (19 MB a step at 224 px, batch 32).
@@ -189,13 +216,21 @@ def main():
                          ratio_min=min(ratios), ratio_max=max(ratios), extra_bytes=extra[m]))
     result = dict(model=a.model, image_size=a.image_size, batch=a.batch, steps=a.steps, reps=a.reps, loop=a.loop,
                   backend=keras.backend.backend(), jit_compile=a.jit_compile, machine=platform.node(),
-                  processor=platform.processor() or platform.machine(), kernel_bytes=kernel_bytes, rows=rows)
+                  processor=platform.processor() or platform.machine(), kernel_bytes=kernel_bytes, rows=rows,
+                  **({"kernels": kernels} if dump else {}))
     print(f"\n{a.model} {a.image_size}x{a.image_size} batch {a.batch}, backend {result['backend']}, "
           f"jit_compile={a.jit_compile}, {a.reps} interleaved reps x {a.steps} steps; kernels {kernel_bytes:,} bytes")
     print("| method | median step (s) | ratio to plain (median) | spread (min-max) | extra memory (bytes) |")
     print("|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['method']} | {r['step_s']:.4f} | {r['ratio']:.3f} | {r['ratio_min']:.3f}-{r['ratio_max']:.3f} | {r['extra_bytes']:,} |")
+    if dump:
+        shutil.rmtree(dump, ignore_errors=True)
+        print("\n| method | compiled train function | kernels | fusions | custom calls | other |")
+        print("|---|---|---|---|---|---|")
+        for m in methods:
+            for name, (total, fusion, custom, other) in kernels[m]:
+                print(f"| {m} | {name} | {total} | {fusion} | {custom} | {other} |")
     if a.out:
         with open(a.out, "w") as f:
             json.dump(result, f, indent=1)

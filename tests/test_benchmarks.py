@@ -79,3 +79,69 @@ def test_chained_passes_each_project_the_previous_result(monkeypatch, passes):
     projection.wait_for(out)
     for w, o in zip(ws, out):
         np.testing.assert_allclose(ops.convert_to_numpy(o), ops.convert_to_numpy(w) + passes, rtol=1e-6, atol=1e-5)
+
+
+HLO = """HloModule jit_step, entry_computation_layout={(f32[4]{0})->f32[4]{0}}
+
+%fused_computation (param_0: f32[4]) -> f32[4] {
+  %param_0 = f32[4]{0} parameter(0)
+  %multiply.1 = f32[4]{0} multiply(%param_0, %param_0)
+  ROOT %add.2 = f32[4]{0} add(%multiply.1, %param_0)
+}
+
+%body (p: (s32[], f32[4])) -> (s32[], f32[4]) {
+  %p = (s32[], f32[4]{0}) parameter(0)
+  %gte.0 = s32[] get-tuple-element(%p), index=0
+  %gte.1 = f32[4]{0} get-tuple-element(%p), index=1
+  %fusion.1 = f32[4]{0} fusion(%gte.1), kind=kLoop, calls=%fused_computation
+  %custom-call.1 = f32[4]{0} custom-call(%fusion.1), custom_call_target="__cublas$gemm"
+  ROOT %tuple.1 = (s32[], f32[4]{0}) tuple(%gte.0, %custom-call.1)
+}
+
+%cond (q: (s32[], f32[4])) -> pred[] {
+  %q = (s32[], f32[4]{0}) parameter(0)
+  %gte.2 = s32[] get-tuple-element(%q), index=0
+  %c = s32[] constant(3)
+  ROOT %lt = pred[] compare(%gte.2, %c), direction=LT
+}
+
+ENTRY %main.9 (Arg_0.1: f32[4]) -> f32[4] {
+  %Arg_0.1 = f32[4]{0} parameter(0)
+  %copy.3 = f32[4]{0} copy(%Arg_0.1)
+  %zero = s32[] constant(0)
+  %init = (s32[], f32[4]{0}) tuple(%zero, %copy.3)
+  %while.1 = (s32[], f32[4]{0}) while(%init), condition=%cond, body=%body
+  ROOT %out = f32[4]{0} get-tuple-element(%while.1), index=1
+}
+"""
+
+
+def test_kernel_counts_follow_loops_but_not_into_fusions():
+    from benchmarks import hlo_kernels
+
+    counts = hlo_kernels.kernel_counts(HLO)
+    # entry: copy; loop body: fusion, custom-call; condition: compare. Not the
+    # multiply/add inside the fusion, nor parameters, tuples, constants, while.
+    assert counts == {"copy": 1, "fusion": 1, "custom-call": 1, "compare": 1}
+    assert hlo_kernels.summary(counts) == (4, 1, 1, 2)
+    with pytest.raises(ValueError, match="no ENTRY computation"):
+        hlo_kernels.kernel_counts("%f (a: f32[]) -> f32[] {\n}\n")
+
+
+def test_kernel_counts_read_a_real_xla_dump(tmp_path):
+    """A dump XLA itself wrote (JAX on the CPU, in a fresh process)."""
+    import subprocess
+    import sys
+
+    from benchmarks import hlo_kernels
+    from tests.workflow.conftest import REPO
+
+    code = ("import jax, jax.numpy as jnp\n"
+            "f = jax.jit(lambda w, g: jnp.where(jnp.abs(w - g).sum(0) > 1, w / 2, w - g))\n"
+            "f(jnp.ones((8, 4)), jnp.ones((8, 4))).block_until_ready()\n")
+    env = {**__import__("os").environ, "XLA_FLAGS": f"--xla_dump_to={tmp_path} --xla_dump_hlo_as_text"}
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, env=env, timeout=120)
+    mods = hlo_kernels.modules(str(tmp_path), pattern="lambda")
+    assert len(mods) == 1
+    total, fusions, _, _ = hlo_kernels.summary(hlo_kernels.kernel_counts(mods[0][1]))
+    assert 1 <= fusions <= total
