@@ -93,6 +93,21 @@ class _DistanceConstraint(Anchored, keras.constraints.Constraint):
             )
 
     def __call__(self, w):
+        return self._apply(w, learn=self.learn_radius)
+
+    def project(self, w):
+        """`w` projected with the current radius, and nothing else: a learned
+        radius is neither clipped nor needs a `RadiusOptimizer`.
+
+        Args:
+            w: a kernel (tensor or variable) of the anchor's shape.
+
+        Returns:
+            The projected kernel, in `w`'s dtype.
+        """
+        return self._apply(w, learn=False)
+
+    def _apply(self, w, learn):
         w = ops.convert_to_tensor(w)
         self._check_shape(w)
         dtype = _compute_dtype(w.dtype)
@@ -101,7 +116,7 @@ class _DistanceConstraint(Anchored, keras.constraints.Constraint):
         a = None if self._anchor is None else self._anchor_value(dtype, traced_with=w)
         t = x if a is None else x - a
         distances = None
-        if self.learn_radius:
+        if learn:
             if not _LEARNER_DEPTH[0]:
                 raise ValueError(
                     f"{self._owner()} has a learned radius, but the optimizer "

@@ -304,6 +304,13 @@ class RadiusOptimizer(keras.optimizers.Optimizer):
 
     def finalize_variable_values(self, var_list):
         self.inner_optimizer.finalize_variable_values(var_list)
+        if self.inner_optimizer.use_ema:
+            # Keras updates the moving average before its constraints project
+            # the step, so the average of unprojected iterates (and the
+            # head's random start) replaces the weights at the end of `fit`:
+            # project it once, with the radii in force.
+            for var, c in distance_constraints(var_list):
+                var.assign(c.project(var))
 
     def get_config(self):
         return {

@@ -348,6 +348,24 @@ def test_rewrapping_a_learned_radius_goes_on_from_it():
     assert keras_spft.learned_radii(model) == before and "kept learned radius" in str(report)
 
 
+@pytest.mark.parametrize("radius", [0.05, "learned"])
+def test_ema_weights_are_projected_at_the_end_of_fit(radius):
+    """Keras averages the iterates before projecting them and writes the
+    average into the weights when fit ends; RadiusOptimizer projects it."""
+    keras.utils.set_random_seed(0)
+    model = small_cnn()
+    keras_spft.wrap_pretrained(model, radius=radius, head_radius=0.5)
+    model.compile(optimizer=keras_spft.RadiusOptimizer(keras.optimizers.Adam(0.05, use_ema=True)),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x, y = _data()
+    model.fit(x, y, epochs=2, batch_size=8, verbose=0)
+    radii = keras_spft.learned_radii(model)
+    for v in model.trainable_variables:
+        if isinstance(v.constraint, keras_spft.MARSDistance):
+            assert_within_bound(v.constraint, v)
+    assert keras_spft.learned_radii(model) == radii   # projecting does not move a learned radius
+
+
 def test_radius_optimizer_argument_errors():
     with pytest.raises(ValueError, match="shrink_factor"):
         keras_spft.RadiusOptimizer(keras.optimizers.Adam(), shrink_factor=2.0)
