@@ -1,5 +1,6 @@
 """`wrap_pretrained`: anchor every pre-trained kernel of a model in one call."""
 
+import json
 import math
 from dataclasses import dataclass, field
 
@@ -139,6 +140,31 @@ def _has_kernel(layer):
         return bool(kernel_specs(layer))
     except UnsupportedLayerError:
         return True
+
+
+def _check_saveable(path, layer, by_path):
+    """Refuses a layer that `keras.models.load_model` would rebuild without
+    its constraint: one made by a parent layer (not a model) from the
+    parent's own config, as MultiHeadAttention makes its query, key, value
+    and output layers. Its anchor would be lost on loading."""
+    parts = path.split("/")
+    for k in range(len(parts) - 1, 0, -1):
+        parent_path = "/".join(parts[:k])
+        parent, child = by_path.get(parent_path), by_path.get("/".join(parts[:k + 1]))
+        if parent is None or isinstance(parent, keras.Model):
+            continue
+        try:
+            config = json.dumps(parent.get_config(), default=str)
+        except Exception:   # no config: load_model cannot rebuild it anyway
+            continue
+        if f'"name": {json.dumps(child.name)}' not in config:
+            raise ValueError(
+                f"layer '{path}' is built by its parent '{parent_path}' "
+                f"({type(parent).__name__}) from the parent's own config, which "
+                "records no constraint or regularizer per sublayer: "
+                "`keras.models.load_model` would rebuild it without its anchor. "
+                f"Leave it out with `exclude=['{parent_path}']`."
+            )
 
 
 def _selectors(path):
@@ -334,6 +360,7 @@ def wrap_pretrained(
         raise ValueError("the model is not built: call it on data or `model.build(...)` first.")
 
     layers = list(walk_layers(model))
+    by_path = dict(layers)
     by_name = {}  # a path, or a bare name (every layer of that name)
     for path, layer in layers:
         for key in {path, layer.name}:
@@ -398,6 +425,8 @@ def wrap_pretrained(
             attachments.extend((layer, spec, None, None) for spec in specs)
             continue
         is_head = id(layer) in head_ids
+        if method != "none":
+            _check_saveable(path, layer, by_path)
         for spec in specs:
             plan.append((path, layer, spec, is_head))
 

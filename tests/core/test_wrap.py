@@ -316,3 +316,19 @@ def test_wrapping_again_rebinds_a_built_radius_optimizer():
     with pytest.raises(ValueError, match="constraints changed after this optimizer was built"):
         model.get_layer("head").kernel.constraint = keras_spft.MARSDistance(None, 1.0, name="manual")
         opt.apply([keras.ops.zeros(v.shape) for v in model.trainable_variables], model.trainable_variables)
+
+
+def test_sublayers_a_parent_rebuilds_from_its_own_config_are_refused():
+    """MultiHeadAttention makes its query/key/value/output layers from its own
+    config: load_model would rebuild them without their constraints (and lose
+    the anchors), so wrapping them is refused; a wrapper that records its
+    inner layer's config (TimeDistributed) is fine."""
+    inp = keras.Input((4, 8))
+    x = keras.layers.MultiHeadAttention(2, 4, name="mha")(inp, inp)
+    x = keras.layers.TimeDistributed(keras.layers.Dense(3, name="inner"), name="td")(x)
+    model = keras.Model(inp, keras.layers.Dense(2, name="head")(keras.layers.Flatten()(x)))
+    with pytest.raises(ValueError, match=r"layer 'mha/query' is built by its parent 'mha' \(MultiHeadAttention\)"
+                                         r".*exclude=\['mha'\]"):
+        keras_spft.wrap_pretrained(model, radius=1.0)
+    report = keras_spft.wrap_pretrained(model, radius=1.0, exclude=["mha"])
+    assert [w.path for w in report.wrapped if w.role == "backbone"] == ["td/inner"]
