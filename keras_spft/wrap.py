@@ -2,6 +2,7 @@
 
 import json
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -142,29 +143,35 @@ def _has_kernel(layer):
         return True
 
 
-def _check_saveable(path, layer, by_path):
-    """Refuses a layer that `keras.models.load_model` would rebuild without
-    its constraint: one made by a parent layer (not a model) from the
-    parent's own config, as MultiHeadAttention makes its query, key, value
-    and output layers. Its anchor would be lost on loading."""
+def _rebuilt_without_objects(path, by_path, model):
+    """The enclosing layer or model (a description) that `keras.models.load_model`
+    rebuilds the layer at `path` from, without the keras-spft object attached
+    to it here, or `None` when the file restores it.
+
+    Functional and Sequential models record each layer's config, and so do
+    wrappers such as TimeDistributed. A layer that builds its sublayers from
+    its own arguments does not: MultiHeadAttention's query/key/value/output
+    layers, the layers a subclassed model creates in `__init__`, the layers of
+    a Functional subclass whose `__init__` builds its graph (keras_hub models).
+    """
+    from keras.src.models.functional import Functional
+
     parts = path.split("/")
-    for k in range(len(parts) - 1, 0, -1):
-        parent_path = "/".join(parts[:k])
-        parent, child = by_path.get(parent_path), by_path.get("/".join(parts[:k + 1]))
-        if parent is None or isinstance(parent, keras.Model):
+    chain = [("", model)] + [("/".join(parts[:k]), by_path.get("/".join(parts[:k]))) for k in range(1, len(parts))]
+    for k, (parent_path, parent) in enumerate(chain):
+        child = by_path.get("/".join(parts[:k + 1]))
+        shown = f"'{parent_path}' ({type(parent).__name__})" if parent_path else f"the model ({type(parent).__name__})"
+        if isinstance(parent, keras.Model):
+            if type(parent) not in (Functional, keras.Sequential):
+                return shown
             continue
         try:
             config = json.dumps(parent.get_config(), default=str)
         except Exception:   # no config: load_model cannot rebuild it anyway
             continue
         if f'"name": {json.dumps(child.name)}' not in config:
-            raise ValueError(
-                f"layer '{path}' is built by its parent '{parent_path}' "
-                f"({type(parent).__name__}) from the parent's own config, which "
-                "records no constraint or regularizer per sublayer: "
-                "`keras.models.load_model` would rebuild it without its anchor. "
-                f"Leave it out with `exclude=['{parent_path}']`."
-            )
+            return shown
+    return None
 
 
 def _selectors(path):
@@ -361,6 +368,7 @@ def wrap_pretrained(
 
     layers = list(walk_layers(model))
     by_path = dict(layers)
+    not_restored = {}   # enclosing layer -> paths load_model rebuilds without their objects
     by_name = {}  # a path, or a bare name (every layer of that name)
     for path, layer in layers:
         for key in {path, layer.name}:
@@ -426,7 +434,9 @@ def wrap_pretrained(
             continue
         is_head = id(layer) in head_ids
         if method != "none":
-            _check_saveable(path, layer, by_path)
+            rebuilt = _rebuilt_without_objects(path, by_path, model)
+            if rebuilt is not None:
+                not_restored.setdefault(rebuilt, []).append(path)
         for spec in specs:
             plan.append((path, layer, spec, is_head))
 
@@ -490,6 +500,19 @@ def wrap_pretrained(
 
     for layer, spec, obj, is_constraint in attachments:
         _attach(layer, spec, obj, is_constraint)
+    if not_restored:
+        lost = {p for paths in not_restored.values() for p in paths}
+        for w in report.wrapped:
+            if w.path in lost:
+                w.note = (w.note + ", " if w.note else "") + "not restored by load_model"
+        warnings.warn(
+            "keras.models.load_model would rebuild these layers without their keras-spft "
+            "objects (their anchors would be lost): " + "; ".join(
+                f"{', '.join(paths[:4])}{', ...' if len(paths) > 4 else ''} (built by {parent})"
+                for parent, paths in not_restored.items())
+            + ". Save with `model.save_weights(...)` and restore by rebuilding the model, "
+            "wrapping it the same way and calling `load_weights`; or leave them out with `exclude=[...]`.",
+            UserWarning, stacklevel=2)
     _forget_compiled_steps(model)
     _rebind_radius_optimizer(model)
     return report

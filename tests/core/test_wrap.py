@@ -318,17 +318,35 @@ def test_wrapping_again_rebinds_a_built_radius_optimizer():
         opt.apply([keras.ops.zeros(v.shape) for v in model.trainable_variables], model.trainable_variables)
 
 
-def test_sublayers_a_parent_rebuilds_from_its_own_config_are_refused():
+def test_layers_load_model_would_rebuild_without_their_anchors_are_named():
     """MultiHeadAttention makes its query/key/value/output layers from its own
-    config: load_model would rebuild them without their constraints (and lose
-    the anchors), so wrapping them is refused; a wrapper that records its
-    inner layer's config (TimeDistributed) is fine."""
+    config, and a subclassed model its layers in __init__: load_model rebuilds
+    them without their constraints. Wrapping them warns and the report says
+    so; a wrapper that records its inner layer's config (TimeDistributed) and
+    Functional/Sequential models are restored, and not named."""
     inp = keras.Input((4, 8))
     x = keras.layers.MultiHeadAttention(2, 4, name="mha")(inp, inp)
     x = keras.layers.TimeDistributed(keras.layers.Dense(3, name="inner"), name="td")(x)
     model = keras.Model(inp, keras.layers.Dense(2, name="head")(keras.layers.Flatten()(x)))
-    with pytest.raises(ValueError, match=r"layer 'mha/query' is built by its parent 'mha' \(MultiHeadAttention\)"
-                                         r".*exclude=\['mha'\]"):
-        keras_spft.wrap_pretrained(model, radius=1.0)
-    report = keras_spft.wrap_pretrained(model, radius=1.0, exclude=["mha"])
-    assert [w.path for w in report.wrapped if w.role == "backbone"] == ["td/inner"]
+    with pytest.warns(UserWarning, match=r"load_model would rebuild these layers .*: mha/query, mha/key, mha/value, "
+                                         r"mha/attention_output \(built by 'mha' \(MultiHeadAttention\)\)"):
+        report = keras_spft.wrap_pretrained(model, radius=1.0)
+    notes = {w.path: w.note for w in report.wrapped}
+    assert "not restored by load_model" in notes["mha/query"] and "not restored" not in notes["td/inner"]
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        keras_spft.wrap_pretrained(model, radius=1.0, exclude=["mha"])   # nothing left to warn about
+
+    class Sub(keras.Model):
+        def __init__(self, **kw):
+            super().__init__(**kw)
+            self.d1 = keras.layers.Dense(4, name="d1")
+            self.h = keras.layers.Dense(2, name="h")
+
+        def call(self, x):
+            return self.h(self.d1(x))
+    sub = Sub()
+    sub(np.ones((1, 3), "float32"))
+    with pytest.warns(UserWarning, match=r"d1, h \(built by the model \(Sub\)\)"):
+        keras_spft.wrap_pretrained(sub, radius=0.5, head=["h"], head_radius=1.0)
