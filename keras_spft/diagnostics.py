@@ -154,7 +154,9 @@ def snapshot_anchors(model, head=None):
         Dict `{TrackedKernel.name: numpy array}`.
     """
     out = {}
-    for k in tracked_kernels(model, head):
+    # Frozen kernels too: unfrozen later (two-stage fine-tuning), they are
+    # measured from the same starting point as the others.
+    for k in tracked_kernels(model, head, include_frozen=True):
         if k.obj is not None:
             a = k.obj.anchor
             out[k.name] = np.zeros(k.variable.shape) if a is None else _np(a)

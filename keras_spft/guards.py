@@ -16,11 +16,19 @@ class TerminateOnNonFinite(keras.callbacks.Callback):
     the epoch, the batch and the weights that are no longer finite. Put it
     first in the callbacks list. The projections never create NaN from finite
     weights; a NaN comes from the loss or the gradients (too high a learning
-    rate, bad inputs), and the last good checkpoint stays untouched.
+    rate, bad inputs).
+
+    A weight can turn NaN while the loss stays finite (a compiled ReLU may map
+    NaN to 0): the per-batch check of the loss misses it, and the default
+    end-of-epoch scan of the weights catches it only then. With a
+    `ModelCheckpoint` that saves during an epoch, pass `check_weights="batch"`
+    so the last good checkpoint stays untouched.
 
     Args:
-        check_weights: also scan the model's weights at the end of every
-            epoch (one pass over them; cheap next to an epoch).
+        check_weights: scan the model's weights for NaN/inf too: `True` at
+            the end of every epoch (default; one pass, cheap next to an
+            epoch), `"batch"` after every batch (one pass over the weights
+            per step), `False` never.
 
     Example:
 
@@ -33,6 +41,8 @@ class TerminateOnNonFinite(keras.callbacks.Callback):
 
     def __init__(self, check_weights=True):
         super().__init__()
+        if check_weights not in (True, False, "batch"):
+            raise ValueError(f"check_weights must be True, False or 'batch', got {check_weights!r}.")
         self.check_weights = check_weights
         self._epoch = 0
 
@@ -40,15 +50,25 @@ class TerminateOnNonFinite(keras.callbacks.Callback):
         self._epoch = epoch
 
     def _bad_weights(self):
-        return [v.path for v in self.model.weights
-                if "float" in str(v.dtype) and not np.all(np.isfinite(ops.convert_to_numpy(v)))]
+        weights = [v for v in self.model.weights if "float" in str(v.dtype)]
+        if not weights:
+            return []
+        # One small transfer: a finite flag per weight, computed where the weights are.
+        ok = ops.convert_to_numpy(ops.stack([ops.all(ops.isfinite(v.value)) for v in weights]))
+        return [v.path for v, good in zip(weights, ok) if not good]
 
     def on_train_batch_end(self, batch, logs=None):
         loss = (logs or {}).get("loss")
-        if loss is None:
-            return
-        loss = float(np.asarray(loss))
-        if not math.isfinite(loss):
+        loss = None if loss is None else float(np.asarray(loss))
+        if loss is not None and math.isfinite(loss) and self.check_weights == "batch":
+            bad = self._bad_weights()
+            if bad:
+                self.model.stop_training = True
+                raise FloatingPointError(
+                    f"weights became non-finite at epoch {self._epoch}, batch {batch} (the loss, {loss}, "
+                    f"did not show it): {', '.join(bad[:10])}" + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+                    + ". Lower the learning rate or check the inputs.")
+        if loss is not None and not math.isfinite(loss):
             self.model.stop_training = True
             bad = self._bad_weights()
             raise FloatingPointError(

@@ -95,6 +95,25 @@ def test_distance_monitor_snapshot_for_unwrapped_models():
     assert hist.history["spft/mars_max"][-1] > 0
 
 
+def test_distance_monitor_measures_layers_unfrozen_later_from_the_same_start():
+    """Two-stage fine-tuning with one monitor: the base frozen while the head
+    trains, then unfrozen; its kernels are measured from the first start."""
+    model = cnn()
+    start = to_np(model.get_layer("base").get_layer("fc").kernel)
+    model.get_layer("base").trainable = False
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss=loss)
+    monitor = keras_spft.DistanceMonitor()
+    x, y = data()
+    first = model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[monitor])
+    assert "spft/base/fc/mars" not in first.history
+    model.get_layer("base").trainable = True
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss=loss)
+    second = model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[monitor])
+    t = to_np(model.get_layer("base").get_layer("fc").kernel) - start
+    assert second.history["spft/base/fc/mars"][-1] == pytest.approx(np.abs(t).sum(axis=0).max(), rel=1e-6)
+
+
 def test_distance_monitor_on_delta_model_ignores_the_frozen_copy():
     model = cnn()
     dm = keras_spft.DeltaModel(model, feature_layers=["base/dw"], alpha=1.0)

@@ -51,6 +51,32 @@ def test_diverging_run_stops_before_checkpointing(tmp_path):
         assert np.all(np.isfinite(keras.ops.convert_to_numpy(v))), v.path
 
 
+def test_weights_gone_nan_behind_a_finite_loss_stop_at_that_batch(tmp_path):
+    """A weight turned NaN while the reported loss stays finite: with
+    check_weights="batch" the guard stops at that batch, before a per-batch
+    checkpoint writes it."""
+    class Poison(keras.callbacks.Callback):   # runs before the guard, after batch 2's loss is logged
+        def on_train_batch_end(self, batch, logs=None):
+            if batch == 2:
+                k = self.model.get_layer("a").kernel
+                k.assign(keras.ops.full(k.shape, float("nan")))
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, name="a"), keras.layers.Dense(1, name="h")])
+    model.compile(optimizer=keras.optimizers.SGD(1e-3), loss="mse")
+    ckpt = tmp_path / "last.weights.h5"
+    x, y = np.ones((32, 4), "float32"), np.ones((32, 1), "float32")
+    with pytest.raises(FloatingPointError, match=r"weights became non-finite at epoch 0, batch 2 \(the loss, "
+                                                  r"[0-9.e+-]+, did not show it\): .*a/kernel"):
+        model.fit(x, y, batch_size=4, epochs=1, verbose=0,
+                  callbacks=[Poison(), keras_spft.TerminateOnNonFinite(check_weights="batch"),
+                             keras.callbacks.ModelCheckpoint(ckpt, save_weights_only=True, save_freq=1)])
+    model.load_weights(ckpt)   # the last checkpoint, from batch 1, is finite
+    assert all(np.all(np.isfinite(keras.ops.convert_to_numpy(v))) for v in model.weights)
+    with pytest.raises(ValueError, match="check_weights must be True, False or 'batch'"):
+        keras_spft.TerminateOnNonFinite(check_weights="epoch")
+
+
 KILLED_RUN = """
 import os, sys
 import numpy as np, keras, keras_spft
