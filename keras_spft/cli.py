@@ -513,7 +513,8 @@ def _refuse_unused_options(args, methods):
                 unused.append("--" + (arg + suffix).replace("_", "-"))
     if "none" not in methods and getattr(args, "lr_range", None) is not None:
         unused.append("--lr-range")   # only the baseline searches its learning rate
-    if args.command != "finetune" and set(methods) == {"none"} and args.lr is not None:
+    if (args.command != "finetune" and set(methods) == {"none"} and args.lr is not None
+            and getattr(args, "trials", 0) > 0):
         unused.append("--lr")         # the baseline searches its own (--lr-range)
     if args.radius_lr is not None and not set(methods) & set(recipe.LEARNED_METHODS):
         unused.append("--radius-lr")  # only learned radii have a step size

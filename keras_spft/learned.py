@@ -170,11 +170,13 @@ class RadiusOptimizer(keras.optimizers.Optimizer):
         # In place: Keras' tracker appends to this very list.
         self._variables[:] = [v for v in self._variables if id(v) not in drop]
         self._tracker.stored_ids["variables"] -= drop
-        self._bind_constraints(self._trainable_variables)
+        # No constraint left (wrapped again with "none" or a penalty): it then
+        # steps as its inner optimizer alone.
+        self._bind_constraints(self._trainable_variables, allow_none=True)
 
-    def _bind_constraints(self, var_list):
+    def _bind_constraints(self, var_list, allow_none=False):
         constrained = distance_constraints(var_list)
-        if not constrained:
+        if not constrained and not allow_none:
             raise ValueError(
                 "RadiusOptimizer: no trainable weight has a keras-spft constraint; "
                 "wrap the model with `wrap_pretrained(model, radius=\"learned\")` first, "

@@ -313,6 +313,11 @@ def test_wrapping_again_rebinds_a_built_radius_optimizer():
     for w in report.wrapped:
         layer = model.get_layer(w.path) if "/" not in w.path else model.get_layer("base").get_layer(w.path.split("/")[-1])
         assert_within_bound(w.obj, layer.kernel)                  # the head within its new 0.5
+    for method, kw in (("l2-sp", {"strength": 0.1}), ("none", {})):   # no constraint left: steps as Adam
+        keras_spft.wrap_pretrained(model, method=method, **kw)
+        model.fit(x, y, epochs=1, batch_size=8, verbose=0)
+    keras_spft.wrap_pretrained(model, radius=0.01, head_radius=0.5)    # and back
+    model.fit(x, y, epochs=1, batch_size=8, verbose=0)
     with pytest.raises(ValueError, match="constraints changed after this optimizer was built"):
         model.get_layer("head").kernel.constraint = keras_spft.MARSDistance(None, 1.0, name="manual")
         opt.apply([keras.ops.zeros(v.shape) for v in model.trainable_variables], model.trainable_variables)

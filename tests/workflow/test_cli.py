@@ -290,6 +290,9 @@ def test_radius_lr_and_lr_are_refused_where_nothing_uses_them(tiny):
         cli.run(["tune"] + _args(data, out, "--method", "l2-pgm", "--radius-lr", "0.5"))
     with pytest.raises(SystemExit, match=r"--lr does not apply to none"):
         cli.run(["tune"] + _args(data, out, "--method", "none", "--lr", "1e-3"))
+    # with nothing searched the baseline does use --lr
+    summary = cli.run(["tune"] + _args(data, out, "--method", "none", "--lr", "1e-3", "--trials", "0"))
+    assert summary["rows"][0]["values"]["lr"] == 1e-3
 
 
 def test_a_failed_start_leaves_nothing_that_blocks_the_corrected_command(tiny, monkeypatch):
