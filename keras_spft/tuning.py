@@ -51,6 +51,9 @@ class SPFTHyperModel(keras_tuner.HyperModel):
         lr: learning rate when it is not searched.
         radius_lr: step size of the learned radii (methods `*-learned`; see
             `keras_spft.recipe.compile_model`).
+        grid_points: values per searched range on a log grid (for
+            `keras_tuner.GridSearch`; `search(tuner="grid")` sets it from
+            `max_trials`); `None`: continuous ranges.
         wrap_options: further `wrap_pretrained` keyword arguments
             (e.g. `{"batchnorm": "gamma"}`); for `"delta"` `DeltaModel` ones,
             e.g. `{"attention": att}` with channel weights computed once by
@@ -66,7 +69,7 @@ class SPFTHyperModel(keras_tuner.HyperModel):
     """
 
     def __init__(self, build_model, method="mars-pgm", *, ranges=None, lr=recipe.DEFAULT_LR,
-                 radius_lr=recipe.DEFAULT_RADIUS_LR, wrap_options=None, name=None):
+                 radius_lr=recipe.DEFAULT_RADIUS_LR, wrap_options=None, grid_points=None, name=None):
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; expected one of {METHODS}.")
         if not callable(build_model):
@@ -76,6 +79,9 @@ class SPFTHyperModel(keras_tuner.HyperModel):
         self.method = method
         self.lr = float(lr)
         self.radius_lr = float(radius_lr)
+        if grid_points is not None and int(grid_points) < 2:
+            raise ValueError(f"`grid_points` must be at least 2, got {grid_points}.")
+        self.grid_points = None if grid_points is None else int(grid_points)
         self.wrap_options = dict(wrap_options or {})
         allowed = set(recipe.hyperparameter_names(method)) | {"lr"}
         self.ranges = dict(recipe.default_ranges(method))
@@ -97,7 +103,12 @@ class SPFTHyperModel(keras_tuner.HyperModel):
         out = {}
         for key, rng in self.ranges.items():
             if isinstance(rng, tuple):
-                out[key] = hp.Float(key, rng[0], rng[1], sampling="log")
+                step = None
+                if self.grid_points:
+                    # A log grid of exactly `grid_points` values from low to high
+                    # (the factor a hair small, so rounding keeps the last one).
+                    step = (rng[1] / rng[0]) ** (1.0 / (self.grid_points - 1)) * (1 - 1e-9)
+                out[key] = hp.Float(key, rng[0], rng[1], sampling="log", step=step)
             else:
                 out[key] = hp.Fixed(key, rng)
         return out
@@ -295,8 +306,17 @@ def search(
             cls = tuner
         else:
             raise ValueError(f"`tuner` must be a name, a keras_tuner.Tuner subclass or instance, got {tuner!r}.")
+        grid_points = None
+        if issubclass(cls, keras_tuner.GridSearch):
+            # KerasTuner's grid over an unstepped range takes 10 values each,
+            # so 20 trials of a 10 x 10 grid would hardly move the first
+            # hyper-parameter: as many values per range as the trials allow.
+            searched = sum(isinstance(v, tuple) for v in
+                           SPFTHyperModel(build_model, method, ranges=ranges).ranges.values())
+            if searched:
+                grid_points = max(2, int(math.floor(max_trials ** (1.0 / searched) + 1e-9)))
         hypermodel = SPFTHyperModel(build_model, method, ranges=ranges, lr=lr, radius_lr=radius_lr,
-                                    wrap_options=wrap_options)
+                                    wrap_options=wrap_options, grid_points=grid_points)
         if directory is None:
             import tempfile
 

@@ -96,6 +96,17 @@ def test_penalty_method_searches_strengths_and_none_searches_lr(tmp_path):
     assert all(recipe.LR_RANGE[0] <= v <= recipe.LR_RANGE[1] for v in lrs) and lrs[0] != lrs[1]
 
 
+def test_grid_search_spreads_the_trials_over_every_range(tmp_path):
+    """KerasTuner's grid takes 10 values per unstepped range: 4 trials of a
+    10 x 10 grid would move one radius only. The grid has as many values per
+    range as the trials allow: here 2 x 2, the ends of each log range."""
+    x, y = _data()
+    res = _run(tiny_model, x, y, tmp_path, tuner="grid", max_trials=4)
+    assert isinstance(res.tuner, keras_tuner.GridSearch) and len(res.trials) == 4
+    pairs = {(round(t["radius"], 6), round(t["head_radius"], 6)) for t in res.trials}
+    assert pairs == {(2.0, 5.0), (2.0, 9.0), (4.0, 5.0), (4.0, 9.0)}
+
+
 def test_hypermodel_options_and_errors():
     hm = SPFTHyperModel(tiny_model, "l2-pgm", ranges={"head_radius": 3.0, "radius": (1.0, 2.0)})
     hp = keras_tuner.HyperParameters()
