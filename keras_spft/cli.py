@@ -467,8 +467,13 @@ def run_seeds(session, method, values, seeds, stage="final"):
         path = os.path.join(args.out, folder, method, f"seed{seed}.json")
         done = _finished(path, session.settings(stage), values)
         if done is not None:
+            import keras
+
+            made_on = done.get("keras_backend")
+            other = (f"; made on the {made_on} backend, this is {keras.backend.backend()}"
+                     if made_on and made_on != keras.backend.backend() else "")
             _log(f"[{method} seed {seed}] done already: {done['eval_split']} accuracy "
-                 f"{done['accuracy']:.4f} ({path})")
+                 f"{done['accuracy']:.4f} ({path}{other})")
             results.append(done)
             continue
         result = train_one(session, method, values, seed, stage)

@@ -70,6 +70,13 @@ def test_compare_writes_table_and_resumes_without_rerunning(tiny, monkeypatch, c
     monkeypatch.setattr(tuning, "search", lambda *a, **k: pytest.fail("re-ran a finished search"))
     cli.run(argv)
     assert "done already" in capsys.readouterr().out
+    # A run reused from another backend says so.
+    run_file = out / "runs" / "none" / "seed0.json"
+    run = json.loads(run_file.read_text())
+    run_file.write_text(json.dumps({**run, "keras_backend": "jax-elsewhere"}))
+    cli.run(argv)
+    import keras
+    assert f"made on the jax-elsewhere backend, this is {keras.backend.backend()}" in capsys.readouterr().out
 
     # An interrupted run (its JSON missing) is the only one redone.
     os.remove(out / "runs" / "mars-pgm" / "seed1.json")
