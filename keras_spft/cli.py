@@ -664,7 +664,7 @@ def markdown_table(summary):
     best = max((r["mean"] for r in summary["rows"]), default=None)
     lines = [f"| Method | {col} | seeds | hyper-parameters |", "|---|---|---|---|"]
     for r in summary["rows"]:
-        cell = f"{r['mean']:.2f} ± {r['std']:.2f}"
+        cell = f"{r['mean']:.2f} ± {r['std']:.2f}" if len(r["seeds"]) > 1 else f"{r['mean']:.2f}"   # no spread from one seed
         if r["mean"] == best and len(summary["rows"]) > 1:
             cell = f"**{cell}**"
         lines.append(f"| {r['name']} | {cell} | {len(r['seeds'])} | {_fmt_values(r['values'])} |")

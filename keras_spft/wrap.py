@@ -93,8 +93,9 @@ class WrapReport:
         for w in self.wrapped:
             roles[w.role] = roles.get(w.role, 0) + 1
         parts = ", ".join(f"{k} {v}" for k, v in roles.items())
+        learned = any(getattr(w.obj, "learn_radius", False) for w in self.wrapped)
         return (
-            f"{self.method}: {len(self.wrapped)} weights wrapped ({parts or 'none'}), "
+            f"{self.method}{' (learned radii)' if learned else ''}: {len(self.wrapped)} weights wrapped ({parts or 'none'}), "
             f"{self.params:,} parameters covered, anchors {self.anchor_bytes:,} bytes; "
             f"{len(self.skipped)} layers with weights skipped"
         )

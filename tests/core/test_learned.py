@@ -346,6 +346,7 @@ def test_rewrapping_a_learned_radius_goes_on_from_it():
     assert max(before.values()) > 10 * MIN_LEARNED_RADIUS      # it learned something
     report = keras_spft.wrap_pretrained(model, radius="learned", head_radius=5.0)
     assert keras_spft.learned_radii(model) == before and "kept learned radius" in str(report)
+    assert str(report).startswith("mars-pgm (learned radii): 5 weights wrapped")
 
 
 @pytest.mark.parametrize("radius", [0.05, "learned"])

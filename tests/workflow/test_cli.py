@@ -255,6 +255,8 @@ def test_compare_applies_an_option_to_the_methods_that_have_it(tiny):
     learned = json.load(open(out / "runs" / "mars-pgm-learned" / "seed0.json"))
     assert fixed["values"]["radius"] == 2.0 and fixed["values"]["head_radius"] == 3.0
     assert "radius" not in learned["values"] and learned["values"]["head_radius"] == 3.0
+    rows = [l for l in (out / "compare.md").read_text().splitlines() if l.startswith("| MARS-PGM")]
+    assert rows and all("±" not in l for l in rows)   # one seed: the mean alone, no spread
 
 
 def test_options_a_method_does_not_use_are_errors(tiny):
