@@ -1,8 +1,10 @@
 """Runs the core suite on the Keras backends other than the current one.
 
-Keras fixes its backend per process, so `pytest` runs `tests/core` in-process
-on the current backend (TensorFlow by default) and, here, once more in a
-subprocess for each other backend: TensorFlow, JAX and PyTorch all run.
+Keras fixes its backend per process, so `tests/core` runs here in a
+subprocess per backend: TensorFlow, JAX and PyTorch, side by side. In a
+whole-suite run the current backend's copy runs here too, and the in-process
+one is left out (tests/conftest.py); `pytest tests/core` alone runs it
+in-process as usual.
 """
 
 import importlib.util
@@ -27,8 +29,10 @@ def _start_runs(session):
     long as the slowest instead of the sum)."""
     selected = {item.callspec.params["backend"] for item in session.items
                 if getattr(item, "originalname", None) == "test_core_suite_on_backend"}
+    here = not getattr(session.config, "_spft_core_in_subprocess", False)
     for backend in sorted(selected):
-        if backend == keras.backend.backend() or backend in _RUNS or not importlib.util.find_spec(MODULES[backend]):
+        if ((here and backend == keras.backend.backend()) or backend in _RUNS
+                or not importlib.util.find_spec(MODULES[backend])):
             continue
         out = tempfile.TemporaryFile(mode="w+")
         env = dict(os.environ, KERAS_BACKEND=backend, KERAS_SPFT_SUBRUN="1")
@@ -52,7 +56,7 @@ def stop_runs():
 @pytest.mark.skipif(bool(os.environ.get("KERAS_SPFT_SUBRUN")), reason="already a per-backend run")
 @pytest.mark.parametrize("backend", sorted(MODULES))
 def test_core_suite_on_backend(backend, request):
-    if backend == keras.backend.backend():
+    if backend == keras.backend.backend() and not getattr(request.config, "_spft_core_in_subprocess", False):
         pytest.skip(f"{backend} is the current backend: tests/core ran in this process")
     assert importlib.util.find_spec(MODULES[backend]), (
         f"{backend} is not installed: install the test extras, pip install -e '.[all,test]'"
