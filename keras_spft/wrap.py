@@ -264,7 +264,9 @@ def wrap_pretrained(
             free, and the report says so). `"learned"` (also as a dict value
             or callable result): one radius per kernel, starting at 1e-4
             (the weights start at the anchor; wrapping a learned radius
-            again goes on from its current value) and learned during training;
+            again goes on from its current value, and kernels already
+            fine-tuned under a fixed radius or a penalty start at their
+            current distance) and learned during training;
             compile with `optimizer=keras_spft.RadiusOptimizer(...)`, which
             learns it (FTP, Tian et al. 2023).
         method: one of `"none"`, `"l2-sp"`, `"mars-sp"`, `"l2-pgm"`,
@@ -493,6 +495,14 @@ def wrap_pretrained(
             shown = (LEARNED if value == LEARNED else f"{_fmt(value)} x row norm" if relative and not (is_bn and batchnorm == "reference") else _fmt(value))
         obj = _make(method, projection, anchor, value, spec, layer, path, relative and not is_head,
                     is_bn and batchnorm == "reference", learned_from=None if is_head else learned_from)
+        if (not is_head and value == LEARNED and learned_from is None
+                and existing is not None and existing.anchor is not None):
+            # Kernels already fine-tuned under a fixed radius or a penalty: a
+            # learned radius starting at 1e-4 would pull them back to their
+            # anchors at the next step; it starts where they are.
+            start = max(MIN_LEARNED_RADIUS, float(keras.ops.convert_to_numpy(obj.distance(var))))
+            obj.radius.assign(np.float32(start))
+            note += ", learned radius starts at the current distance"
         if is_bn and batchnorm == "reference":
             shown = f"{_fmt(value)} on gamma/sqrt(var+eps)"
         role = "head" if is_head else ("batchnorm" if is_bn else "backbone")

@@ -349,6 +349,26 @@ def test_rewrapping_a_learned_radius_goes_on_from_it():
     assert str(report).startswith("mars-pgm (learned radii): 5 weights wrapped")
 
 
+def test_switching_a_fine_tuned_model_to_learned_radii_keeps_its_weights():
+    """From a fixed radius (or a penalty) to radius="learned": the radius
+    starts at each kernel's current distance, not at 1e-4 (which would pull
+    the fine-tuned kernels back to their anchors)."""
+    keras.utils.set_random_seed(0)
+    model = small_cnn()
+    keras_spft.wrap_pretrained(model, method="l2-sp", strength=1e-4)
+    model.compile(optimizer=keras.optimizers.Adam(1e-2),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x, y = _data()
+    model.fit(x, y, epochs=1, batch_size=8, verbose=0)
+    report = keras_spft.wrap_pretrained(model, radius="learned", head_radius=3.0)
+    for w in report.wrapped:
+        if w.role == "backbone":
+            layer = model.get_layer("base").get_layer(w.path.split("/")[-1])
+            d = float(to_np(w.obj.distance(layer.kernel)))
+            assert d > 10 * MIN_LEARNED_RADIUS and float(to_np(w.obj.radius)) == pytest.approx(d, rel=1e-6)
+            assert "learned radius starts at the current distance" in w.note
+
+
 @pytest.mark.parametrize("radius", [0.05, "learned"])
 def test_ema_weights_are_projected_at_the_end_of_fit(radius):
     """Keras averages the iterates before projecting them and writes the
