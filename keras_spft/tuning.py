@@ -306,17 +306,14 @@ def search(
             cls = tuner
         else:
             raise ValueError(f"`tuner` must be a name, a keras_tuner.Tuner subclass or instance, got {tuner!r}.")
-        grid_points = None
-        if issubclass(cls, keras_tuner.GridSearch):
+        hypermodel = SPFTHyperModel(build_model, method, ranges=ranges, lr=lr, radius_lr=radius_lr,
+                                    wrap_options=wrap_options)
+        searched = sum(isinstance(v, tuple) for v in hypermodel.ranges.values())
+        if issubclass(cls, keras_tuner.GridSearch) and searched:
             # KerasTuner's grid over an unstepped range takes 10 values each,
             # so 20 trials of a 10 x 10 grid would hardly move the first
             # hyper-parameter: as many values per range as the trials allow.
-            searched = sum(isinstance(v, tuple) for v in
-                           SPFTHyperModel(build_model, method, ranges=ranges).ranges.values())
-            if searched:
-                grid_points = max(2, int(math.floor(max_trials ** (1.0 / searched) + 1e-9)))
-        hypermodel = SPFTHyperModel(build_model, method, ranges=ranges, lr=lr, radius_lr=radius_lr,
-                                    wrap_options=wrap_options, grid_points=grid_points)
+            hypermodel.grid_points = max(2, int(math.floor(max_trials ** (1.0 / searched) + 1e-9)))
         if directory is None:
             import tempfile
 

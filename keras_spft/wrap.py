@@ -211,10 +211,11 @@ def _resolve(value, layer, path, what):
             + (f" or {LEARNED!r}" if what == "radius" else "") + f", got {value!r}."
         )
     check_positive(value, what, f"layer '{path}'")
-    if np.ndim(keras.ops.convert_to_numpy(value) if hasattr(value, "shape") else value) != 0:
+    number = keras.ops.convert_to_numpy(value) if hasattr(value, "shape") else value
+    if np.ndim(number) != 0:
         raise ValueError(f"layer '{path}': `{what}` must be one number per layer, got {value!r} "
                          "(per-row radii: give the constraint itself an array).")
-    return float(keras.ops.convert_to_numpy(value) if hasattr(value, "shape") else value)
+    return float(number)
 
 
 def _fmt(x):
@@ -485,24 +486,21 @@ def wrap_pretrained(
                 anchor, note = _SharedAnchor(existing), "kept existing anchor"
             else:
                 anchor, note = var, ""
-            # Wrapping a learned radius again (say, for another head radius)
-            # goes on from the radius learned so far, not from the start.
-            learned_from = None
-            if (value == LEARNED and getattr(existing, "learn_radius", False)
-                    and type(existing) is {"mars-pgm": MARSDistance, "l2-pgm": FrobeniusDistance}.get(method)):
-                learned_from = float(keras.ops.convert_to_numpy(existing.radius))
-                note += ", kept learned radius"
             shown = (LEARNED if value == LEARNED else f"{_fmt(value)} x row norm" if relative and not (is_bn and batchnorm == "reference") else _fmt(value))
         obj = _make(method, projection, anchor, value, spec, layer, path, relative and not is_head,
-                    is_bn and batchnorm == "reference", learned_from=None if is_head else learned_from)
-        if (not is_head and value == LEARNED and learned_from is None
-                and existing is not None and existing.anchor is not None):
-            # Kernels already fine-tuned under a fixed radius or a penalty: a
-            # learned radius starting at 1e-4 would pull them back to their
-            # anchors at the next step; it starts where they are.
-            start = max(MIN_LEARNED_RADIUS, float(keras.ops.convert_to_numpy(obj.distance(var))))
-            obj.radius.assign(np.float32(start))
-            note += ", learned radius starts at the current distance"
+                    is_bn and batchnorm == "reference")
+        if not is_head and value == LEARNED and existing is not None and existing.anchor is not None:
+            # Wrapping a learned radius again (say, for another head radius)
+            # goes on from the radius learned so far; kernels fine-tuned under
+            # a fixed radius or a penalty start at their current distance. A
+            # start at 1e-4 would pull them back to their anchors.
+            if (getattr(existing, "learn_radius", False)
+                    and type(existing) is {"mars-pgm": MARSDistance, "l2-pgm": FrobeniusDistance}.get(method)):
+                start, note = existing.radius, note + ", kept learned radius"
+            else:
+                start = max(MIN_LEARNED_RADIUS, float(keras.ops.convert_to_numpy(obj.distance(var))))
+                note += ", learned radius starts at the current distance"
+            obj.radius.assign(keras.ops.convert_to_numpy(start).astype("float32"))
         if is_bn and batchnorm == "reference":
             shown = f"{_fmt(value)} on gamma/sqrt(var+eps)"
         role = "head" if is_head else ("batchnorm" if is_bn else "backbone")
@@ -524,7 +522,7 @@ def wrap_pretrained(
             + ". Save with `model.save_weights(...)` and restore by rebuilding the model, "
             "wrapping it the same way and calling `load_weights`; or leave them out with `exclude=[...]`.",
             UserWarning, stacklevel=2)
-    _forget_compiled_steps(model)
+    _forget_compiled_steps([model] + [l for _, l in layers if isinstance(l, keras.Model)])
     _rebind_radius_optimizer(model)
     return report
 
@@ -541,10 +539,10 @@ def _rebind_radius_optimizer(model):
         opt.rebind()
 
 
-def _forget_compiled_steps(model):
+def _forget_compiled_steps(models):
     """A train (or test) step traced before holds the objects it found then:
-    drop it, so the next `fit`/`evaluate` traces one with the new objects."""
-    models = [model] + [l for _, l in walk_layers(model) if isinstance(l, keras.Model)]
+    drop those of `models`, so the next `fit`/`evaluate` traces one with the
+    new objects."""
     for m in models:
         for attr in ("train_function", "test_function"):
             if getattr(m, attr, None) is not None:
@@ -573,7 +571,7 @@ def _mentions_learned(value):
     return isinstance(value, str) and value == LEARNED
 
 
-def _make(method, projection, anchor, value, spec, layer, path, relative, reference, learned_from=None):
+def _make(method, projection, anchor, value, spec, layer, path, relative, reference):
     name = f"{path}/{spec.weight}"
     learn = isinstance(value, str) and value == LEARNED
     if learn:
@@ -582,7 +580,7 @@ def _make(method, projection, anchor, value, spec, layer, path, relative, refere
                 f"layer '{path}': radius='learned' cannot be combined with "
                 + ("batchnorm='reference'." if reference else "relative=True.")
             )
-        value = MIN_LEARNED_RADIUS if learned_from is None else learned_from
+        value = MIN_LEARNED_RADIUS
     if reference:
         eps = layer.epsilon
         var0 = keras.ops.convert_to_numpy(layer.moving_variance)
