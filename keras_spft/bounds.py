@@ -107,7 +107,8 @@ def _positions(layer):
     except (AttributeError, ValueError) as e:
         raise ValueError(f"the Frobenius bound needs the output shape of convolution {layer.name!r}, "
                          f"which Keras cannot give ({e}); {fix}.") from None
-    dims = shape[1:-1] if keras.config.image_data_format() == "channels_last" else shape[2:]
+    data_format = getattr(layer, "data_format", None) or keras.config.image_data_format()
+    dims = shape[1:-1] if data_format == "channels_last" else shape[2:]
     if any(d is None for d in dims):
         raise ValueError(f"the Frobenius bound needs the number of output positions of convolution "
                          f"{layer.name!r}, whose output shape {shape} has unknown spatial sizes; {fix}.")

@@ -50,6 +50,7 @@ class SkippedLayer:
     path: str
     kind: str
     reason: str
+    weights: tuple = ()   # the names of the weights left alone, where it says
 
 
 @dataclass
@@ -124,7 +125,12 @@ class WrapReport:
 
 
 def _default_head(model, layers):
-    """Layers outside the nested pre-trained model(s); else the last kernel layer."""
+    """Layers outside the nested pre-trained model(s); else the last kernel layer.
+
+    With several nested models and no kernel layer outside them, one of them
+    may be a new head (`Sequential([base, Sequential([..., Dense(n)])])`) or
+    all may be pre-trained: that cannot be told apart, so the user says.
+    """
     top = model.layers if isinstance(model, keras.Model) else []
     nested = [l for l in top if isinstance(l, keras.Model)]
     if nested:
@@ -132,7 +138,14 @@ def _default_head(model, layers):
         for base in nested:
             inside.update(id(l) for _, l in walk_layers(base))
             inside.add(id(base))
-        return [p for p, l in layers if id(l) not in inside and _has_kernel(l)]
+        outside = [p for p, l in layers if id(l) not in inside and _has_kernel(l)]
+        with_kernels = [l.name for l in nested if any(_has_kernel(x) for _, x in walk_layers(l))]
+        if not outside and len(with_kernels) > 1:
+            raise ValueError(
+                f"cannot tell the new head: every kernel is inside the nested models {with_kernels} "
+                f"of '{model.name}'. Name the head, e.g. head=[{with_kernels[-1]!r}] (anchored around "
+                "zero, bounded by head_radius/head_strength), or head=[] if all are pre-trained.")
+        return outside
     with_kernel = [p for p, l in layers if _has_kernel(l)]
     return with_kernel[-1:]
 
@@ -426,11 +439,12 @@ def wrap_pretrained(
         elif not specs and own_weights(layer):
             if is_bn:
                 reason = "BatchNorm without a scale (gamma)"
-            elif not isinstance(layer, keras.Model) and any(v.trainable for v in own_weights(layer)):
-                reason = f"layer type {kind} is not supported (weights: " + ", ".join(
-                    v.name for v in own_weights(layer)) + ")"
+            elif not isinstance(layer, keras.Model) and layer._trainable_variables:
+                # Made trainable, frozen or not: a frozen layer trains once
+                # unfrozen (freeze, wrap, fit the head, unfreeze).
+                reason = f"layer type {kind} is not supported: its weights are not bounded"
         if reason is not None:
-            report.skipped.append(SkippedLayer(path, kind, reason))
+            report.skipped.append(SkippedLayer(path, kind, reason, tuple(v.name for v in own_weights(layer))))
         if reason is not None or not specs:
             # After a call, the model's keras-spft objects are exactly those
             # in the report: clear any left by an earlier call here.
@@ -444,6 +458,13 @@ def wrap_pretrained(
         for spec in specs:
             plan.append((path, layer, spec, is_head))
 
+    if method != "none" and head_value is not None and not any(h for *_, h in plan):
+        option = "head_strength" if sp else "head_radius"
+        raise ValueError(
+            f"`{option}` is given but no head kernel was found "
+            + (f"among head={sorted(head) if not isinstance(head, str) else head!r}"
+               if head is not None else "outside the nested pre-trained model(s)")
+            + f": name the head layer(s) with head=[...], or leave `{option}` out.")
     if method != "none" and not any(not h for *_, h in plan):
         raise ValueError(
             "no eligible layer: the model has no pre-trained kernel of a supported "

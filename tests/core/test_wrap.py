@@ -355,3 +355,59 @@ def test_layers_load_model_would_rebuild_without_their_anchors_are_named():
     sub(np.ones((1, 3), "float32"))
     with pytest.warns(UserWarning, match=r"d1, h \(built by the model \(Sub\)\)"):
         keras_spft.wrap_pretrained(sub, radius=0.5, head=["h"], head_radius=1.0)
+
+
+def _base_and_nested_head():
+    L = keras.layers
+    base = keras.Sequential([keras.Input((8,)), L.Dense(4, name="b1")], name="base")
+    head = keras.Sequential([keras.Input((4,)), L.Dense(3, name="h1")], name="headseq")
+    inputs = keras.Input((8,))
+    return keras.Model(inputs, head(base(inputs)))
+
+
+def test_a_head_written_as_a_nested_model_must_be_named():
+    """Sequential([base, Sequential([..., Dense])]): the new head is inside a
+    nested model too. It was anchored at its random start with the backbone
+    radius while head_radius was dropped without a word."""
+    model = _base_and_nested_head()
+    with pytest.raises(ValueError, match=r"cannot tell the new head.*\['base', 'headseq'\].*head=\['headseq'\]"):
+        keras_spft.wrap_pretrained(model, radius=1.0, head_radius=2.0)
+    with pytest.raises(ValueError, match="cannot tell the new head"):
+        keras_spft.wrap_pretrained(model, strength=0.1, head_strength=1.0, method="l2-sp")
+    report = keras_spft.wrap_pretrained(model, radius=1.0, head=["headseq"], head_radius=2.0)
+    roles = {w.path: (w.role, w.obj.anchor is None, float(to_np(w.obj.radius))) for w in report.wrapped}
+    assert roles == {"base/b1": ("backbone", False, 1.0), "headseq/h1": ("head", True, 2.0)}
+    # head=[]: every kernel pre-trained; a head_radius then has nothing to bound.
+    report = keras_spft.wrap_pretrained(model, radius=1.0, head=[])
+    assert all(w.role == "backbone" for w in report.wrapped) and len(report.wrapped) == 2
+    with pytest.raises(ValueError, match=r"`head_radius` is given but no head kernel was found among head=\[\]"):
+        keras_spft.wrap_pretrained(model, radius=1.0, head=[], head_radius=2.0)
+
+
+def test_a_head_radius_with_no_head_outside_the_base_is_refused():
+    L = keras.layers
+    base = keras.Sequential([keras.Input((8,)), L.Dense(4, name="b1"), L.Dense(2, name="b2")], name="base")
+    model = keras.Sequential([keras.Input((8,)), base])
+    with pytest.raises(ValueError, match="`head_radius` is given but no head kernel was found outside"):
+        keras_spft.wrap_pretrained(model, radius=1.0, head_radius=2.0)
+    report = keras_spft.wrap_pretrained(model, radius=1.0)
+    assert {w.role for w in report.wrapped} == {"backbone"}
+
+
+def test_frozen_unsupported_layers_are_reported_and_grouped():
+    """Freeze, wrap, fit the head, unfreeze: a PReLU or Embedding frozen at
+    wrap time trains unbounded later, so the report must name it; one line
+    per reason, not one per layer."""
+    L = keras.layers
+    base = keras.Sequential([keras.Input((8,)), L.Dense(4, name="b1"), L.PReLU(name="p1"),
+                             L.Dense(4, name="b2"), L.PReLU(name="p2"), L.Normalization(name="norm")],
+                            name="base")
+    base.trainable = False
+    inputs = keras.Input((8,))
+    model = keras.Model(inputs, L.Dense(2, name="h")(base(inputs)))
+    report = keras_spft.wrap_pretrained(model, radius=0.1, head_radius=1.0)
+    unsupported = [s for s in report.skipped if "not supported" in s.reason]
+    assert [(s.path, s.weights) for s in unsupported] == [("base/p1", ("alpha",)), ("base/p2", ("alpha",))]
+    lines = [l for l in str(report).splitlines() if "PReLU is not supported" in l]
+    assert len(lines) == 1 and "base/p1, base/p2" in lines[0], str(report)
+    assert not any(s.path == "base/norm" for s in report.skipped)   # no trainable weights ever

@@ -154,3 +154,21 @@ def test_gradient_norms_logged_every_other_epoch_need_the_monitor(tmp_path):
     h = {"loss": [1.0, 0.9, 0.8, 0.7], "grad/global": [2.0, 1.0]}   # GradientNormMonitor(every=2)
     with pytest.raises(ValueError, match="'grad/global' was logged on 2 of 4 epochs"):
         plots.plot_gradient_norms({"mars-pgm": h}, str(tmp_path / "g.png"))
+
+
+def test_conv_positions_follow_the_layers_data_format():
+    """A channels_first conv counted its channels as output positions (the
+    global image_data_format was read, not the layer's)."""
+    rng = np.random.default_rng(0)
+    k, v = rng.normal(size=(3, 3, 3, 2)).astype("float32"), rng.normal(size=(72, 2)).astype("float32")
+    results = []
+    for fmt, shape in (("channels_last", (8, 8, 3)), ("channels_first", (3, 8, 8))):
+        model = keras.Sequential([keras.Input(shape), L.Conv2D(2, 3, use_bias=False, data_format=fmt, name="c"),
+                                  L.Flatten(), L.Dense(2, use_bias=False, name="v")])
+        model.get_layer("c").kernel.assign(k)
+        model.get_layer("v").kernel.assign(v)
+        keras_spft.wrap_pretrained(model, radius=0.5, method="l2-pgm", head=["v"], head_radius=1.0)
+        t = bounds.theorem3_bound(model, num_examples=100, num_classes=2, input_bound=1.0, distances="radius")
+        results.append(t.layers[0].bound)
+    # 6 x 6 output positions in both layouts: ||map||_F = 6 ||K||_F
+    assert results == pytest.approx([6 * float(np.sqrt((k ** 2).sum()))] * 2, rel=1e-6)
