@@ -23,6 +23,14 @@ def is_spec(value):
     return isinstance(value, dict) and set(value) == {"shape", "dtype"}
 
 
+def check_flag(value, what, owner):
+    """`value` as a bool; a ValueError naming `owner` and `what` for anything
+    but True/False (a string such as "no" would otherwise read as True)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{owner}: `{what}` must be True or False, got {value!r}.")
+    return bool(value)
+
+
 def check_positive(value, what, owner):
     """Raises `ValueError` unless `value` is a finite number (or array) > 0."""
     if is_spec(value):

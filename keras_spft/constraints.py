@@ -13,7 +13,7 @@ import keras
 from keras import ops
 
 from keras_spft import ops as spft_ops
-from keras_spft.anchors import Anchored, check_positive, is_spec
+from keras_spft.anchors import Anchored, check_flag, check_positive, is_spec
 
 PROJECTIONS = ("scale", "exact")
 #: Smallest value a learned radius takes, and its starting value in
@@ -70,8 +70,8 @@ class _DistanceConstraint(Anchored, keras.constraints.Constraint):
 
     def _init_options(self, radius, relative, learn_radius):
         """Checks and stores `relative` and `learn_radius` (after the anchor)."""
-        self.relative = bool(relative)
-        self.learn_radius = bool(learn_radius)
+        self.relative = check_flag(relative, "relative", self._owner())
+        self.learn_radius = check_flag(learn_radius, "learn_radius", self._owner())
         if self.learn_radius and self.relative:
             raise ValueError(
                 f"{self._owner()}: `learn_radius=True` learns one absolute "

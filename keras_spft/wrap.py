@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import keras
 
-from keras_spft.anchors import Anchored, _SharedAnchor, check_positive
+from keras_spft.anchors import Anchored, _SharedAnchor, check_flag, check_positive
 from keras_spft.constraints import MIN_LEARNED_RADIUS, FrobeniusDistance, MARSDistance
 from keras_spft.kernels import UnsupportedLayerError, kernel_specs, own_weights, walk_layers
 from keras_spft.regularizers import L2SP, MARSSP
@@ -199,10 +199,19 @@ def _selectors(path):
     return keys
 
 
-def _resolve(value, layer, path, what):
+def _resolve(value, layer, path, what, shared_paths=()):
     """A per-layer number from a scalar, a dict or a callable. A dict entry
     for a nested model or layer applies to everything inside it; the nearest
-    enclosing entry wins."""
+    enclosing entry wins. A layer shared by several models (`shared_paths`,
+    its other paths) must get the same value from a dict through each."""
+    if isinstance(value, dict) and shared_paths:
+        got = {p: _resolve(value, layer, p, what) for p in (path,) + tuple(shared_paths)}
+        if len(set(got.values())) > 1:
+            raise ValueError(
+                f"layer '{path}' is shared and the `{what}` dict gives it different values through "
+                f"its paths ({', '.join(f'{p}: {v:g}' for p, v in got.items())}): one layer, one "
+                "kernel, one value; give the layer's own name an entry.")
+        return got[path]
     if isinstance(value, dict):
         for key in _selectors(path) + ["*"]:
             if key in value:
@@ -349,6 +358,7 @@ def wrap_pretrained(
     if projection is not None and method != "mars-pgm":
         raise ValueError(f"`projection` applies to mars-pgm only, not {method!r}.")
     projection = projection or "scale"
+    relative = check_flag(relative, "relative", "wrap_pretrained")
     pgm, sp = method in PGM_METHODS, method in SP_METHODS
     if sp:
         if radius is not None or head_radius is not None:
@@ -385,6 +395,11 @@ def wrap_pretrained(
 
     layers = list(walk_layers(model))
     by_path = dict(layers)
+    others = {}   # id(layer) -> its paths after the first (a layer shared by nested models)
+    for path, layer in layers:
+        others.setdefault(id(layer), [None])
+        others[id(layer)].append(path)
+    others = {k: tuple(paths[2:]) for k, paths in others.items()}
     not_restored = {}   # enclosing layer -> paths load_model rebuilds without their objects
     by_name = {}  # a path, or a bare name (every layer of that name)
     for path, layer in layers:
@@ -479,7 +494,8 @@ def wrap_pretrained(
             continue
         is_bn = isinstance(layer, keras.layers.BatchNormalization)
         if is_head:
-            value = _resolve(head_value, layer, path, "head_strength" if sp else "head_radius") if head_value is not None else None
+            value = (_resolve(head_value, layer, path, "head_strength" if sp else "head_radius", others[id(layer)])
+                     if head_value is not None else None)
             if value is None:
                 report.skipped.append(SkippedLayer(path, spec.kind, "head left free (no head_radius/head_strength)"))
                 attachments.append((layer, spec, None, None))
@@ -487,7 +503,7 @@ def wrap_pretrained(
             _existing(var, path)
             anchor, note, shown = None, "", _fmt(value)
         else:
-            value = _resolve(backbone_value, layer, path, "strength" if sp else "radius")
+            value = _resolve(backbone_value, layer, path, "strength" if sp else "radius", others[id(layer)])
             if value is None:
                 report.skipped.append(SkippedLayer(path, spec.kind, "the radius callable returned None"))
                 attachments.append((layer, spec, None, None))

@@ -131,6 +131,8 @@ def test_bad_arguments_name_the_problem():
         keras_spft.MARSDistance(_w((3, 2)), 1.0, projection="fast")
     with pytest.raises(ValueError, match="relative=True.*needs an anchor"):
         keras_spft.MARSDistance(None, 1.0, relative=True)
+    with pytest.raises(ValueError, match="`learn_radius` must be True or False, got 'false'"):
+        keras_spft.FrobeniusDistance(_w((3, 2)), 1.0, learn_radius="false")
     with pytest.raises(ValueError, match="NaN or inf"):
         keras_spft.MARSDistance(np.array([[np.nan, 1.0]], "float32"), 1.0)
     with pytest.raises(ValueError, match="out of range"):

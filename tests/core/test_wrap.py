@@ -229,6 +229,8 @@ def test_errors_name_the_option_or_layer():
         keras_spft.wrap_pretrained(model, radius=1.0, method="l2-pgm", projection="exact")
     with pytest.raises(ValueError, match="unknown batchnorm option"):
         keras_spft.wrap_pretrained(model, radius=1.0, batchnorm="all")
+    with pytest.raises(ValueError, match=r"wrap_pretrained: `relative` must be True or False, got 'no'"):
+        keras_spft.wrap_pretrained(model, radius=1.0, relative="no")
     only_head = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
     with pytest.raises(ValueError, match="no eligible layer"):
         keras_spft.wrap_pretrained(only_head, radius=1.0)
@@ -411,3 +413,16 @@ def test_frozen_unsupported_layers_are_reported_and_grouped():
     lines = [l for l in str(report).splitlines() if "PReLU is not supported" in l]
     assert len(lines) == 1 and "base/p1, base/p2" in lines[0], str(report)
     assert not any(s.path == "base/norm" for s in report.skipped)   # no trainable weights ever
+
+
+def test_a_shared_layer_must_get_one_value_from_a_radius_dict():
+    L = keras.layers
+    shared = L.Dense(4, name="s")
+    b1 = keras.Sequential([keras.Input((4,)), shared], name="b1s")
+    b2 = keras.Sequential([keras.Input((4,)), shared], name="b2s")
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, L.Dense(2, name="h")(L.Add()([b1(inputs), b2(inputs)])))
+    with pytest.raises(ValueError, match=r"layer 'b1s/s' is shared.*b1s/s: 1, b2s/s: 2"):
+        keras_spft.wrap_pretrained(model, radius={"b1s": 1.0, "b2s": 2.0}, head_radius=1.0)
+    report = keras_spft.wrap_pretrained(model, radius={"s": 3.0, "*": 1.0}, head_radius=1.0)
+    assert [(w.path, float(to_np(w.obj.radius))) for w in report.wrapped] == [("b1s/s", 3.0), ("h", 1.0)]
