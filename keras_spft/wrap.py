@@ -84,10 +84,17 @@ class WrapReport:
         return total
 
     def __getitem__(self, path):
-        for w in self.wrapped:
-            if w.path == path or w.path.endswith("/" + path):
-                return w.obj
-        raise KeyError(path)
+        """The object on the weight at `path`: a layer's path or name, or
+        `"<layer>/<weight>"` for a layer with two (SeparableConv's
+        `depthwise_kernel`, `pointwise_kernel`). KeyError if none or several match."""
+        found = [w for w in self.wrapped
+                 if any(full == path or full.endswith("/" + path) for full in (w.path, f"{w.path}/{w.weight}"))]
+        if len(found) == 1:
+            return found[0].obj
+        if not found:
+            raise KeyError(path)
+        raise KeyError(f"{path!r} matches {len(found)} wrapped weights: "
+                       + ", ".join(f"{w.path}/{w.weight}" for w in found) + "; give one of these")
 
     def summary(self):
         roles = {}

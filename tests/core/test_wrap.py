@@ -426,3 +426,15 @@ def test_a_shared_layer_must_get_one_value_from_a_radius_dict():
         keras_spft.wrap_pretrained(model, radius={"b1s": 1.0, "b2s": 2.0}, head_radius=1.0)
     report = keras_spft.wrap_pretrained(model, radius={"s": 3.0, "*": 1.0}, head_radius=1.0)
     assert [(w.path, float(to_np(w.obj.radius))) for w in report.wrapped] == [("b1s/s", 3.0), ("h", 1.0)]
+
+
+def test_report_lookup_by_weight_and_ambiguous_names():
+    model = all_kernel_types_model()
+    report = keras_spft.wrap_pretrained(model, radius=0.5, head_radius=1.0)
+    dw, pw = report["sep2d/depthwise_kernel"], report["sep2d/pointwise_kernel"]
+    assert dw is not pw and dw.axis != pw.axis
+    with pytest.raises(KeyError, match="matches 2 wrapped weights.*sep2d/depthwise_kernel, .*sep2d/pointwise_kernel"):
+        report["sep2d"]
+    assert report["conv2d"] is report["conv2d/kernel"]
+    with pytest.raises(KeyError):
+        report["nope"]
