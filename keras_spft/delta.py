@@ -362,10 +362,15 @@ class DeltaModel(keras.Model):
         for path, c in zip(self.feature_layers, self._channels):
             init = np.full((c,), 1.0 / c if variant == "li2019" else 1.0, "float32")
             self.attention_weights.append(keras.Variable(
-                init, trainable=False, dtype="float32", name="attention_" + path.replace("/", "_")))
+                # PyTorch registers the variables as parameters, whose names
+                # may not contain "." (mobilenet_0.25_224/...).
+                init, trainable=False, dtype="float32", name="attention_" + re.sub(r"\W", "_", path)))
         self.attention_computed = False
         if attention is not None:
             self.set_attention(attention)
+        # Every variable exists now: a fresh DeltaModel can load_weights (as
+        # KerasTuner's Hyperband and checkpoint resumption do) without a call.
+        self.built = True
 
     # -- attention -------------------------------------------------------------
     def set_attention(self, attention):
@@ -484,7 +489,13 @@ class DeltaModel(keras.Model):
 
     def load_own_variables(self, store):
         super().load_own_variables(store)
-        self.attention_computed = True
+        self._loaded_attention()
+
+    def _loaded_attention(self):
+        # Loaded weights say whether attention was set: uniform is the default.
+        self.attention_computed = any(
+            not np.array_equal(a, np.full(a.shape, 1.0 / a.size if self.variant == "li2019" else 1.0, "float32"))
+            for a in self.get_attention())
 
 
 # -- attention ------------------------------------------------------------------

@@ -9,6 +9,7 @@ table.
 """
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import keras_tuner
@@ -143,6 +144,8 @@ class SearchResult:
         trials: one dict per completed trial (`trial_id`, the values, `score`),
             best first.
         tuner: the KerasTuner tuner (for `tuner.results_summary()` etc.).
+        failed: one dict per failed trial (`trial_id`, `error`: the last line
+            of its traceback); a search with failed trials also warns.
     """
 
     method: str
@@ -151,6 +154,7 @@ class SearchResult:
     objective: str
     trials: list = field(default_factory=list)
     tuner: object = field(default=None, repr=False)
+    failed: list = field(default_factory=list)
 
     def table(self):
         """The trial table as text, best first."""
@@ -171,7 +175,7 @@ class SearchResult:
         best = ", ".join(f"{k}={v:.4g}" for k, v in self.best.items())
         return (
             f"{self.method}: best {best} ({self.objective} {self.best_score:.4f}, "
-            f"{len(self.trials)} trials)\n{self.table()}"
+            f"{len(self.trials)} trials{f', {len(self.failed)} failed' if self.failed else ''})\n{self.table()}"
         )
 
     __repr__ = __str__
@@ -211,10 +215,20 @@ def _result(tuner, method, objective):
          "score": float(t.score)}
         for t in trials
     ]
+    failed = [{"trial_id": t.trial_id, "error": (t.message or "").strip().splitlines()[-1:] or ["?"]}
+              for t in tuner.oracle.trials.values() if t.status == keras_tuner.engine.trial.TrialStatus.FAILED]
+    for f in failed:
+        f["error"] = f["error"][0]
+    if failed:
+        # KerasTuner logs a failed trial and goes on: its scores are missing
+        # from the result (with Hyperband, whole successive-halving rounds).
+        warnings.warn(f"{len(failed)} of {len(tuner.oracle.trials)} trials failed; the first "
+                      f"(trial {failed[0]['trial_id']}): {failed[0]['error']}", RuntimeWarning)
     if not rows:
-        raise RuntimeError("the search completed no trial; see the tuner's log above.")
+        raise RuntimeError("the search completed no trial; see the tuner's log above."
+                           + (f" First error: {failed[0]['error']}" if failed else ""))
     best = {k: v for k, v in rows[0].items() if k not in ("trial_id", "score")}
-    return SearchResult(method, best, rows[0]["score"], objective, rows, tuner)
+    return SearchResult(method, best, rows[0]["score"], objective, rows, tuner, failed)
 
 
 def search(

@@ -250,3 +250,53 @@ def test_head_given_as_one_name():
         D.compute_attention(model, x, y, feature_layers=["r2"], head=["h"])
     att = D.compute_attention(model, x, y, feature_layers=["r2"], head="head")
     assert len(att) == 1 and np.isclose(att[0].sum(), 1.0)
+
+
+def test_a_fresh_delta_model_loads_saved_weights(tmp_path):
+    """KerasTuner's Hyperband and checkpoint resumption build a new
+    DeltaModel and load_weights into it: it refused ("not yet been built")."""
+    x, y = data()
+    dm = D.DeltaModel(small_cnn(), feature_layers=["r1", "r2"], alpha=1.0)
+    dm.set_attention([np.linspace(0.1, 0.4, 4), np.linspace(0.1, 0.3, 5)])
+    dm.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    dm.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    dm.save_weights(str(tmp_path / "d.weights.h5"))
+    fresh = D.DeltaModel(small_cnn(), feature_layers=["r1", "r2"], alpha=1.0)
+    assert not fresh.attention_computed
+    fresh.load_weights(str(tmp_path / "d.weights.h5"))
+    assert fresh.attention_computed
+    for a, b in zip(dm.get_attention(), fresh.get_attention()):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(fresh.predict(x, verbose=0), dm.predict(x, verbose=0))
+    # Uniform attention saved and loaded is still reported as uniform.
+    uniform = D.DeltaModel(small_cnn(), feature_layers=["r1", "r2"])
+    uniform.save(str(tmp_path / "u.keras"))
+    assert not keras.models.load_model(str(tmp_path / "u.keras")).attention_computed
+
+
+TORCH_DOTTED_NAME = """
+import numpy as np, keras
+from keras import layers as L
+from keras_spft import delta as D
+inputs = keras.Input((6, 6, 3))   # Functional, as keras.applications builds it
+base = keras.Model(inputs, L.ReLU(name="r1")(L.Conv2D(4, 3, name="c1")(inputs)), name="mobilenet_0.25_64")
+model = keras.Sequential([keras.Input((6, 6, 3)), base, L.GlobalAveragePooling2D(), L.Dense(3, name="head")])
+dm = D.DeltaModel(model, feature_layers=["r1"])
+dm.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+dm.fit(np.random.rand(8, 6, 6, 3), np.arange(8) % 3, epochs=1, verbose=0)
+print("trained", keras.backend.backend())
+"""
+
+
+def test_delta_trains_on_pytorch_with_a_dotted_model_name():
+    """build_model's MobileNets are named mobilenet_0.25_64: PyTorch refused
+    the attention variables' names ('parameter name can't contain ".")."""
+    import importlib.util
+    import subprocess
+    import sys
+    if importlib.util.find_spec("torch") is None:
+        pytest.skip("PyTorch is not installed")
+    env = dict(os.environ, KERAS_BACKEND="torch")
+    out = subprocess.run([sys.executable, "-c", TORCH_DOTTED_NAME], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0 and "trained torch" in out.stdout, out.stderr[-3000:]

@@ -143,3 +143,31 @@ def test_hyperband_bookkeeping_is_not_reported_as_values(tmp_path):
     assert isinstance(res.tuner, keras_tuner.Hyperband)
     assert set(res.best) == {"radius", "head_radius"}   # no "tuner/epochs", "tuner/bracket", ...
     assert all(set(t) == {"trial_id", "radius", "head_radius", "score"} for t in res.trials)
+
+
+def test_hyperband_continues_delta_trials(tmp_path):
+    """Hyperband rebuilds a model and load_weights into it for each continued
+    trial: a fresh DeltaModel refused the weights, and those trials failed
+    with no word in the result."""
+    x, y = _data()
+    res = _run(tiny_model, x, y, tmp_path, method="delta", tuner="hyperband", max_epochs=2, factor=2,
+               wrap_options={"feature_layers": ["c1"]})
+    trials = res.tuner.oracle.trials.values()
+    assert res.failed == [] and len(res.trials) == len(trials) >= 3
+    assert any(t.hyperparameters.values.get("tuner/trial_id") for t in trials)   # a continued trial ran
+
+
+def test_failed_trials_are_reported(tmp_path):
+    x, y = _data()
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) == 3:    # KerasTuner builds once to see the space; then trials 1, 2
+            raise RuntimeError("out of memory (simulated)")
+        return tiny_model()
+
+    with pytest.warns(RuntimeWarning, match=r"1 of 2 trials failed.*out of memory \(simulated\)"):
+        res = _run(flaky, x, y, tmp_path, tuner="random")
+    assert len(res.trials) == 1 and [f["error"] for f in res.failed] == ["RuntimeError: out of memory (simulated)"]
+    assert "1 trials, 1 failed" in str(res)
