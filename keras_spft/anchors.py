@@ -142,12 +142,12 @@ class Anchored(KerasSaveable):
             # optimizer that carries it as state, RadiusOptimizer, avoids it).
             self._captured_by_jit = True
         if not self._anchor_ready:
-            raise RuntimeError(
+            raise RuntimeError(getattr(self, "_not_ready_because", None) or (
                 f"{self._owner()} was rebuilt from a config but its anchor "
                 "was never loaded: load it with `keras.models.load_model` or "
                 "`model.load_weights` (cloning a wrapped model through its "
                 "config alone loses the anchors)."
-            )
+            ))
         return ops.cast(self._anchor.value, dtype)
 
     def _check_shape(self, w):
@@ -176,6 +176,19 @@ class Anchored(KerasSaveable):
     def load_own_variables(self, store):
         own = self._own_variables()
         keys = set(store.keys())
+        if not keys:
+            # Weights saved from an unwrapped model, loaded after wrapping:
+            # Keras has already written the file's kernel, while the anchor
+            # is still the kernel at wrap time. Projecting would pull the
+            # loaded weights towards it, so this object refuses from now on
+            # (also when skip_mismatch=True turns this error into a warning).
+            self._anchor_ready = self._anchor is None
+            self._not_ready_because = (
+                f"{self._owner()}: the weights file has no keras-spft state for this kernel (saved "
+                "from a model that was not wrapped?); its kernel was loaded but the anchor is "
+                "still the kernel at wrap time. Load pre-trained weights before `wrap_pretrained`; "
+                "for this model: `wrap_pretrained(model, method='none')`, load the weights, wrap again.")
+            raise ValueError(self._not_ready_because)
         if keys != set(own):
             raise ValueError(
                 f"{self._owner()}: the saved state holds {sorted(keys)} but "
@@ -202,6 +215,7 @@ class Anchored(KerasSaveable):
                 stacklevel=2,
             )
         self._anchor_ready = True
+        self._not_ready_because = None
 
     def __reduce__(self):
         # KerasSaveable pickles whole models; an anchored object pickles as

@@ -518,15 +518,14 @@ def wrap_pretrained(
             existing = _existing(var, path)
             if existing is not None and existing.anchor is not None:
                 if not existing._anchor_ready:
-                    raise ValueError(
+                    raise ValueError(getattr(existing, "_not_ready_because", None) or
                         f"layer '{path}': weight '{var.name}' has a keras-spft "
                         f"{type(existing).__name__} rebuilt from a config whose "
                         "anchor was never loaded (e.g. after "
                         "`keras.models.clone_model`): load the saved model or "
                         "weights first (`keras.models.load_model`, "
                         "`model.load_weights`), or remove the constraint and "
-                        "regularizer to anchor at the current weights."
-                    )
+                        "regularizer to anchor at the current weights.")
                 anchor, note = _SharedAnchor(existing), "kept existing anchor"
             else:
                 anchor, note = var, ""

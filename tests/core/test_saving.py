@@ -130,6 +130,33 @@ def test_loading_into_a_mismatched_wrapper_fails_loudly(tmp_path):
         other.load_weights(tmp_path / "w.weights.h5")
 
 
+def test_weights_of_an_unwrapped_model_loaded_after_wrapping_are_refused(tmp_path):
+    """Wrap, then load pre-trained weights saved without keras-spft: Keras
+    writes the kernels, the anchors stay the wrap-time values. The error says
+    so, and the constraints refuse to project rather than pull the loaded
+    weights towards the stale anchors (skip_mismatch=True only warns)."""
+    keras.utils.set_random_seed(4)
+    pretrained = small_cnn()
+    pretrained.save_weights(tmp_path / "pre.weights.h5")
+    model = small_cnn()
+    keras_spft.wrap_pretrained(model, radius=0.05, head_radius=0.5)
+    with pytest.raises(ValueError, match=r"no keras-spft state for this kernel.*before `wrap_pretrained`"):
+        model.load_weights(tmp_path / "pre.weights.h5")
+    model.load_weights(tmp_path / "pre.weights.h5", skip_mismatch=True)
+    _compile(model)
+    x, y = _data(8)
+    with pytest.raises(Exception, match="no keras-spft state for this kernel"):
+        model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    with pytest.raises(ValueError, match=r"no keras-spft state.*method='none'"):
+        keras_spft.wrap_pretrained(model, radius=0.05, head_radius=0.5)
+    # The way out it names: unwrap, load, wrap again -> anchored at the file's weights.
+    keras_spft.wrap_pretrained(model, method="none")
+    model.load_weights(tmp_path / "pre.weights.h5")
+    keras_spft.wrap_pretrained(model, radius=0.05, head_radius=0.5)
+    for k, v in _anchors(model).items():
+        np.testing.assert_array_equal(v, to_np(pretrained.trainable_variables[k]))
+
+
 def test_jax_warns_when_loaded_anchors_differ_from_compiled_ones(tmp_path):
     if keras.backend.backend() != "jax":
         pytest.skip("only the JAX compiled step captures anchors as constants")
