@@ -317,7 +317,7 @@ class RadiusOptimizer(keras.optimizers.Optimizer):
     def get_config(self):
         return {
             "name": self.name,
-            "inner_optimizer": keras.saving.serialize_keras_object(self.inner_optimizer),
+            "inner_optimizer": _portable(keras.saving.serialize_keras_object(self.inner_optimizer)),
             "radius_learning_rate": self.radius_learning_rate,
             "shrink_factor": self.shrink_factor,
             "beta_1": self.beta_1,
@@ -329,9 +329,20 @@ class RadiusOptimizer(keras.optimizers.Optimizer):
     def from_config(cls, config, custom_objects=None):
         config = dict(config)
         config["inner_optimizer"] = keras.saving.deserialize_keras_object(
-            config["inner_optimizer"], custom_objects=custom_objects
+            _portable(config["inner_optimizer"]), custom_objects=custom_objects
         )
         return cls(**config)
+
+
+def _portable(config):
+    """An optimizer's serialized form that loads on every backend: Keras names
+    the PyTorch backend's own classes (`keras.src.backend.torch.optimizers.
+    torch_adam.Adam`), which TensorFlow and JAX cannot train with; the public
+    `keras.optimizers.Adam` is that class on PyTorch and the right one elsewhere."""
+    if (isinstance(config, dict) and str(config.get("module", "")).startswith("keras.src.backend.")
+            and hasattr(keras.optimizers, config.get("class_name", ""))):
+        config = dict(config, module="keras.optimizers")
+    return config
 
 
 def _refuse_tf_distribution():

@@ -435,3 +435,16 @@ def test_mixed_float16_wraps_radius_optimizer_in_loss_scaling():
         assert max(keras_spft.learned_radii(model).values()) > 10 * MIN_LEARNED_RADIUS
     finally:
         keras.mixed_precision.set_global_policy("float32")
+
+
+def test_the_inner_optimizer_is_saved_in_a_form_every_backend_loads():
+    """Keras records PyTorch's own Adam (keras.src.backend.torch...): a model
+    saved on PyTorch could not train on TensorFlow or JAX after loading."""
+    opt = keras_spft.RadiusOptimizer(keras.optimizers.Adam(0.01))
+    assert opt.get_config()["inner_optimizer"]["module"] == "keras.optimizers"
+    torch_form = dict(opt.get_config())
+    torch_form["inner_optimizer"] = dict(torch_form["inner_optimizer"],
+                                         module="keras.src.backend.torch.optimizers.torch_adam")
+    back = keras_spft.RadiusOptimizer.from_config(torch_form)
+    assert type(back.inner_optimizer) is type(keras.optimizers.Adam())
+    assert float(back.inner_optimizer.learning_rate) == pytest.approx(0.01)
