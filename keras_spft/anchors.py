@@ -110,7 +110,9 @@ class Anchored(KerasSaveable):
                         f"not broadcast to the per-row shape {tuple(shape)}."
                     ) from None
         self._scale_name = what
-        self._scale_config = float(arr) if arr.ndim == 0 and not is_spec(value) else _spec(arr)
+        # A scalar in the config as the shortest decimal of its float32 value
+        # (0.1, not 0.10000000149011612): the same float32 when read back.
+        self._scale_config = float(str(arr[()])) if arr.ndim == 0 and not is_spec(value) else _spec(arr)
         self._scale = keras.Variable(
             arr, dtype="float32", trainable=False, autocast=False, name=what
         )

@@ -162,6 +162,16 @@ def test_config_round_trip_keeps_no_anchor_values():
     np.testing.assert_array_equal(to_np(c2(ops.convert_to_tensor(a + 1))), to_np(c(ops.convert_to_tensor(a + 1))))
 
 
+def test_configs_show_the_numbers_given():
+    """The config held float32's nearest value in double (0.10000000149011612)."""
+    reg = keras_spft.L2SP(_w((3, 2)), strength=0.1)
+    assert reg.get_config()["strength"] == 0.1
+    c = keras_spft.FrobeniusDistance(_w((3, 2)), radius=1e-30)
+    assert c.get_config()["radius"] == 1e-30
+    back = keras_spft.FrobeniusDistance.from_config(c.get_config())
+    assert to_np(back.radius).astype("float32") == to_np(c.radius).astype("float32")
+
+
 def test_copy_and_pickle_keep_the_anchor():
     import copy
     import pickle
