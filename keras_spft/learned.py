@@ -97,7 +97,13 @@ class RadiusOptimizer(keras.optimizers.Optimizer):
 
     def __init__(self, inner_optimizer, radius_learning_rate=1e-2, shrink_factor=1.0,
                  beta_1=0.9, beta_2=0.999, epsilon=1e-8, name=None, **kwargs):
-        unsupported = {k: v for k, v in kwargs.items() if v not in (None, False, 0.99)}
+        # The base optimizer's options at their defaults are harmless (Keras
+        # may pass them); any other value belongs on the inner optimizer.
+        defaults = {"learning_rate": None, "weight_decay": None, "clipnorm": None, "clipvalue": None,
+                    "global_clipnorm": None, "use_ema": False, "ema_momentum": 0.99,
+                    "ema_overwrite_frequency": None, "loss_scale_factor": None,
+                    "gradient_accumulation_steps": None}
+        unsupported = {k: v for k, v in kwargs.items() if k not in defaults or v != defaults[k]}
         if unsupported:
             raise ValueError(
                 "RadiusOptimizer does not take "
@@ -178,13 +184,15 @@ class RadiusOptimizer(keras.optimizers.Optimizer):
         constrained = distance_constraints(var_list)
         if not constrained and not allow_none:
             raise ValueError(
-                "RadiusOptimizer: no trainable weight has a keras-spft constraint; "
-                "wrap the model with `wrap_pretrained(model, radius=\"learned\")` first, "
-                "or use the inner optimizer alone."
+                "RadiusOptimizer: none of the weights it trains has a keras-spft constraint: "
+                "either the constrained kernels are frozen (e.g. `base.trainable = False` for a "
+                "head-only phase: train that phase with the inner optimizer alone, and compile "
+                "with a RadiusOptimizer after unfreezing), or the model is not wrapped "
+                "(`wrap_pretrained(model, radius=\"learned\")` first)."
             )
         learned = [(v, c) for v, c in constrained if c.learn_radius]
         self._learned = learned
-        self._constraint_ids = {id(c) for _, c in constrained}
+        self._constraint_of = {id(v): id(c) for v, c in constrained}
         before = len(self._variables)
         if learned:
             self._radius_step = self.add_variable(
@@ -255,7 +263,11 @@ class RadiusOptimizer(keras.optimizers.Optimizer):
                 self.build(trainable_variables)
             self.built = True
         tvs = self._trainable_variables if trainable_variables is None else list(trainable_variables)
-        if {id(c) for _, c in distance_constraints(tvs)} != self._constraint_ids:
+        # Each variable stepped must carry the constraint it was bound with
+        # (or none, as then); a subset of the variables (a layer frozen since)
+        # is fine: its radii simply do not move.
+        current = {id(v): id(c) for v, c in distance_constraints(tvs)}
+        if current != {id(v): self._constraint_of[id(v)] for v in tvs if id(v) in self._constraint_of}:
             raise ValueError(
                 "RadiusOptimizer: the model's keras-spft constraints changed after this "
                 "optimizer was built (wrap_pretrained called again?); its state holds "

@@ -222,8 +222,41 @@ def test_plain_optimizer_is_refused():
 def test_radius_optimizer_without_constraints_is_refused():
     model = small_cnn()
     opt = keras_spft.RadiusOptimizer(keras.optimizers.Adam())
-    with pytest.raises(ValueError, match="no trainable weight has a keras-spft constraint"):
+    with pytest.raises(ValueError, match="none of the weights it trains has a keras-spft constraint.*not wrapped"):
         opt.build(model.trainable_variables)
+    # Wrapped, but every constrained kernel frozen (a head-only phase): the
+    # error says so instead of asking to wrap.
+    keras_spft.wrap_pretrained(model, radius="learned")
+    model.layers[0].trainable = False
+    with pytest.raises(ValueError, match="constrained kernels are frozen.*inner optimizer alone"):
+        keras_spft.RadiusOptimizer(keras.optimizers.Adam()).build(model.trainable_variables)
+
+
+@pytest.mark.skipif(keras.backend.backend() == "jax",
+                    reason="Keras' JAX trainer refuses a recompiled model with fewer trainable "
+                           "variables for every built optimizer")
+@pytest.mark.parametrize("radius", ["learned", 0.05])
+def test_a_layer_frozen_between_fits_keeps_the_optimizer(radius):
+    """Freezing one layer and compiling again with the same RadiusOptimizer
+    (keeping its state) was refused as 'constraints changed'."""
+    keras.utils.set_random_seed(1)
+    model = small_cnn()
+    keras_spft.wrap_pretrained(model, radius=radius, head_radius=5.0)
+    opt = keras_spft.RadiusOptimizer(keras.optimizers.Adam(0.05))
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    model.compile(optimizer=opt, loss=loss)
+    x, y = _data(16)
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    frozen = model.layers[0].layers[0]
+    frozen.trainable = False
+    before = to_np(frozen.kernel).copy()
+    model.compile(optimizer=opt, loss=loss)
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    np.testing.assert_array_equal(to_np(frozen.kernel), before)
+    for v in model.weights:
+        if isinstance(v.constraint, (keras_spft.MARSDistance, keras_spft.FrobeniusDistance)):
+            assert_within_bound(v.constraint, v)
+    assert int(to_np(opt.iterations)) == 4
 
 
 def test_fixed_radii_with_radius_optimizer(tmp_path):
@@ -390,6 +423,12 @@ def test_ema_weights_are_projected_at_the_end_of_fit(radius):
 def test_radius_optimizer_argument_errors():
     with pytest.raises(ValueError, match="shrink_factor"):
         keras_spft.RadiusOptimizer(keras.optimizers.Adam(), shrink_factor=2.0)
+    # Options of the base optimizer belong on the inner one; 0.99 (the EMA
+    # momentum's default) was let through silently for all of them.
+    for key in ("clipnorm", "weight_decay", "global_clipnorm"):
+        with pytest.raises(ValueError, match=f"does not take {key}: set them on the inner optimizer"):
+            keras_spft.RadiusOptimizer(keras.optimizers.Adam(), **{key: 0.99})
+    keras_spft.RadiusOptimizer(keras.optimizers.Adam(), ema_momentum=0.99, clipnorm=None)   # defaults: fine
     with pytest.raises(ValueError, match="gradient_accumulation_steps"):
         keras_spft.RadiusOptimizer(keras.optimizers.Adam(gradient_accumulation_steps=2))
     with pytest.raises(ValueError, match="already learns radii"):
