@@ -40,6 +40,10 @@ ATTENTION_BATCHES = 4
 # Settings that must match for a finished run on disk to be reused.
 SETTING_KEYS = ("data", "model", "weights", "alpha", "image_size", "head", "epochs",
                 "batch_size", "augment", "batchnorm", "radius_lr", "stage")
+#: What a setting that older versions did not record was: runs they finished
+#: are reused (batchnorm options and --radius-lr came later; the radius step
+#: size has been 0.01 throughout).
+UNRECORDED_SETTINGS = {"batchnorm": "none", "radius_lr": 1e-2}
 
 
 def _log(msg):
@@ -362,7 +366,10 @@ def _finished(path, settings, values=None):
         return None
     with open(path) as f:
         done = json.load(f)
-    old = done.get("settings", {})
+    old = dict(done.get("settings", {}))
+    for k, v in UNRECORDED_SETTINGS.items():
+        if old.get(k) is None:
+            old[k] = v
     diff = [k for k in SETTING_KEYS if old.get(k) != settings.get(k)]
     shown = ", ".join(f"{k}: {old.get(k)!r} on disk vs {settings.get(k)!r} now" for k in diff)
     if values is not None:
@@ -830,7 +837,8 @@ def main(argv=None):
 
     Returns:
         0, the exit status (console scripts call `sys.exit(main())`); errors
-        exit with status 2 and one line naming the option or path.
+        exit with status 2 and a line naming the option or path (after
+        argparse's usage line, for the errors argparse reports).
     """
     run(argv)
     return 0

@@ -203,7 +203,7 @@ class MARSDistance(_DistanceConstraint):
     >>> import numpy as np, keras, keras_spft
     >>> w0 = np.random.normal(size=(4, 3)).astype("float32")
     >>> layer = keras.layers.Dense(3)
-    >>> layer.build((None, 4)); layer.kernel.assign(w0)
+    >>> layer.build((None, 4)); _ = layer.kernel.assign(w0)
     >>> c = keras_spft.MARSDistance(w0, radius=0.5, axis=0)
     >>> layer.kernel.constraint = layer.kernel_constraint = c
     >>> w = c(w0 + 1.0)        # every column moved by 4.0 in L1 ...

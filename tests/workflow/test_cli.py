@@ -208,6 +208,22 @@ def test_resume_refuses_runs_made_with_another_lr_or_batchnorm(tiny):
         cli.run(["finetune"] + _args(data, out, "--method", "mars-pgm-learned", "--radius-lr", "0.1"))
 
 
+def test_runs_finished_before_batchnorm_and_radius_lr_were_recorded_are_reused(tiny, monkeypatch):
+    """Run files of older versions lack these settings: the docs promise
+    they are reused, but they were refused as 'other settings'."""
+    data, out, _ = tiny
+    cli.run(["finetune"] + _args(data, out, "--method", "l2-pgm", "--radius", "2"))
+    path = out / "runs" / "l2-pgm" / "seed0.json"
+    done = json.loads(path.read_text())
+    del done["settings"]["batchnorm"]
+    done["settings"]["radius_lr"] = None
+    path.write_text(json.dumps(done))
+    monkeypatch.setattr(cli, "train_one", lambda *a, **k: pytest.fail("re-ran a finished run"))
+    cli.run(["finetune"] + _args(data, out, "--method", "l2-pgm", "--radius", "2"))
+    with pytest.raises(SystemExit, match=r"batchnorm: 'none' on disk vs 'gamma' now"):
+        cli.run(["finetune"] + _args(data, out, "--method", "l2-pgm", "--radius", "2", "--batchnorm", "gamma"))
+
+
 def test_unfinished_search_resumes_only_with_its_settings(tiny, monkeypatch):
     data, out, _ = tiny
     import keras_spft.tuning as tuning
