@@ -33,7 +33,8 @@ kernel. Norms are those of each layer's linear map: for a convolution the
 MARS norm is the largest row L1 norm of its kernel (exact when some output
 position sees the whole kernel); its Frobenius norm is
 `sqrt(P) * ||K||_F` with `P` the number of output positions (exact for
-"valid" padding, an upper bound otherwise). The theorems hold for any upper
+"valid" padding, an upper bound otherwise; for a transposed convolution, the
+adjoint of a convolution over its inputs, `P` counts its input positions). The theorems hold for any upper
 bounds `B_j`, `D_j`, `B_V`, and the bound increases with each of them, so
 upper bounds keep it valid.
 """
@@ -96,14 +97,19 @@ class BoundTerms:
     log_value_with_input_term: float = math.nan
 
 
+_TRANSPOSE = (keras.layers.Conv1DTranspose, keras.layers.Conv2DTranspose, keras.layers.Conv3DTranspose)
+
+
 def _positions(layer):
     """Number of output positions P of a convolution (its Frobenius norm as a
-    linear map is `sqrt(P) * ||K||_F`). Raises rather than guess: taking P = 1
-    would make the bound too small for every larger input."""
+    linear map is `sqrt(P) * ||K||_F`); of input positions for a transposed
+    one (the adjoint of the convolution from its output back to its input).
+    Raises rather than guess: taking P = 1 would make the bound too small
+    for every larger input."""
     fix = ("build the model on a fixed input size (e.g. `input_shape=(224, 224, 3)`), or pass "
            "`conv_positions=False` to use the kernels' own norms (then not a bound on the layer's map)")
     try:
-        shape = tuple(layer.output.shape)
+        shape = tuple((layer.input if isinstance(layer, _TRANSPOSE) else layer.output).shape)
     except (AttributeError, ValueError) as e:
         raise ValueError(f"the Frobenius bound needs the output shape of convolution {layer.name!r}, "
                          f"which Keras cannot give ({e}); {fix}.") from None
@@ -171,12 +177,21 @@ def _terms(model, norm, distances, head, layer_bounds, head_bound, conv_position
         w0, d = (None, 0.0) if k.frozen else anchor_and_distance(k, w)
         if layer_bounds is not None and k.name in layer_bounds:
             b = float(layer_bounds[k.name])
+        elif distances == "radius" and not k.frozen and w0 is not None:
+            # B_j must hold for every weight of the class, not only the
+            # current one: ||W_j|| <= ||W0_j|| + D_j (triangle inequality).
+            b = mat_norm(w0, k) + d
         else:
             b = max(mat_norm(w, k), mat_norm(w0, k) if w0 is not None else 0.0)
         out.append(LayerTerm(k.name, b, d))
     if head_bound is None:
         v = heads[0]
-        head_bound = mat_norm(_np(v.variable), v)
+        want = MARSDistance if norm == "mars" else FrobeniusDistance
+        if distances == "radius" and isinstance(v.obj, want) and v.obj.anchor is None:
+            # A head bounded around the origin: its radius bounds ||V||.
+            _, head_bound = anchor_and_distance(v, None)
+        else:
+            head_bound = mat_norm(_np(v.variable), v)
     return out, float(head_bound)
 
 
@@ -213,7 +228,10 @@ def theorem2_bound(model, *, num_examples, num_classes, input_dim, input_bound,
         2 sqrt(log(2d)) c rho C_inf B_V (sum_j D_j / B_j) (prod_j 2 B_j) / sqrt(m)
 
     with `D_j = ||W_j - W0_j||_inf` (the MARS distance), `B_j =
-    max(||W_j||_inf, ||W0_j||_inf)` unless given, `B_V = ||V||_inf`.
+    max(||W_j||_inf, ||W0_j||_inf)` unless given, `B_V = ||V||_inf`. With
+    `distances="radius"`, `D_j` is the radius and the bound covers every
+    weight the radii allow: `B_j = ||W0_j||_inf + D_j`, and `B_V` the head's
+    radius when the head is constrained around the origin.
 
     Args:
         model: a model wrapped with keras-spft (the anchors are `W0_j`).
@@ -222,8 +240,9 @@ def theorem2_bound(model, *, num_examples, num_classes, input_dim, input_bound,
         input_dim: `d`, the input dimension.
         input_bound: `C_inf >= max_i ||x_i||_inf` over the training inputs.
         lipschitz: `rho`, the Lipschitz constant of the loss.
-        distances: `"current"` (measured `D_j`) or `"radius"` (the MARS-PGM
-            radii, which bound `D_j` for every weight the training can reach).
+        distances: `"current"` (measured `D_j`, the bound at the current
+            weights) or `"radius"` (the MARS-PGM radii: the bound for every
+            weight the training can reach, see above).
         head: head layer names, if not wrapped around the origin.
         layer_bounds: optional `{kernel name: B_j}` overrides.
         head_bound: optional `B_V` override.
@@ -256,8 +275,9 @@ def theorem3_bound(model, *, num_examples, num_classes, input_bound,
         sqrt(2c) rho C_2 B_V (sum_j D_j / B_j) (prod_j 2 B_j) / sqrt(m)
 
     with `D_j = ||W_j - W0_j||_F`, `B_j = max(||W_j||_F, ||W0_j||_F)` unless
-    given, `B_V = ||V||_F`; convolutions scaled by `sqrt(output positions)`
-    (`conv_positions=True`, see the module docstring).
+    given, `B_V = ||V||_F` (with `distances="radius"`: `B_j = ||W0_j||_F + D_j`
+    and `B_V` the head's radius, as in `theorem2_bound`); convolutions scaled
+    by `sqrt(positions)` (`conv_positions=True`, see the module docstring).
 
     Args:
         model: a model wrapped with keras-spft.

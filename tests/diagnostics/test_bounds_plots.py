@@ -40,10 +40,18 @@ def test_theorem2_by_hand():
     assert t.head_bound == 4.0 and t.distance_sum == pytest.approx(1 / 3)
     # the proof carried to the input adds the distance-free term (sum -> 1 + sum)
     assert t.value_with_input_term == pytest.approx(expected * (1 + 1 / 3) / (1 / 3), rel=1e-6)
-    # The radius (5) bounds every reachable D_j: D = (5, 5).
+    # For every weight the radius (5) allows: D = (5, 5) and, by the triangle
+    # inequality, B_j = ||W0_j|| + D_j = (1 + 5, 3 + 5); the free head: its norm.
     r = bounds.theorem2_bound(two_layer_net(), num_examples=100, num_classes=2, input_dim=2,
                               input_bound=1.0, distances="radius")
-    assert r.value == pytest.approx(2 * math.sqrt(math.log(4)) * 2 * 4 * (5 / 1.5 + 5 / 3) * 18 / 10, rel=1e-6)
+    assert [(l.bound, l.distance) for l in r.layers] == [(6.0, 5.0), (8.0, 5.0)]
+    assert r.value == pytest.approx(2 * math.sqrt(math.log(4)) * 2 * 4 * (5 / 6 + 5 / 8) * 12 * 16 / 10, rel=1e-6)
+    # A head bounded around the origin: its radius is B_V, whatever V is now.
+    model = two_layer_net()
+    keras_spft.wrap_pretrained(model, radius=5.0, head=["v"], head_radius=2.0)
+    r2 = bounds.theorem2_bound(model, num_examples=100, num_classes=2, input_dim=2,
+                               input_bound=1.0, distances="radius")
+    assert r2.head_bound == 2.0 and r2.value == pytest.approx(r.value / 2, rel=1e-6)
     # Data constants enter as stated: linear in c, rho, C_inf; 1/sqrt(m).
     t2 = bounds.theorem2_bound(two_layer_net(), num_examples=400, num_classes=4, input_dim=2,
                                input_bound=3.0, lipschitz=0.5)
@@ -170,5 +178,24 @@ def test_conv_positions_follow_the_layers_data_format():
         keras_spft.wrap_pretrained(model, radius=0.5, method="l2-pgm", head=["v"], head_radius=1.0)
         t = bounds.theorem3_bound(model, num_examples=100, num_classes=2, input_bound=1.0, distances="radius")
         results.append(t.layers[0].bound)
-    # 6 x 6 output positions in both layouts: ||map||_F = 6 ||K||_F
-    assert results == pytest.approx([6 * float(np.sqrt((k ** 2).sum()))] * 2, rel=1e-6)
+    # 6 x 6 output positions in both layouts: ||map||_F = 6 ||K||_F, and with
+    # the radius the bound covers B = 6 (||K0||_F + 0.5)
+    assert results == pytest.approx([6 * (float(np.sqrt((k ** 2).sum())) + 0.5)] * 2, rel=1e-6)
+
+
+def test_a_transposed_conv_counts_its_input_positions():
+    """A transposed conv is the adjoint of a conv over its inputs:
+    ||map||_F = sqrt(input positions) ||K||_F for valid padding, checked
+    against the explicit matrix of the map."""
+    rng = np.random.default_rng(1)
+    model = keras.Sequential([keras.Input((4, 4, 1)), L.Conv2DTranspose(1, 3, use_bias=False, name="t"),
+                              L.Flatten(), L.Dense(2, use_bias=False, name="v")])
+    k = rng.normal(size=(3, 3, 1, 1)).astype("float32")
+    model.get_layer("t").kernel.assign(k)
+    keras_spft.wrap_pretrained(model, radius=1.0, method="l2-pgm", head=["v"])
+    sub = keras.Sequential([keras.Input((4, 4, 1)), model.get_layer("t")])
+    basis = np.eye(16, dtype="float32").reshape(16, 4, 4, 1)
+    matrix = np.asarray(sub.predict(basis, verbose=0)).reshape(16, -1)   # row i: the map of basis vector i
+    t = bounds.theorem3_bound(model, num_examples=1, num_classes=2, input_bound=1.0)
+    assert t.layers[0].bound == pytest.approx(float(np.sqrt((matrix ** 2).sum())), rel=1e-5)
+    assert t.layers[0].bound == pytest.approx(4 * float(np.sqrt((k ** 2).sum())), rel=1e-5)
