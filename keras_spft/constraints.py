@@ -37,6 +37,10 @@ def radius_learning():
         _LEARNER_DEPTH[0] -= 1
 
 
+#: Machine epsilon of the kernel dtypes (twice the worst rounding of a stored value).
+_UNIT_ROUNDOFF = {"float16": 2.0 ** -10, "bfloat16": 2.0 ** -7, "float32": 2.0 ** -23, "float64": 2.0 ** -52}
+
+
 def _axis_list(axis):
     if axis is None:
         return None
@@ -65,7 +69,7 @@ class _DistanceConstraint(Anchored, keras.constraints.Constraint):
         """The norms `_project` reduces `t` to (per row, or one scalar)."""
         raise NotImplementedError
 
-    def _radius_gradient(self, grad, t, radius):
+    def _radius_gradient(self, grad, t, radius, rounding):
         raise NotImplementedError
 
     def _init_options(self, radius, relative, learn_radius):
@@ -150,8 +154,12 @@ class _DistanceConstraint(Anchored, keras.constraints.Constraint):
         w = ops.convert_to_tensor(w)
         x = ops.cast(w, "float32")
         t = x if self._anchor is None else x - self._anchor_value("float32", traced_with=w)
+        # Storing W0 + offset rounds each element by up to half an ulp of its
+        # value: a row projected onto a tiny radius can read as inside the
+        # ball. One unit roundoff of the stored dtype per element allows it.
+        rounding = _UNIT_ROUNDOFF.get(keras.backend.standardize_dtype(w.dtype), 2.0 ** -23)
         return self._radius_gradient(
-            ops.cast(grad, "float32"), t, ops.cast(self._scale.value, "float32")
+            ops.cast(grad, "float32"), t, ops.cast(self._scale.value, "float32"), rounding * ops.abs(x)
         )
 
     @property
@@ -262,9 +270,10 @@ class MARSDistance(_DistanceConstraint):
     def _distances(self, t):
         return spft_ops.row_l1_norms(t, self._axis_for(t))
 
-    def _radius_gradient(self, grad, t, radius):
+    def _radius_gradient(self, grad, t, radius, rounding):
+        axis = self._axis_for(t)
         return spft_ops.l1_radius_gradient(
-            grad, t, radius, self._axis_for(t), self.projection
+            grad, t, radius, axis, self.projection, slack=spft_ops.row_l1_norms(rounding, axis)
         )
 
     def row_distances(self, w):
@@ -339,8 +348,8 @@ class FrobeniusDistance(_DistanceConstraint):
     def _distances(self, t):
         return spft_ops.frobenius_norm(t)
 
-    def _radius_gradient(self, grad, t, radius):
-        return spft_ops.frobenius_radius_gradient(grad, t, radius)
+    def _radius_gradient(self, grad, t, radius, rounding):
+        return spft_ops.frobenius_radius_gradient(grad, t, radius, slack=spft_ops.frobenius_norm(rounding))
 
     def distance(self, w):
         """The Frobenius distance of `w` to the anchor."""

@@ -211,11 +211,11 @@ def project_l1_ball(t, radius, axis, norms=None):
     return out * _shrink_factor(row_l1_norms(out, axis), radius)
 
 
-def _at_bound(norm, radius, rtol):
-    return ops.cast(ops.greater_equal(norm, radius * (1.0 - rtol)), norm.dtype)
+def _at_bound(norm, radius, rtol, slack):
+    return ops.cast(ops.greater_equal(norm + slack, radius * (1.0 - rtol)), norm.dtype)
 
 
-def l1_radius_gradient(grad, t, radius, axis, projection="scale", rtol=1e-3):
+def l1_radius_gradient(grad, t, radius, axis, projection="scale", rtol=1e-3, slack=0.0):
     """Derivative of the loss with respect to the radius of an L1-ball projection.
 
     `t` is a projected offset `P_radius(d)` (kernel minus anchor just after a
@@ -235,6 +235,10 @@ def l1_radius_gradient(grad, t, radius, axis, projection="scale", rtol=1e-3):
         axis: axes summed per row.
         projection: `"scale"` or `"exact"`.
         rtol: relative tolerance deciding which rows lie on the bound.
+        slack: absolute per-row allowance added to each row's norm in that
+            test (scalar or shaped like the row norms): the rounding of the
+            stored kernel, which can put a projected row below
+            `(1 - rtol) * radius` when the radius is tiny next to the weights.
 
     Returns:
         Scalar `sum_r <grad_r, dt_r/dradius>`.
@@ -252,14 +256,14 @@ def l1_radius_gradient(grad, t, radius, axis, projection="scale", rtol=1e-3):
     else:
         dots = ops.sum(t * grad, axis=axis, keepdims=True) if len(axis) else t * grad
         per_row = dots / radius
-    return ops.sum(per_row * _at_bound(norms, radius, rtol))
+    return ops.sum(per_row * _at_bound(norms, radius, rtol, slack))
 
 
-def frobenius_radius_gradient(grad, t, radius, rtol=1e-3):
+def frobenius_radius_gradient(grad, t, radius, rtol=1e-3, slack=0.0):
     """Derivative of the loss with respect to the radius of a Frobenius-ball projection.
 
-    `<grad, t / radius>` when `||t||_F >= (1 - rtol) * radius`, else 0 (see
-    `l1_radius_gradient`).
+    `<grad, t / radius>` when `||t||_F + slack >= (1 - rtol) * radius`, else 0
+    (see `l1_radius_gradient`).
     """
-    on = _at_bound(frobenius_norm(t), radius, rtol)
+    on = _at_bound(frobenius_norm(t), radius, rtol, slack)
     return on * ops.sum(grad * t) / radius

@@ -487,3 +487,28 @@ def test_the_inner_optimizer_is_saved_in_a_form_every_backend_loads():
     back = keras_spft.RadiusOptimizer.from_config(torch_form)
     assert type(back.inner_optimizer) is type(keras.optimizers.Adam())
     assert float(back.inner_optimizer.learning_rate) == pytest.approx(0.01)
+
+
+@pytest.mark.parametrize("kind", ["scale", "exact", "frobenius"])
+def test_rows_projected_onto_a_tiny_radius_count_as_on_the_bound(kind):
+    """Storing W0 + offset rounds each element by up to half an ulp: with
+    weights of size 3 and a radius of 1e-4, projected rows read up to 0.3%
+    inside the ball, beyond the 0.1% band, and their gradient was dropped
+    (the radius gradient changed sign in a review)."""
+    rng = np.random.default_rng(0)
+    w0 = (3 * rng.normal(size=(5, 400))).astype("float32")
+    if kind == "frobenius":
+        c = keras_spft.FrobeniusDistance(w0, 1e-4)
+    else:
+        c = keras_spft.MARSDistance(w0, 1e-4, axis=0, projection=kind)
+    w = c.project(ops.convert_to_tensor(w0 + rng.normal(size=w0.shape).astype("float32")))
+    t = to_np(w).astype("float64") - w0
+    g = rng.normal(size=w0.shape)
+    if kind == "frobenius":
+        ref = (g * t).sum() / 1e-4
+    elif kind == "scale":
+        ref = (g * t).sum() / 1e-4          # every row on its bound: sum_r <g_r, t_r / r>
+    else:
+        ref = sum((np.sign(t[:, r]) * g[:, r]).sum() / (t[:, r] != 0).sum() for r in range(400))
+    got = float(to_np(c.radius_gradient(ops.convert_to_tensor(g.astype("float32")), w)))
+    assert got == pytest.approx(ref, rel=1e-3)
