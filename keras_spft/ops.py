@@ -83,12 +83,27 @@ def at_least(x, low):
     they compute float64 tensors in float32 (their result dtype is looked up
     from `torch.float64`, which Keras' `result_type` does not recognise).
     """
+    low = _like(low, x)
     return ops.where(x < low, low, x)
 
 
 def at_most(x, high):
     """`min(x, high)` in `x`'s dtype, NaN propagated (see `at_least`)."""
+    high = _like(high, x)
     return ops.where(x > high, high, x)
+
+
+def _like(value, x):
+    """`value` in `x`'s dtype; a Python number made in it directly (a float64
+    bound passed through float32 first, as `where` may do, loses digits)."""
+    if isinstance(value, (int, float)):
+        return ops.convert_to_tensor(value, dtype=x.dtype)
+    return ops.cast(value, x.dtype)
+
+
+def _widened(t):
+    """`t` in float32 if it is 16-bit (sums and tiny radii stay finite)."""
+    return ops.cast(t, "float32") if str(t.dtype).split(".")[-1] in ("float16", "bfloat16") else t
 
 
 def _shrink_factor(norm, radius):
@@ -200,15 +215,17 @@ def project_l1_ball(t, radius, axis, norms=None):
     Returns:
         Tensor like `t`, each row projected.
     """
+    dtype = t.dtype
+    t = _widened(t)
     if len(axis) == 0:
-        return ops.sign(t) * at_most(ops.abs(t), radius)
+        return ops.cast(ops.sign(t) * at_most(ops.abs(t), radius), dtype)
     a = ops.abs(t)
-    theta = _l1_threshold(a, radius, axis, norms)
+    theta = _l1_threshold(a, radius, axis, None if norms is None else ops.cast(norms, t.dtype))
     out = ops.sign(t) * ops.relu(a - theta)
     # Rounding in the sums can leave a row a few ulps outside the ball; a
     # final radial rescale (a factor of exactly 1 for rows inside) keeps the
     # guarantee ||row||_1 <= radius.
-    return out * _shrink_factor(row_l1_norms(out, axis), radius)
+    return ops.cast(out * _shrink_factor(row_l1_norms(out, axis), radius), dtype)
 
 
 def _at_bound(norm, radius, rtol, slack):

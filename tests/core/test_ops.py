@@ -1,6 +1,7 @@
 """The projections and norms against independent numpy computations."""
 
 import numpy as np
+import keras
 import pytest
 from keras import ops
 
@@ -127,3 +128,18 @@ def test_rows_on_the_sphere_are_fixed_points():
     for f in (sops.scale_to_l1_ball, sops.project_l1_ball):
         got = to_np(f(ops.convert_to_tensor(t), 1.5, (0,)))
         np.testing.assert_allclose(got, t, rtol=1e-5, atol=1e-7)
+
+
+def test_python_number_bounds_keep_float64_and_16bit_rows_stay_finite():
+    """A Python radius went through float32 (at_most(x64, 0.3) gave
+    0.30000001, outside the ball); float16 rows with a radius below float16's
+    normal range gave NaN on JAX."""
+    x = ops.convert_to_tensor(np.array([0.5, 0.1, 0.4]), dtype="float64")
+    if keras.backend.standardize_dtype(x.dtype) == "float64":   # not JAX without x64
+        assert np.asarray(ops.convert_to_numpy(sops.at_most(x, 0.3))).tolist() == [0.3, 0.1, 0.3]
+        assert np.asarray(ops.convert_to_numpy(sops.at_least(x, 0.3))).tolist() == [0.5, 0.3, 0.4]
+        assert np.asarray(ops.convert_to_numpy(sops.project_l1_ball(x, 0.3, ()))).max() <= 0.3
+    h = ops.convert_to_tensor(np.ones((4, 3)), dtype="float16")
+    p = sops.project_l1_ball(h, 1e-6, (0,))
+    assert keras.backend.standardize_dtype(p.dtype) == "float16"
+    assert np.all(np.isfinite(np.asarray(ops.convert_to_numpy(p), "float32")))
