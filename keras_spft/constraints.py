@@ -69,7 +69,7 @@ class _DistanceConstraint(Anchored, keras.constraints.Constraint):
         """The norms `_project` reduces `t` to (per row, or one scalar)."""
         raise NotImplementedError
 
-    def _radius_gradient(self, grad, t, radius, rounding):
+    def _radius_gradient(self, grad, t, radius, rounding, x):
         raise NotImplementedError
 
     def _init_options(self, radius, relative, learn_radius):
@@ -157,9 +157,10 @@ class _DistanceConstraint(Anchored, keras.constraints.Constraint):
         # Storing W0 + offset rounds each element by up to half an ulp of its
         # value: a row projected onto a tiny radius can read as inside the
         # ball. One unit roundoff of the stored dtype per element allows it.
-        rounding = _UNIT_ROUNDOFF.get(keras.backend.standardize_dtype(w.dtype), 2.0 ** -23)
+        # (t is computed in float32: at least float32's.)
+        rounding = max(_UNIT_ROUNDOFF.get(keras.backend.standardize_dtype(w.dtype), 0.0), 2.0 ** -23)
         return self._radius_gradient(
-            ops.cast(grad, "float32"), t, ops.cast(self._scale.value, "float32"), rounding * ops.abs(x)
+            ops.cast(grad, "float32"), t, ops.cast(self._scale.value, "float32"), rounding, x
         )
 
     @property
@@ -270,10 +271,10 @@ class MARSDistance(_DistanceConstraint):
     def _distances(self, t):
         return spft_ops.row_l1_norms(t, self._axis_for(t))
 
-    def _radius_gradient(self, grad, t, radius, rounding):
+    def _radius_gradient(self, grad, t, radius, rounding, x):
         axis = self._axis_for(t)
         return spft_ops.l1_radius_gradient(
-            grad, t, radius, axis, self.projection, slack=spft_ops.row_l1_norms(rounding, axis)
+            grad, t, radius, axis, self.projection, slack=rounding * spft_ops.row_l1_norms(x, axis)
         )
 
     def row_distances(self, w):
@@ -348,8 +349,8 @@ class FrobeniusDistance(_DistanceConstraint):
     def _distances(self, t):
         return spft_ops.frobenius_norm(t)
 
-    def _radius_gradient(self, grad, t, radius, rounding):
-        return spft_ops.frobenius_radius_gradient(grad, t, radius, slack=spft_ops.frobenius_norm(rounding))
+    def _radius_gradient(self, grad, t, radius, rounding, x):
+        return spft_ops.frobenius_radius_gradient(grad, t, radius, slack=rounding * spft_ops.frobenius_norm(x))
 
     def distance(self, w):
         """The Frobenius distance of `w` to the anchor."""

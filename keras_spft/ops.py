@@ -12,6 +12,7 @@ All reductions keep their dimensions, so a per-row quantity (norm, radius)
 broadcasts against the kernel.
 """
 
+import keras
 from keras import ops
 
 
@@ -103,7 +104,7 @@ def _like(value, x):
 
 def _widened(t):
     """`t` in float32 if it is 16-bit (sums and tiny radii stay finite)."""
-    return ops.cast(t, "float32") if str(t.dtype).split(".")[-1] in ("float16", "bfloat16") else t
+    return ops.cast(t, "float32") if keras.backend.standardize_dtype(t.dtype) in ("float16", "bfloat16") else t
 
 
 def _shrink_factor(norm, radius):

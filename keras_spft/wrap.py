@@ -216,7 +216,7 @@ def _resolve(value, layer, path, what, shared_paths=()):
         if len(set(got.values())) > 1:
             raise ValueError(
                 f"layer '{path}' is shared and the `{what}` dict gives it different values through "
-                f"its paths ({', '.join(f'{p}: {v:g}' for p, v in got.items())}): one layer, one "
+                f"its paths ({', '.join(f'{p}: {v if isinstance(v, str) else _fmt(v)}' for p, v in got.items())}): one layer, one "
                 "kernel, one value; give the layer's own name an entry.")
         return got[path]
     if isinstance(value, dict):
@@ -429,7 +429,9 @@ def wrap_pretrained(
                 if key != "*" and key not in by_name:
                     raise ValueError(f"`{what}` names layer '{key}' which does not exist in the model.")
     excluded = lookup(exclude or (), "excluded")
-    if head is None:
+    if method == "none":
+        head_ids = set()   # removing keras-spft's objects needs no head
+    elif head is None:
         head_ids = lookup(_default_head(model, layers), "head")
     else:
         head_ids = lookup(head, "head")

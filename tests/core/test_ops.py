@@ -143,3 +143,8 @@ def test_python_number_bounds_keep_float64_and_16bit_rows_stay_finite():
     p = sops.project_l1_ball(h, 1e-6, (0,))
     assert keras.backend.standardize_dtype(p.dtype) == "float16"
     assert np.all(np.isfinite(np.asarray(ops.convert_to_numpy(p), "float32")))
+    # A row whose L1 norm overflows float16 (2000 x 60 > 65504) is projected
+    # in float32, not wiped to zero.
+    big = ops.convert_to_tensor(np.full((2000, 2), 60.0), dtype="float16")
+    rows = np.abs(np.asarray(ops.convert_to_numpy(sops.project_l1_ball(big, 10.0, (0,))), "float64")).sum(0)
+    np.testing.assert_allclose(rows, 10.0, rtol=2e-3)

@@ -384,6 +384,9 @@ def test_a_head_written_as_a_nested_model_must_be_named():
     assert all(w.role == "backbone" for w in report.wrapped) and len(report.wrapped) == 2
     with pytest.raises(ValueError, match=r"`head_radius` is given but no head kernel was found among head=\[\]"):
         keras_spft.wrap_pretrained(model, radius=1.0, head=[], head_radius=2.0)
+    # Removing keras-spft's objects needs no head.
+    report = keras_spft.wrap_pretrained(model, method="none")
+    assert not report.wrapped and all(v.constraint is None for v in model.weights)
 
 
 def test_a_head_radius_with_no_head_outside_the_base_is_refused():
@@ -424,6 +427,8 @@ def test_a_shared_layer_must_get_one_value_from_a_radius_dict():
     model = keras.Model(inputs, L.Dense(2, name="h")(L.Add()([b1(inputs), b2(inputs)])))
     with pytest.raises(ValueError, match=r"layer 'b1s/s' is shared.*b1s/s: 1, b2s/s: 2"):
         keras_spft.wrap_pretrained(model, radius={"b1s": 1.0, "b2s": 2.0}, head_radius=1.0)
+    with pytest.raises(ValueError, match=r"layer 'b1s/s' is shared.*b1s/s: learned, b2s/s: 0.2"):
+        keras_spft.wrap_pretrained(model, radius={"b1s": "learned", "b2s": 0.2}, head_radius=1.0)
     report = keras_spft.wrap_pretrained(model, radius={"s": 3.0, "*": 1.0}, head_radius=1.0)
     assert [(w.path, float(to_np(w.obj.radius))) for w in report.wrapped] == [("b1s/s", 3.0), ("h", 1.0)]
 
