@@ -58,6 +58,7 @@ class Anchored(KerasSaveable):
     def _init_anchor(self, anchor, name):
         self.name = name
         self._anchor_ready = True
+        self._not_ready_because = None   # set when a load left the anchor stale
         if anchor is None:
             self._anchor = None
             return
@@ -144,7 +145,7 @@ class Anchored(KerasSaveable):
             # optimizer that carries it as state, RadiusOptimizer, avoids it).
             self._captured_by_jit = True
         if not self._anchor_ready:
-            raise RuntimeError(getattr(self, "_not_ready_because", None) or (
+            raise RuntimeError(self._not_ready_because or (
                 f"{self._owner()} was rebuilt from a config but its anchor "
                 "was never loaded: load it with `keras.models.load_model` or "
                 "`model.load_weights` (cloning a wrapped model through its "

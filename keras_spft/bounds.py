@@ -137,6 +137,7 @@ def _terms(model, norm, distances, head, layer_bounds, head_bound, conv_position
     if not body:
         raise ValueError("the model has no backbone kernel.")
     layers = {p: l for p, l in _walk_paths(model)}
+    want = MARSDistance if norm == "mars" else FrobeniusDistance   # the theorem's constraint
 
     def mat_norm(t, k):
         if norm == "mars":
@@ -158,7 +159,6 @@ def _terms(model, norm, distances, head, layer_bounds, head_bound, conv_position
             w0 = None
         if distances == "current":
             return w0, mat_norm(w - w0, k)
-        want = MARSDistance if norm == "mars" else FrobeniusDistance
         if not isinstance(k.obj, want):
             raise ValueError(
                 f"distances='radius' needs a {want.__name__} on '{k.name}' "
@@ -186,7 +186,6 @@ def _terms(model, norm, distances, head, layer_bounds, head_bound, conv_position
         out.append(LayerTerm(k.name, b, d))
     if head_bound is None:
         v = heads[0]
-        want = MARSDistance if norm == "mars" else FrobeniusDistance
         if distances == "radius" and isinstance(v.obj, want) and v.obj.anchor is None:
             # A head bounded around the origin: its radius bounds ||V||.
             _, head_bound = anchor_and_distance(v, None)

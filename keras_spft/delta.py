@@ -360,7 +360,7 @@ class DeltaModel(keras.Model):
         self._channels = [int(t.shape[-1]) for t in features.outputs]
         self.attention_weights = []
         for path, c in zip(self.feature_layers, self._channels):
-            init = np.full((c,), 1.0 / c if variant == "li2019" else 1.0, "float32")
+            init = _uniform_attention(c, variant)
             self.attention_weights.append(keras.Variable(
                 # PyTorch registers the variables as parameters, whose names
                 # may not contain "." (mobilenet_0.25_224/...).
@@ -489,13 +489,14 @@ class DeltaModel(keras.Model):
 
     def load_own_variables(self, store):
         super().load_own_variables(store)
-        self._loaded_attention()
-
-    def _loaded_attention(self):
         # Loaded weights say whether attention was set: uniform is the default.
-        self.attention_computed = any(
-            not np.array_equal(a, np.full(a.shape, 1.0 / a.size if self.variant == "li2019" else 1.0, "float32"))
-            for a in self.get_attention())
+        self.attention_computed = any(not np.array_equal(a, _uniform_attention(a.size, self.variant))
+                                      for a in self.get_attention())
+
+
+def _uniform_attention(channels, variant):
+    """The channel weights before attention is set: `1 / C` (li2019) or `1`."""
+    return np.full((channels,), 1.0 / channels if variant == "li2019" else 1.0, "float32")
 
 
 # -- attention ------------------------------------------------------------------

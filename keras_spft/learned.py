@@ -52,6 +52,14 @@ def learned_radii(model):
     }
 
 
+#: The base optimizer's options at their defaults: harmless when passed to
+#: RadiusOptimizer (Keras may pass them); any other value belongs on the inner one.
+_BASE_DEFAULTS = {"learning_rate": None, "weight_decay": None, "clipnorm": None, "clipvalue": None,
+                  "global_clipnorm": None, "use_ema": False, "ema_momentum": 0.99,
+                  "ema_overwrite_frequency": None, "loss_scale_factor": None,
+                  "gradient_accumulation_steps": None}
+
+
 @keras.saving.register_keras_serializable(package="keras_spft")
 class RadiusOptimizer(keras.optimizers.Optimizer):
     """Wraps an optimizer so that it learns the radii of the constraints.
@@ -97,13 +105,7 @@ class RadiusOptimizer(keras.optimizers.Optimizer):
 
     def __init__(self, inner_optimizer, radius_learning_rate=1e-2, shrink_factor=1.0,
                  beta_1=0.9, beta_2=0.999, epsilon=1e-8, name=None, **kwargs):
-        # The base optimizer's options at their defaults are harmless (Keras
-        # may pass them); any other value belongs on the inner optimizer.
-        defaults = {"learning_rate": None, "weight_decay": None, "clipnorm": None, "clipvalue": None,
-                    "global_clipnorm": None, "use_ema": False, "ema_momentum": 0.99,
-                    "ema_overwrite_frequency": None, "loss_scale_factor": None,
-                    "gradient_accumulation_steps": None}
-        unsupported = {k: v for k, v in kwargs.items() if k not in defaults or v != defaults[k]}
+        unsupported = {k: v for k, v in kwargs.items() if k not in _BASE_DEFAULTS or v != _BASE_DEFAULTS[k]}
         if unsupported:
             raise ValueError(
                 "RadiusOptimizer does not take "

@@ -215,10 +215,8 @@ def _result(tuner, method, objective):
          "score": float(t.score)}
         for t in trials
     ]
-    failed = [{"trial_id": t.trial_id, "error": (t.message or "").strip().splitlines()[-1:] or ["?"]}
+    failed = [{"trial_id": t.trial_id, "error": ((t.message or "").strip().splitlines() or ["?"])[-1]}
               for t in tuner.oracle.trials.values() if t.status == keras_tuner.engine.trial.TrialStatus.FAILED]
-    for f in failed:
-        f["error"] = f["error"][0]
     if failed:
         # KerasTuner logs a failed trial and goes on: its scores are missing
         # from the result (with Hyperband, whole successive-halving rounds).

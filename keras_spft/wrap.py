@@ -141,12 +141,14 @@ def _default_head(model, layers):
     top = model.layers if isinstance(model, keras.Model) else []
     nested = [l for l in top if isinstance(l, keras.Model)]
     if nested:
-        inside = set()
+        inside, with_kernels = set(), []
         for base in nested:
-            inside.update(id(l) for _, l in walk_layers(base))
+            walked = [l for _, l in walk_layers(base)]
+            inside.update(id(l) for l in walked)
             inside.add(id(base))
+            if any(_has_kernel(l) for l in walked):
+                with_kernels.append(base.name)
         outside = [p for p, l in layers if id(l) not in inside and _has_kernel(l)]
-        with_kernels = [l.name for l in nested if any(_has_kernel(x) for _, x in walk_layers(l))]
         if not outside and len(with_kernels) > 1:
             raise ValueError(
                 f"cannot tell the new head: every kernel is inside the nested models {with_kernels} "
@@ -402,11 +404,10 @@ def wrap_pretrained(
 
     layers = list(walk_layers(model))
     by_path = dict(layers)
-    others = {}   # id(layer) -> its paths after the first (a layer shared by nested models)
+    paths_of = {}   # id(layer) -> its paths (several for a layer shared by nested models)
     for path, layer in layers:
-        others.setdefault(id(layer), [None])
-        others[id(layer)].append(path)
-    others = {k: tuple(paths[2:]) for k, paths in others.items()}
+        paths_of.setdefault(id(layer), []).append(path)
+    others = {k: tuple(paths[1:]) for k, paths in paths_of.items()}   # the paths after the first
     not_restored = {}   # enclosing layer -> paths load_model rebuilds without their objects
     by_name = {}  # a path, or a bare name (every layer of that name)
     for path, layer in layers:
@@ -520,7 +521,7 @@ def wrap_pretrained(
             existing = _existing(var, path)
             if existing is not None and existing.anchor is not None:
                 if not existing._anchor_ready:
-                    raise ValueError(getattr(existing, "_not_ready_because", None) or
+                    raise ValueError(existing._not_ready_because or
                         f"layer '{path}': weight '{var.name}' has a keras-spft "
                         f"{type(existing).__name__} rebuilt from a config whose "
                         "anchor was never loaded (e.g. after "
