@@ -144,8 +144,13 @@ def scan_image_folder(path, splits=SPLITS, check_images=True):
         entries, others = [], []
         for label, name in enumerate(names):
             class_dir = os.path.join(split_dir, name)
-            found = [f for f in os.listdir(class_dir)
-                     if not f.startswith(".") and os.path.isfile(os.path.join(class_dir, f))]
+            # Subfolders of a class folder belong to the class, as in
+            # keras.utils.image_dataset_from_directory; hidden ones do not.
+            found = []
+            for folder, subdirs, filenames in os.walk(class_dir):
+                subdirs[:] = [d for d in subdirs if not d.startswith(".")]
+                rel = os.path.relpath(folder, class_dir)
+                found += [os.path.normpath(os.path.join(rel, f)) for f in filenames if not f.startswith(".")]
             images = sorted(f for f in found if f.lower().endswith(IMAGE_EXTENSIONS))
             others += sorted(os.path.join(name, f) for f in found if not f.lower().endswith(IMAGE_EXTENSIONS))
             if not images:
@@ -175,15 +180,43 @@ def scan_image_folder(path, splits=SPLITS, check_images=True):
     return classes[first], files
 
 
+#: What `tf.io.decode_image` reads (by content, whatever the file's name).
+DECODABLE_FORMATS = ("BMP", "GIF", "JPEG", "PNG")
+
+
 def _check_image(file):
+    """Raises `ValueError` naming `file` unless the pipeline's decoder
+    (`tf.io.decode_image`) reads it as PIL does."""
     from PIL import Image
 
     try:
         with Image.open(file) as im:
+            fmt = im.format
             im.draft("RGB", (64, 64))  # JPEG: decode at reduced scale, fast
             im.load()
     except Exception as e:  # PIL raises many types for bad files
         raise ValueError(f"image '{file}' cannot be decoded ({type(e).__name__}: {e}).") from None
+    if fmt not in DECODABLE_FORMATS:
+        raise ValueError(
+            f"image '{file}' is a {fmt} file, which tf.io.decode_image cannot read (it reads "
+            f"{', '.join(DECODABLE_FORMATS)} by content, whatever the name): convert it."
+        )
+    if fmt == "BMP":
+        # TensorFlow's BMP decoder reads 8-bit grey, 24- and 32-bit files only:
+        # a 1-bit file fails mid-training, a colour palette comes out as grey
+        # palette indices. Compare its result with PIL's.
+        with Image.open(file) as im:
+            expected = np.asarray(im.convert("RGB"))
+        try:
+            got = tf.io.decode_image(tf.io.read_file(file), channels=3, expand_animations=False).numpy()
+        except tf.errors.OpError:
+            got = None
+        if got is None or got.shape != expected.shape or not np.array_equal(got, expected):
+            raise ValueError(
+                f"image '{file}' is a BMP that tf.io.decode_image "
+                f"{'cannot read' if got is None else 'reads with other colours than PIL'} "
+                "(it reads 8-bit grey, 24- and 32-bit BMP files, not palettes or 1-bit ones): convert it, e.g. to PNG."
+            )
 
 
 def _decode(path, label, size):
@@ -216,6 +249,8 @@ def _tfds_sources(name, data_dir, val_fraction, download):
     available = set(info.splits.keys())
     if "label" not in info.features or not hasattr(info.features["label"], "names"):
         raise ValueError(f"TFDS data set '{name}' has no class 'label' feature.")
+    if "image" not in info.features:
+        raise ValueError(f"TFDS data set '{name}' has no 'image' feature (features: {sorted(info.features)}).")
     val_name = next((s for s in ("validation", "val") if s in available), None)
     if "train" not in available:
         raise ValueError(f"TFDS data set '{name}' has no 'train' split (splits: {sorted(available)}).")
@@ -235,13 +270,15 @@ def _tfds_sources(name, data_dir, val_fraction, download):
 
 
 def _tfds_dataset(builder, split, size):
-    ds = builder.as_dataset(split=split, as_supervised=True, shuffle_files=False)
+    # The `image` and `label` features, not the supervised keys (which are
+    # other features in some data sets, e.g. pet_finder's).
+    ds = builder.as_dataset(split=split, shuffle_files=False)
 
-    def prep(image, label):
-        image = tf.image.resize(tf.cast(image, tf.float32), size)
+    def prep(example):
+        image = tf.image.resize(tf.cast(example["image"], tf.float32), size)
         if image.shape[-1] == 1:
             image = tf.image.grayscale_to_rgb(image)
-        return image, tf.cast(label, tf.int32)
+        return image, tf.cast(example["label"], tf.int32)
 
     return ds.map(prep, num_parallel_calls=tf.data.AUTOTUNE)
 
@@ -271,12 +308,16 @@ def _preprocess_fn(preprocess):
 
 
 def _augment(image, size, crop_fraction, seed):
-    """One image: random horizontal flip, then a random crop resized back."""
-    image = tf.image.random_flip_left_right(image, seed=seed)
+    """One image: random horizontal flip, then a random crop resized back.
+
+    `seed` is the image's own stateless seed (shape `[2]`): the same seed gives
+    the same image, whatever the order in which parallel calls run."""
+    flip_seed, crop_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    image = tf.image.stateless_random_flip_left_right(image, flip_seed)
     if crop_fraction < 1.0:
         h, w = size
         ch, cw = max(1, int(round(h * crop_fraction))), max(1, int(round(w * crop_fraction)))
-        image = tf.image.random_crop(image, (ch, cw, 3), seed=seed)
+        image = tf.image.stateless_random_crop(image, (ch, cw, 3), crop_seed)
         image = tf.image.resize(image, size)
     return image
 
@@ -294,7 +335,7 @@ def load_data(
     shuffle=True,
     seed=0,
     data_dir=None,
-    val_fraction=0.1,
+    val_fraction=None,
     download=True,
     check_images=True,
 ):
@@ -325,13 +366,14 @@ def load_data(
         stage: `"tune"` or `"final"` (see above).
         augment: random horizontal flip and random crop (of `crop_fraction`
             of each side, resized back) on the training pipeline only.
-        crop_fraction: the crop size for `augment`; 1.0 disables cropping.
+        crop_fraction: the crop size for `augment`, in (0, 1]; 1.0 disables
+            cropping.
         cache: cache decoded, resized, preprocessed images in memory.
         shuffle: shuffle the training pipeline every epoch (seeded).
         seed: seed of shuffling and augmentation; `splits.reseeded(seed)`
             gives the pipeline of another seed over the same cached images.
-        data_dir: TFDS data directory (default: TFDS's).
-        val_fraction: TFDS only, see above.
+        data_dir: TFDS only: its data directory (default: TFDS's).
+        val_fraction: TFDS only, see above (default 0.1).
         download: TFDS only: download and prepare the data set if needed.
         check_images: image folders only: decode every file once up front
             so that a corrupt image is reported by path.
@@ -341,7 +383,8 @@ def load_data(
 
     Raises:
         ValueError: a bad folder (see `scan_image_folder`), an unknown stage,
-            or a TFDS data set without the needed splits.
+            a `crop_fraction` outside (0, 1], a TFDS option given with an
+            image folder, or a TFDS data set without the needed splits.
 
     Example:
 
@@ -355,13 +398,16 @@ def load_data(
     """
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}.")
+    if isinstance(crop_fraction, bool) or not isinstance(crop_fraction, (int, float)) or not 0 < crop_fraction <= 1:
+        raise ValueError(f"crop_fraction must be a number in (0, 1], got {crop_fraction!r}.")
     size = _size(image_size)
     source = str(source)
     if source.startswith("tfds:"):
         name = source[len("tfds:"):]
         if not name:
             raise ValueError("empty TFDS name: use e.g. 'tfds:oxford_flowers102'.")
-        builder, info, mapping, counts = _tfds_sources(name, data_dir, val_fraction, download)
+        builder, info, mapping, counts = _tfds_sources(
+            name, data_dir, 0.1 if val_fraction is None else val_fraction, download)
         class_names = list(info.features["label"].names)
         if stage == "tune":
             train_parts, eval_split = ("train",), "val"
@@ -373,6 +419,13 @@ def load_data(
             {"train_full": counts["train_full"]} if "train_full" in counts else {}
         )
     else:
+        tfds_only = [n for n, v in (("data_dir", data_dir), ("val_fraction", val_fraction)) if v is not None]
+        if tfds_only:
+            raise ValueError(
+                f"{' and '.join(tfds_only)} {'applies' if len(tfds_only) == 1 else 'apply'} to TFDS sources "
+                f"('tfds:NAME') only; "
+                f"'{source}' is read as an image folder."
+            )
         class_names, files = scan_image_folder(source, check_images=check_images)
         counts = {k: len(v) for k, v in files.items()}
         source = os.path.abspath(os.path.expanduser(source))
@@ -400,8 +453,13 @@ def load_data(
         if shuffle:
             ds = ds.shuffle(n_train, seed=seed, reshuffle_each_iteration=True)
         if augment:
-            ds = ds.map(lambda x, y: (_augment(x, size, crop_fraction, seed), y),
-                        num_parallel_calls=tf.data.AUTOTUNE)
+            # One stateless seed per image, from a seeded stream that moves on
+            # every epoch: a run's seed fixes its augmentation exactly
+            # (stateful random ops in a parallel map would not).
+            seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+            ds = tf.data.Dataset.zip((ds, seeds)).map(
+                lambda xy, s: (_augment(xy[0], size, crop_fraction, s), xy[1]),
+                num_parallel_calls=tf.data.AUTOTUNE)
         return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
     return DataSplits(

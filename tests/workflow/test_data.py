@@ -197,3 +197,103 @@ def test_tfds_without_validation_split_carves_it_from_train(tmp_path):
 def test_tfds_empty_name():
     with pytest.raises(ValueError, match="empty TFDS name"):
         load_data("tfds:")
+
+
+def _digest(ds):
+    import hashlib
+
+    return hashlib.md5(b"".join(x.numpy().tobytes() + y.numpy().tobytes() for x, y in ds)).hexdigest()
+
+
+def test_augment_is_fixed_by_the_seed(tmp_path):
+    # Stateful random ops in a parallel map gave another augmentation on every
+    # pass of the same seed; each image now has its own stateless seed.
+    import keras
+
+    root = make_image_folder(tmp_path / "d", per_split={"train": 8, "val": 2, "test": 2}, size=24)
+    splits = load_data(root, image_size=24, batch_size=4, augment=True, seed=1)
+    keras.utils.set_random_seed(1)
+    first = [_digest(splits.reseeded(1).train) for _ in range(2)]
+    keras.utils.set_random_seed(1)
+    again = [_digest(load_data(root, image_size=24, batch_size=4, augment=True, seed=1).train) for _ in range(1)]
+    assert again[0] == first[0], "the same seed gave another augmentation"
+    keras.utils.set_random_seed(1)
+    epochs = splits.reseeded(1).train
+    assert _digest(epochs) != _digest(epochs), "every epoch was augmented alike"
+    assert _digest(splits.reseeded(2).train) != first[0]
+
+
+def test_augment_flips_and_crops_each_image(tmp_path):
+    root = make_image_folder(tmp_path / "d", per_split={"train": 16, "val": 1, "test": 1}, size=8)
+    plain = load_data(root, image_size=8, batch_size=64, shuffle=False, check_images=False)
+    flipped = load_data(root, image_size=8, batch_size=64, shuffle=False, augment=True, crop_fraction=1.0,
+                        seed=5, check_images=False)
+    xp, _ = _collect(plain.train)
+    xf, _ = _collect(flipped.train)
+    same = [np.array_equal(a, b) for a, b in zip(xf, xp)]
+    mirrored = [np.array_equal(a, b[:, ::-1]) for a, b in zip(xf, xp)]
+    assert all(s or m for s, m in zip(same, mirrored))     # crop_fraction 1: a flip or nothing
+    assert any(same) and any(mirrored)
+
+
+def test_bad_crop_fraction_and_tfds_options_with_a_folder(image_folder):
+    for bad in (0, -0.5, 2.0, "0.5", True):
+        with pytest.raises(ValueError, match=r"crop_fraction must be a number in \(0, 1\]"):
+            load_data(image_folder, crop_fraction=bad)
+    with pytest.raises(ValueError, match=r"data_dir applies to TFDS sources .* is read as an image folder"):
+        load_data(image_folder, data_dir="/tmp")
+    with pytest.raises(ValueError, match=r"val_fraction applies to TFDS"):
+        load_data(image_folder, val_fraction=0.2)
+
+
+def test_images_in_subfolders_of_a_class_count_as_in_keras(image_folder):
+    import keras
+    from PIL import Image
+
+    deeper = os.path.join(image_folder, "train", "dog", "more", "even_more")
+    os.makedirs(deeper)
+    for i in range(3):
+        Image.fromarray(np.full((8, 8, 3), 200, np.uint8)).save(os.path.join(deeper, f"x{i}.png"))
+    os.makedirs(os.path.join(image_folder, "train", "dog", ".cache"))
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(os.path.join(image_folder, "train", "dog", ".cache", "h.png"))
+    classes, files = scan_image_folder(image_folder)
+    keras_ds = keras.utils.image_dataset_from_directory(os.path.join(image_folder, "train"), batch_size=None,
+                                                        image_size=(8, 8), shuffle=False)
+    assert len(files["train"]) == 9 == sum(1 for _ in keras_ds) - 1   # keras also reads the hidden folder
+    assert sum(label == 1 for _, label in files["train"]) == 6
+    assert any(f.endswith(os.path.join("more", "even_more", "x2.png")) for f, _ in files["train"])
+
+
+@pytest.mark.parametrize("kind", ["bmp palette", "bmp 1-bit", "tiff named png"])
+def test_images_tensorflow_cannot_read_as_pil_does_are_named(image_folder, kind):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 255, (8, 10, 3), dtype=np.uint8))
+    path = os.path.join(image_folder, "train", "cat", "odd." + ("png" if "tiff" in kind else "bmp"))
+    if kind == "bmp palette":
+        img.convert("P").save(path, "BMP")
+    elif kind == "bmp 1-bit":
+        img.convert("1").save(path, "BMP")
+    else:
+        img.save(path, "TIFF")
+    expected = {"bmp palette": "reads with other colours than PIL", "bmp 1-bit": "cannot read",
+                "tiff named png": "is a TIFF file, which tf.io.decode_image cannot read"}[kind]
+    with pytest.raises(ValueError, match=r"image '.*train/cat/odd\.(bmp|png)' " + ("is a TIFF" if "tiff" in kind else "is a BMP")) as err:
+        load_data(image_folder)
+    assert expected in str(err.value)
+    # What TensorFlow reads as PIL does passes: grey and 24-bit BMP, JPEG in a .png file.
+    img.convert("L").save(path.replace("odd.", "grey.").replace(".png", ".bmp"), "BMP")
+    img.save(path.replace("odd.", "rgb.").replace(".png", ".bmp"), "BMP")
+    img.save(path.replace("odd.", "jpeg_named.").replace(".bmp", ".png"), "JPEG")
+    os.remove(path)
+    assert len(load_data(image_folder, image_size=8).counts) == 3
+
+
+def test_tfds_reads_image_and_label_features_not_the_supervised_keys(tmp_path):
+    # pet_finder's supervised keys are ('attributes', 'label'); it has `image`.
+    tfds = _tfds_metadata(tmp_path, "pet_finder", {"train": 6, "test": 4})
+    with tfds.testing.mock_data(num_examples=6, data_dir=str(tmp_path)):
+        splits = load_data("tfds:pet_finder", image_size=8, batch_size=4, data_dir=str(tmp_path))
+        x, y = _collect(splits.train)
+        assert x.shape[1:] == (8, 8, 3) and y.dtype == np.int32 and splits.num_classes == 5
