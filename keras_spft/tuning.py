@@ -8,7 +8,9 @@ evaluations) and returns a `SearchResult` with the best values and the trial
 table.
 """
 
+import json
 import math
+import os
 import warnings
 from dataclasses import dataclass, field
 
@@ -23,7 +25,7 @@ TUNERS = {
     "hyperband": keras_tuner.Hyperband,
     "grid": keras_tuner.GridSearch,
 }
-OBJECTIVES = {"val_accuracy": "max", "val_loss": "min", "accuracy": "max", "loss": "min"}
+OBJECTIVES = {"val_accuracy": "max", "val_loss": "min"}
 
 
 class SPFTHyperModel(keras_tuner.HyperModel):
@@ -59,6 +61,10 @@ class SPFTHyperModel(keras_tuner.HyperModel):
             (e.g. `{"batchnorm": "gamma"}`); for `"delta"` `DeltaModel` ones,
             e.g. `{"attention": att}` with channel weights computed once by
             `keras_spft.compute_attention` (otherwise they stay uniform).
+        seed: `keras.utils.set_random_seed(seed)` before each trial builds
+            its model, so every trial starts from the same new head and
+            draws the same dropout: trials differ by their values only, and
+            a value scores the same in another process. `None`: not seeded.
         name: the hypermodel's name.
 
     Example:
@@ -70,7 +76,7 @@ class SPFTHyperModel(keras_tuner.HyperModel):
     """
 
     def __init__(self, build_model, method="mars-pgm", *, ranges=None, lr=recipe.DEFAULT_LR,
-                 radius_lr=recipe.DEFAULT_RADIUS_LR, wrap_options=None, grid_points=None, name=None):
+                 radius_lr=recipe.DEFAULT_RADIUS_LR, wrap_options=None, grid_points=None, seed=None, name=None):
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; expected one of {METHODS}.")
         if not callable(build_model):
@@ -84,6 +90,9 @@ class SPFTHyperModel(keras_tuner.HyperModel):
             raise ValueError(f"`grid_points` must be at least 2, got {grid_points}.")
         self.grid_points = None if grid_points is None else int(grid_points)
         self.wrap_options = dict(wrap_options or {})
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+            raise ValueError(f"`seed` must be a non-negative int or None, got {seed!r}.")
+        self.seed = seed
         allowed = set(recipe.hyperparameter_names(method)) | {"lr"}
         self.ranges = dict(recipe.default_ranges(method))
         for key, value in (ranges or {}).items():
@@ -116,6 +125,10 @@ class SPFTHyperModel(keras_tuner.HyperModel):
 
     def build(self, hp):
         values = self.values(hp)
+        if self.seed is not None:
+            import keras
+
+            keras.utils.set_random_seed(self.seed)
         model = self.build_model()
         wrapped = recipe.wrap(model, self.method, values, **self.wrap_options)
         if self.method in recipe.DELTA_METHODS:
@@ -202,6 +215,55 @@ def _require_sklearn():
         ) from None
 
 
+#: The file in a KerasTuner project folder that records a search's settings.
+SETTINGS_FILE = "keras_spft_search.json"
+
+
+def _fingerprint(value):
+    """`value` as JSON data: arrays as their shape, dtype and SHA-1, other
+    objects as their repr (so that two settings compare by content)."""
+    import numpy as np
+
+    if isinstance(value, dict):
+        return {str(k): _fingerprint(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(value, (list, tuple)):
+        return [_fingerprint(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if hasattr(value, "shape") and hasattr(value, "dtype"):
+        import hashlib
+
+        arr = np.ascontiguousarray(np.asarray(value))
+        return {"shape": list(arr.shape), "dtype": str(arr.dtype), "sha1": hashlib.sha1(arr.tobytes()).hexdigest()}
+    return repr(value)
+
+
+def _check_resumed(project, settings):
+    """Raises `ValueError` when `project` holds a search made with other settings."""
+    path = os.path.join(project, SETTINGS_FILE)
+    if os.path.isfile(path):
+        with open(path) as f:
+            stored = json.load(f)
+        if stored != settings:
+            diff = ", ".join(f"{k}: {stored.get(k)!r} stored vs {settings.get(k)!r} now"
+                             for k in sorted(set(stored) | set(settings)) if stored.get(k) != settings.get(k))
+            raise ValueError(
+                f"'{project}' holds a search made with other settings ({diff}); resuming would mix its "
+                "trials with these. Pass overwrite=True, another project_name or another directory."
+            )
+    elif os.path.isfile(os.path.join(project, "oracle.json")):
+        warnings.warn(f"'{project}' holds a search whose settings were not recorded; resuming it "
+                      "as if they were these.", RuntimeWarning, stacklevel=3)
+
+
+def _store_settings(project, settings):
+    os.makedirs(project, exist_ok=True)
+    tmp = os.path.join(project, f"{SETTINGS_FILE}.{os.getpid()}.tmp")   # several workers may write
+    with open(tmp, "w") as f:
+        json.dump(settings, f, indent=2)
+    os.replace(tmp, os.path.join(project, SETTINGS_FILE))
+
+
 def _result(tuner, method, objective):
     trials = [
         t for t in tuner.oracle.get_best_trials(num_trials=10**6)
@@ -276,11 +338,16 @@ def search(
         wrap_options: further `wrap_pretrained` keyword arguments.
         directory: where KerasTuner keeps its trials; a search started again
             with the same directory and project name resumes (finished trials
-            are not redone) unless `overwrite=True`. Default: a temporary folder
-            (no resume).
+            are not redone) unless `overwrite=True`. The search's settings
+            (method, objective, tuner, ranges, epochs, lr, radius_lr,
+            wrap_options) are stored there, and resuming with other ones is
+            an error (`max_trials` may grow; the data is yours to keep the
+            same). Default: a temporary folder (no resume).
         project_name: sub-folder name (default `spft_<method>`).
         overwrite: start afresh.
-        seed: the tuner's seed.
+        seed: fixes the search: the tuner's choices (KerasTuner gets
+            `seed + 1`, as it reads 0 as "no seed") and each trial's start
+            (see `SPFTHyperModel`). `None`: neither is seeded.
         verbose: passed to `fit`.
         **tuner_kwargs: further arguments of the tuner class.
 
@@ -289,7 +356,8 @@ def search(
         `.table()`; `print(result)` shows both.
 
     Raises:
-        ValueError: an unknown tuner name, method or objective, a bad range.
+        ValueError: an unknown tuner name, method or objective, a bad range,
+            a resumed search whose stored settings differ.
 
     Example:
 
@@ -301,9 +369,10 @@ def search(
     """
     if isinstance(objective, str):
         if objective not in OBJECTIVES:
-            raise ValueError(f"unknown objective {objective!r}; expected one of {sorted(OBJECTIVES)}.")
-        name = objective if objective.startswith("val_") else "val_" + objective
-        objective = keras_tuner.Objective(name, OBJECTIVES[objective])
+            hint = (" (a search scores the validation data, not the training data)"
+                    if "val_" + objective in OBJECTIVES else "")
+            raise ValueError(f"unknown objective {objective!r}; expected one of {sorted(OBJECTIVES)}{hint}.")
+        objective = keras_tuner.Objective(objective, OBJECTIVES[objective])
     if isinstance(tuner, keras_tuner.Tuner):
         instance = tuner
         method = getattr(instance.hypermodel, "method", method)
@@ -318,8 +387,10 @@ def search(
             cls = tuner
         else:
             raise ValueError(f"`tuner` must be a name, a keras_tuner.Tuner subclass or instance, got {tuner!r}.")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+            raise ValueError(f"`seed` must be a non-negative int or None, got {seed!r}.")
         hypermodel = SPFTHyperModel(build_model, method, ranges=ranges, lr=lr, radius_lr=radius_lr,
-                                    wrap_options=wrap_options)
+                                    wrap_options=wrap_options, seed=seed)
         searched = sum(isinstance(v, tuple) for v in hypermodel.ranges.values())
         if issubclass(cls, keras_tuner.GridSearch) and searched:
             # KerasTuner's grid over an unstepped range takes 10 values each,
@@ -330,19 +401,30 @@ def search(
             import tempfile
 
             directory = tempfile.mkdtemp(prefix="keras_spft_search_")
+        project_name = project_name or f"spft_{method}"
         kwargs = dict(
             hypermodel=hypermodel,
             objective=objective,
             directory=directory,
-            project_name=project_name or f"spft_{method}",
+            project_name=project_name,
             overwrite=overwrite,
-            seed=seed,
+            seed=None if seed is None else seed + 1,
         )
         if cls is keras_tuner.Hyperband:
             kwargs["max_epochs"] = tuner_kwargs.pop("max_epochs", epochs)
         else:
             kwargs["max_trials"] = max_trials
+        settings = _fingerprint({
+            "method": method, "objective": [objective.name, objective.direction], "tuner": cls.__name__,
+            "ranges": hypermodel.ranges, "grid_points": hypermodel.grid_points, "epochs": epochs,
+            "lr": hypermodel.lr, "radius_lr": hypermodel.radius_lr, "wrap_options": hypermodel.wrap_options,
+            "tuner_kwargs": {k: v for k, v in tuner_kwargs.items() if k != "distribution_strategy"},
+        })
+        project = os.path.join(directory, project_name)
+        if not overwrite:
+            _check_resumed(project, settings)
         instance = cls(**kwargs, **tuner_kwargs)
+        _store_settings(project, settings)
     _without_tensorboard(instance)
     instance.search(train, validation_data=val, epochs=epochs, verbose=verbose)
     return _result(instance, method, instance.oracle.objective.name)

@@ -71,7 +71,8 @@ def _run(build, x, y, tmp_path, method="mars-pgm", ranges=None, **kw):
     if ranges is None and method in ("mars-pgm", "l2-pgm"):
         ranges = {"radius": (2.0, 4.0), "head_radius": (5.0, 9.0)}
     kw.setdefault("max_trials", 2)
-    return search(build, train, val, method, epochs=1, verbose=0,
+    kw.setdefault("epochs", 1)
+    return search(build, train, val, method, verbose=0,
                   directory=str(tmp_path), ranges=ranges, **kw)
 
 
@@ -124,6 +125,8 @@ def test_hypermodel_options_and_errors():
         search(tiny_model, None, None, tuner="tpe")
     with pytest.raises(ValueError, match="unknown objective"):
         search(tiny_model, None, None, objective="f1")
+    with pytest.raises(ValueError, match=r"unknown objective 'accuracy'.*scores the validation data"):
+        search(tiny_model, None, None, objective="accuracy")
 
 
 def test_recipe_defaults_and_schedule():
@@ -171,3 +174,46 @@ def test_failed_trials_are_reported(tmp_path):
         res = _run(flaky, x, y, tmp_path, tuner="random")
     assert len(res.trials) == 1 and [f["error"] for f in res.failed] == ["RuntimeError: out of memory (simulated)"]
     assert "1 trials, 1 failed" in str(res)
+
+
+def test_seed_zero_fixes_the_search_and_each_trials_start(tmp_path):
+    # KerasTuner reads seed=0 as "no seed" (the default here drew new radii on
+    # every run), and trials were unseeded (a value scored differently in
+    # another search).
+    x, y = _data()
+    runs = [_run(tiny_model, x, y, tmp_path / str(i), tuner="random", seed=0) for i in range(2)]
+    rows = [[(t["radius"], t["head_radius"], t["score"]) for t in sorted(r.trials, key=lambda t: t["trial_id"])]
+            for r in runs]
+    assert [r[:2] for r in rows[0]] == [r[:2] for r in rows[1]]
+    np.testing.assert_allclose([r[2] for r in rows[0]], [r[2] for r in rows[1]], rtol=1e-6)
+    other = _run(tiny_model, x, y, tmp_path / "other", tuner="random", seed=1)
+    assert {t["radius"] for t in other.trials}.isdisjoint({r[0] for r in rows[0]})
+
+    # Every trial builds its model after the same seed: the same new head.
+    heads = []
+    hm = SPFTHyperModel(lambda: heads.append(tiny_model()) or heads[-1], "mars-pgm", seed=3)
+    for _ in range(2):
+        hm.build(keras_tuner.HyperParameters())
+    np.testing.assert_array_equal(*(m.get_layer("head").kernel.numpy() for m in heads))
+    with pytest.raises(ValueError, match=r"`seed` must be a non-negative int or None, got -1"):
+        search(tiny_model, None, None, tuner="random", seed=-1)
+
+
+def test_resuming_with_other_settings_is_an_error(tmp_path):
+    x, y = _data()
+    first = _run(tiny_model, x, y, tmp_path, tuner="random", objective="val_loss")
+    with pytest.raises(ValueError, match=r"holds a search made with other settings \(objective: "
+                                         r"\['val_loss', 'min'\] stored vs \['val_accuracy', 'max'\] now\)"):
+        _run(tiny_model, x, y, tmp_path, tuner="random", objective="val_accuracy")
+    with pytest.raises(ValueError, match=r"epochs: 1 stored vs 2 now.*lr: 0.0001 stored vs 0.001 now"):
+        _run(tiny_model, x, y, tmp_path, tuner="random", objective="val_loss", lr=1e-3, epochs=2)
+    with pytest.raises(ValueError, match=r"ranges: .*Pass overwrite=True"):
+        _run(tiny_model, x, y, tmp_path, tuner="random", objective="val_loss",
+             ranges={"radius": (2.0, 5.0), "head_radius": (5.0, 9.0)})
+    # More trials with the same settings: the search goes on.
+    more = _run(tiny_model, x, y, tmp_path, tuner="random", objective="val_loss", max_trials=3)
+    assert len(more.trials) == 3 and {t["trial_id"] for t in first.trials} < {t["trial_id"] for t in more.trials}
+    # overwrite=True starts afresh with the new settings, which are then stored.
+    fresh = _run(tiny_model, x, y, tmp_path, tuner="random", objective="val_accuracy", overwrite=True)
+    assert fresh.objective == "val_accuracy" and len(fresh.trials) == 2
+    _run(tiny_model, x, y, tmp_path, tuner="random", objective="val_accuracy")
