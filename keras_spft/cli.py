@@ -12,6 +12,7 @@ same `--out` skip what is done. See docs/workflow.md.
 import argparse
 import contextlib
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -67,8 +68,11 @@ def _seeds(text):
     try:
         if "," in text:
             seeds = [int(s) for s in text.split(",") if s.strip()]
-            if not seeds:
+            if not seeds or any(not 0 <= s < 2**32 for s in seeds):
                 raise ValueError
+            if len(set(seeds)) < len(seeds):
+                raise argparse.ArgumentTypeError(
+                    f"--seeds {text!r}: a seed given twice would count one run twice in the table.")
         else:
             n = int(text)
             if n < 1:
@@ -76,7 +80,8 @@ def _seeds(text):
             seeds = list(range(n))
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"--seeds {text!r}: give a count (3 means seeds 0,1,2) or a comma list (0,4,7)."
+            f"--seeds {text!r}: give a count (3 means seeds 0,1,2) or a comma list of seeds "
+            "from 0 to 2**32-1 (0,4,7)."
         ) from None
     return seeds
 
@@ -165,8 +170,10 @@ def build_parser():
     def searching(p):
         s = p.add_argument_group("search (KerasTuner)")
         s.add_argument("--trials", type=_count(0), default=20, help="search trials per method (default 20; 0: no search)")
-        s.add_argument("--tuner", choices=("bayesian", "random", "hyperband", "grid"), default="bayesian")
-        s.add_argument("--objective", choices=("val_accuracy", "val_loss"), default="val_accuracy")
+        s.add_argument("--tuner", choices=("bayesian", "random", "hyperband", "grid"), default=None,
+                       help="KerasTuner tuner (default bayesian)")
+        s.add_argument("--objective", choices=("val_accuracy", "val_loss"), default=None,
+                       help="what the search maximises or minimises (default val_accuracy)")
         s.add_argument("--tune-epochs", type=_count(1), default=None, help="epochs per trial (default --epochs)")
         for name in (o[:-len("-range")] for o in RANGE_OPTIONS if o != "lr-range"):
             s.add_argument(f"--{name}-range", type=_positive, nargs=2, metavar=("LOW", "HIGH"), default=None,
@@ -297,14 +304,35 @@ class Session:
             _log(f"[delta] attention of {self.backbone.name} {how} {path}")
         return self._attention
 
-    def settings(self, stage, epochs=None):
+    def settings(self, stage, method, epochs=None):
+        """What a run (or search) of `method` depends on, as recorded with it."""
         a = self.args
-        return {
+        return self.comparable({
             "data": _data_key(a.data), "model": self.backbone.name, "weights": self.weights, "alpha": a.alpha,
             "image_size": a.image_size, "head": a.head, "epochs": epochs or a.epochs,
             "batch_size": a.batch_size, "augment": a.augment, "batchnorm": a.batchnorm,
             "radius_lr": self.radius_lr, "stage": stage,
-        }
+        }, method)
+
+    def comparable(self, settings, method):
+        """`settings` (made now, or read from disk) with what does not change
+        a run of `method` made equal: a setting older versions did not record,
+        the width multiplier left at its default (`--alpha` absent), BatchNorm
+        handling for methods it does not apply to, the radius step size for
+        fixed radii."""
+        from keras_spft import recipe
+
+        out = dict(settings)
+        for k, v in UNRECORDED_SETTINGS.items():
+            if out.get(k) is None:
+                out[k] = v
+        if out.get("alpha") is None and out.get("model") == self.backbone.name and self.backbone.has_alpha:
+            out["alpha"] = float(inspect.signature(self.backbone.constructor).parameters["alpha"].default)
+        if method not in batchnorm_methods(out["batchnorm"]):
+            out["batchnorm"] = "none"
+        if method not in recipe.LEARNED_METHODS:
+            out["radius_lr"] = recipe.DEFAULT_RADIUS_LR
+        return out
 
     @property
     def radius_lr(self):
@@ -343,7 +371,7 @@ class Session:
         if method in recipe.DELTA_METHODS:
             return {"attention": self.attention()}   # --batchnorm does not apply to DELTA
         bn = self.args.batchnorm
-        return {} if bn == "none" else {"batchnorm": bn}
+        return {"batchnorm": bn} if bn != "none" and method in batchnorm_methods(bn) else {}
 
 
 def _atomic_write(path, write):
@@ -360,16 +388,24 @@ def _atomic_json(path, obj):
     _atomic_write(path, lambda f: json.dump(obj, f, indent=2))
 
 
-def _finished(path, settings, values=None):
+def batchnorm_methods(mode):
+    """The methods `--batchnorm mode` applies to."""
+    from keras_spft import recipe
+
+    if mode == "none":
+        return recipe.METHODS
+    if mode == "reference":
+        return recipe.PGM_METHODS   # per-element radii: not learned ones
+    return recipe.PGM_METHODS + recipe.SP_METHODS + recipe.LEARNED_METHODS
+
+
+def _finished(session, path, method, settings, values=None):
     """The stored result if `path` is a finished run with the same settings and values."""
     if not os.path.isfile(path):
         return None
     with open(path) as f:
         done = json.load(f)
-    old = dict(done.get("settings", {}))
-    for k, v in UNRECORDED_SETTINGS.items():
-        if old.get(k) is None:
-            old[k] = v
+    old = session.comparable(done.get("settings", {}), method)
     diff = [k for k in SETTING_KEYS if old.get(k) != settings.get(k)]
     shown = ", ".join(f"{k}: {old.get(k)!r} on disk vs {settings.get(k)!r} now" for k in diff)
     if values is not None:
@@ -456,7 +492,7 @@ def train_one(session, method, values, seed, stage, epochs=None):
         "eval_images": splits.eval_size,
         **({"learned_radii": learned, "radius_lr": radius_lr} if learned else {}),
         "wall_s": round(wall, 2),
-        "settings": session.settings(stage, epochs),
+        "settings": session.settings(stage, method, epochs),
         "keras_backend": keras.backend.backend(),
         "distribute": args.distribute,
         "replicas": session.replicas,
@@ -472,7 +508,7 @@ def run_seeds(session, method, values, seeds, stage="final"):
     results = []
     for seed in seeds:
         path = os.path.join(args.out, folder, method, f"seed{seed}.json")
-        done = _finished(path, session.settings(stage), values)
+        done = _finished(session, path, method, session.settings(stage, method), values)
         if done is not None:
             import keras
 
@@ -530,6 +566,8 @@ def _refuse_unused_options(args, methods):
         unused.append("--lr")         # the baseline searches its own (--lr-range)
     if args.radius_lr is not None and not set(methods) & set(recipe.LEARNED_METHODS):
         unused.append("--radius-lr")  # only learned radii have a step size
+    if not set(methods) & set(batchnorm_methods(args.batchnorm)):
+        unused.append(f"--batchnorm {args.batchnorm}")
     if unused:
         uses = ", ".join("--" + ARG_NAMES.get(n, n).replace("_", "-") for n in sorted(own)) or "none"
         which = (f"{methods[0]} (its hyper-parameters: {uses})" if len(methods) == 1 else
@@ -575,20 +613,21 @@ def tune_method(session, method):
     folder = os.path.join(args.out, "search", method)
     best_path = os.path.join(folder, "best.json")
     epochs = args.tune_epochs or args.epochs
-    settings = session.settings("tune", epochs)
+    settings = session.settings("tune", method, epochs)
     settings_search = {**settings, "trials": args.trials, "tuner": args.tuner, "objective": args.objective,
                        "ranges": {k: list(v) if isinstance(v, tuple) else v for k, v in ranges.items()}}
     as_stored = json.loads(json.dumps(settings_search))   # tuples as lists, as read back from JSON
     if os.path.isfile(best_path):
         with open(best_path) as f:
             done = json.load(f)
-        if done.get("search_settings") == as_stored:
+        stored = session.comparable(done.get("search_settings") or {}, method)
+        if stored == as_stored:
             _log(f"[{method}] search done already: {_fmt_values(done['best'])} "
                  f"({done['objective']} {done['best_score']:.4f}, {best_path})")
             return done["best"], done
         raise UsageError(
             f"'{best_path}' is a finished search with other settings "
-            f"({_differences(done.get('search_settings') or {}, as_stored)}); "
+            f"({_differences(stored, as_stored)}); "
             "use another --out or remove that folder."
         )
     # An unfinished search resumes from KerasTuner's state in `folder` (its
@@ -596,7 +635,7 @@ def tune_method(session, method):
     started_path = os.path.join(folder, "search_settings.json")
     if os.path.isfile(started_path):
         with open(started_path) as f:
-            started = json.load(f)
+            started = session.comparable(json.load(f), method)
         if started != as_stored:
             raise UsageError(
                 f"'{folder}' holds an unfinished search started with other "
@@ -860,6 +899,17 @@ def run(argv=None):
         if rng is not None and not rng[0] < rng[1]:
             parser.error(f"--{name} {rng[0]:g} {rng[1]:g}: LOW must be below HIGH.")
     args.argv = list(sys.argv[1:] if argv is None else argv)
+    if hasattr(args, "trials"):
+        search_only = [f"--{o.replace('_', '-')}" for o in ("tuner", "objective", "tune_epochs")
+                       if getattr(args, o) is not None]
+        search_only += [f"--{o}" for o in RANGE_OPTIONS if getattr(args, o.replace("-", "_")) is not None]
+        if args.trials == 0 and search_only:
+            parser.error(f"{', '.join(search_only)} {'applies' if len(search_only) == 1 else 'apply'} "
+                         "to the search, and --trials 0 runs none.")
+        args.tuner = args.tuner or "bayesian"
+        args.objective = args.objective or "val_accuracy"
+    if args.data_dir is not None and not str(args.data).startswith("tfds:"):
+        parser.error(f"--data-dir applies to TFDS data (--data tfds:NAME) only, not to the image folder {args.data!r}.")
     if args.distribute != "none":
         import keras
 

@@ -84,7 +84,7 @@ def test_compare_writes_table_and_resumes_without_rerunning(tiny, monkeypatch, c
     monkeypatch.setattr(cli, "train_one", lambda s, m, v, seed, stage, epochs=None: redo.append((m, seed)) or {
         "method": m, "seed": seed, "values": v, "eval_split": "test", "accuracy": 0.5, "loss": 1.0,
         "history": {}, "train_images": 15, "eval_images": 6, "wall_s": 0.0,
-        "settings": s.settings(stage), "keras_backend": "x"})
+        "settings": s.settings(stage, m), "keras_backend": "x"})
     cli.run(argv)
     assert redo == [("mars-pgm", 1)]
 
@@ -373,3 +373,52 @@ def test_the_gradient_probe_is_the_same_batch_whatever_ran_first(tiny):
     again = cli.Session(args).probe("final")
     np.testing.assert_array_equal(first[1], again[1])
     np.testing.assert_array_equal(first[0], again[0])
+
+
+def test_seeds_given_twice_or_out_of_range_and_search_options_without_a_search_are_refused(tiny, capsys):
+    data, out, _ = tiny
+    for command, bad, said in [
+            ("finetune", ["--seeds", "0,0"], "--seeds '0,0': a seed given twice"),
+            ("finetune", ["--seeds=-1,2"], "from 0 to 2**32-1"),
+            ("tune", ["--trials", "0", "--radius-range", "2", "5", "--tuner", "grid"],
+             "--tuner, --radius-range apply to the search, and --trials 0 runs none"),
+            ("compare", ["--trials", "0", "--objective", "val_loss"], "--objective applies to the search"),
+            ("finetune", ["--data-dir", "/tmp"], "--data-dir applies to TFDS data (--data tfds:NAME) only")]:
+        with pytest.raises(SystemExit) as e:
+            cli.run([command] + _args(data, out) + bad)
+        assert e.value.code == 2 and said in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_batchnorm_is_checked_up_front_and_recorded_for_the_methods_it_applies_to(tiny, monkeypatch):
+    data, out, _ = tiny
+    with pytest.raises(SystemExit, match=r"--batchnorm gamma does not apply to none"):
+        cli.run(["tune"] + _args(data, out, "--method", "none", "--batchnorm", "gamma", "--trials", "0"))
+    with pytest.raises(SystemExit, match=r"--batchnorm reference does not apply to l2-sp"):
+        cli.run(["tune"] + _args(data, out, "--method", "l2-sp", "--batchnorm", "reference", "--trials", "1"))
+    assert not out.exists()   # refused before anything was written
+    compare = ["compare"] + _args(data, out, "--methods", "none,l2-pgm", "--radius", "2", "--head-radius", "3",
+                                  "--trials", "0")
+    cli.run(compare + ["--batchnorm", "reference"])
+    assert json.load(open(out / "runs" / "none" / "seed0.json"))["settings"]["batchnorm"] == "none"
+    assert json.load(open(out / "runs" / "l2-pgm" / "seed0.json"))["settings"]["batchnorm"] == "reference"
+    monkeypatch.setattr(cli, "train_one", lambda *a, **k: pytest.fail("re-ran a finished run"))
+    # Without --batchnorm the baseline's run is the same run: reused; l2-pgm's is not.
+    with pytest.raises(SystemExit, match=r"l2-pgm/seed0.json' is a finished run with other settings "
+                                         r"\(batchnorm: 'reference' on disk vs 'none' now\)"):
+        cli.run(compare)
+
+
+def test_the_default_width_multiplier_is_the_same_setting_as_alpha_given(tiny, monkeypatch):
+    data, out, _ = tiny
+    cli.run(["finetune"] + _args(data, out, "--method", "l2-pgm", "--radius", "2"))   # MobileNet, no --alpha
+    assert json.load(open(out / "runs" / "l2-pgm" / "seed0.json"))["settings"]["alpha"] == 1.0
+    with pytest.raises(SystemExit, match=r"alpha: 1.0 on disk vs 0.5 now"):
+        cli.run(["finetune"] + _args(data, out, "--method", "l2-pgm", "--radius", "2", "--alpha", "0.5"))
+    monkeypatch.setattr(cli, "train_one", lambda *a, **k: pytest.fail("re-ran a finished run"))
+    cli.run(["finetune"] + _args(data, out, "--method", "l2-pgm", "--radius", "2", "--alpha", "1.0"))
+    # A run stored by a version that recorded the absent --alpha as None.
+    path = out / "runs" / "l2-pgm" / "seed0.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()),
+                                "settings": {**json.loads(path.read_text())["settings"], "alpha": None}}))
+    cli.run(["finetune"] + _args(data, out, "--method", "l2-pgm", "--radius", "2", "--alpha", "1.0"))
