@@ -34,7 +34,10 @@ MARS norm is the largest row L1 norm of its kernel (exact when some output
 position sees the whole kernel); its Frobenius norm is
 `sqrt(P) * ||K||_F` with `P` the number of output positions (exact for
 "valid" padding, an upper bound otherwise; for a transposed convolution, the
-adjoint of a convolution over its inputs, `P` counts its input positions). The theorems hold for any upper
+adjoint of a convolution over its inputs, `P` counts its input positions).
+A Dense or EinsumDense kernel applied at several positions (a Dense on a
+sequence) is one block per position: the MARS norm is the kernel's, the
+Frobenius norm `sqrt(P) * ||K||_F` again. The theorems hold for any upper
 bounds `B_j`, `D_j`, `B_V`, and the bound increases with each of them, so
 upper bounds keep it valid.
 """
@@ -46,7 +49,8 @@ import numpy as np
 import keras
 
 from keras_spft.constraints import FrobeniusDistance, MARSDistance
-from keras_spft.diagnostics import _np, _row_l1, tracked_kernels
+from keras_spft.diagnostics import _head_test, _np, _row_l1, anchor_value, tracked_kernels
+from keras_spft.kernels import walk_layers
 
 _CONV = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D,
          keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D,
@@ -101,23 +105,41 @@ _TRANSPOSE = (keras.layers.Conv1DTranspose, keras.layers.Conv2DTranspose, keras.
 
 
 def _positions(layer):
-    """Number of output positions P of a convolution (its Frobenius norm as a
-    linear map is `sqrt(P) * ||K||_F`); of input positions for a transposed
-    one (the adjoint of the convolution from its output back to its input).
-    Raises rather than guess: taking P = 1 would make the bound too small
-    for every larger input."""
+    """Number of positions P a kernel is applied at: output positions of a
+    convolution (its Frobenius norm as a linear map is `sqrt(P) * ||K||_F`),
+    input positions of a transposed one (the adjoint of the convolution from
+    its output back to its input), the positions a Dense (all but the batch
+    and last axes) or an EinsumDense (output axes the kernel lacks, but the
+    batch) is applied at. Raises rather than guess: taking P = 1 would make
+    the bound too small for every larger input."""
+    what = "convolution" if isinstance(layer, _CONV) else "layer"
     fix = ("build the model on a fixed input size (e.g. `input_shape=(224, 224, 3)`), or pass "
            "`conv_positions=False` to use the kernels' own norms (then not a bound on the layer's map)")
     try:
         shape = tuple((layer.input if isinstance(layer, _TRANSPOSE) else layer.output).shape)
     except (AttributeError, ValueError) as e:
-        raise ValueError(f"the Frobenius bound needs the output shape of convolution {layer.name!r}, "
+        raise ValueError(f"the Frobenius bound needs the output shape of {what} {layer.name!r}, "
                          f"which Keras cannot give ({e}); {fix}.") from None
-    data_format = getattr(layer, "data_format", None) or keras.config.image_data_format()
-    dims = shape[1:-1] if data_format == "channels_last" else shape[2:]
+    if isinstance(layer, _CONV):
+        data_format = getattr(layer, "data_format", None) or keras.config.image_data_format()
+        dims = shape[1:-1] if data_format == "channels_last" else shape[2:]
+    elif isinstance(layer, keras.layers.EinsumDense):
+        inputs, out_axes = layer.equation.replace(" ", "").split("->")
+        kernel_axes = inputs.split(",")[1]
+        if out_axes.startswith("..."):   # the batch and the positions in the ellipsis
+            explicit = out_axes[3:]
+            dims = tuple(shape[1:len(shape) - len(explicit)]) + tuple(
+                d for a, d in zip(explicit, shape[len(shape) - len(explicit):]) if a not in kernel_axes)
+        elif "..." in out_axes:
+            raise ValueError(f"the Frobenius bound cannot count the positions of EinsumDense {layer.name!r} "
+                             f"(equation {layer.equation!r}); {fix}.")
+        else:
+            dims = tuple(d for a, d in zip(out_axes[1:], shape[1:]) if a not in kernel_axes)
+    else:   # Dense: the last axis is the units, the batch axis first
+        dims = shape[1:-1]
     if any(d is None for d in dims):
-        raise ValueError(f"the Frobenius bound needs the number of output positions of convolution "
-                         f"{layer.name!r}, whose output shape {shape} has unknown spatial sizes; {fix}.")
+        raise ValueError(f"the Frobenius bound needs the number of positions of {what} "
+                         f"{layer.name!r}, whose output shape {shape} has unknown sizes; {fix}.")
     return int(np.prod(dims)) if dims else 1
 
 
@@ -127,33 +149,40 @@ def _terms(model, norm, distances, head, layer_bounds, head_bound, conv_position
     # Frozen layers are layers of the network too: they add their factor
     # 2 B_j to the product, with D_j = 0.
     kernels = tracked_kernels(model, head, include_frozen=True)
-    heads = [k for k in kernels if k.role == "head"]
-    body = [k for k in kernels if k.role == "backbone"]
-    if head_bound is None and len(heads) != 1:
+    if head is not None:
+        # V is the kernel of the layer named; other kernels wrapped as heads
+        # (around the origin) are layers of the chain like any other.
+        in_head = _head_test(model, list(_walk_paths(model)), head)
+        heads = [k for k in kernels if in_head(k.path)]
+    else:
+        heads = [k for k in kernels if k.role == "head"]
+    if len(heads) > 1 or (head_bound is None and len(heads) != 1):
         raise ValueError(
             f"the bound needs exactly one head kernel V, found {len(heads)} "
-            f"({[k.name for k in heads]}); pass `head=` or `head_bound=`."
+            f"({[k.name for k in heads]}); name V with `head=[...]` (the others count as layers), "
+            "or give `head_bound=` for a model without one."
         )
+    body = [k for k in kernels if k not in heads]
     if not body:
         raise ValueError("the model has no backbone kernel.")
     layers = {p: l for p, l in _walk_paths(model)}
+    scaled = (_CONV + (keras.layers.Dense, keras.layers.EinsumDense)) if conv_positions else ()
     want = MARSDistance if norm == "mars" else FrobeniusDistance   # the theorem's constraint
 
     def mat_norm(t, k):
         if norm == "mars":
             return float(_row_l1(t, k.axis).max())
-        scale = math.sqrt(_positions(layers[k.path])) if (
-            conv_positions and isinstance(layers[k.path], _CONV)) else 1.0
+        scale = math.sqrt(_positions(layers[k.path])) if isinstance(layers[k.path], scaled) else 1.0
         return scale * float(np.sqrt((t ** 2).sum()))
 
     def anchor_and_distance(k, w):
         """`(W0_j or None, D_j)` of a trained kernel."""
-        if k.obj is not None and k.obj.anchor is not None:
-            w0 = _np(k.obj.anchor)
+        if k.obj is not None:
+            w0 = anchor_value(k)   # zeros around the origin; raises if never loaded
         elif distances == "current":
             raise ValueError(
-                f"kernel '{k.name}' has no keras-spft anchor: wrap the model "
-                "(wrap_pretrained) or use the monitor's anchors."
+                f"kernel '{k.name}' has no keras-spft anchor, so no W0 to measure D_j from: "
+                "wrap the model with `wrap_pretrained` before training (its anchors are the W0_j)."
             )
         else:
             w0 = None
@@ -165,7 +194,7 @@ def _terms(model, norm, distances, head, layer_bounds, head_bound, conv_position
                 f"for this theorem, found {type(k.obj).__name__}."
             )
         d = float(_np(k.obj.radius).max())
-        if norm == "frobenius" and conv_positions and isinstance(layers[k.path], _CONV):
+        if norm == "frobenius" and isinstance(layers[k.path], scaled):
             d *= math.sqrt(_positions(layers[k.path]))
         return w0, d
 
@@ -196,7 +225,6 @@ def _terms(model, norm, distances, head, layer_bounds, head_bound, conv_position
 
 def _walk_paths(model):
     from keras_spft.diagnostics import _unwrap
-    from keras_spft.kernels import walk_layers
 
     return walk_layers(_unwrap(model))
 
@@ -242,7 +270,11 @@ def theorem2_bound(model, *, num_examples, num_classes, input_dim, input_bound,
         distances: `"current"` (measured `D_j`, the bound at the current
             weights) or `"radius"` (the MARS-PGM radii: the bound for every
             weight the training can reach, see above).
-        head: head layer names, if not wrapped around the origin.
+        head: the layer of the head kernel V (name or path, or a model
+            enclosing only it). Needed when several kernels are heads
+            (wrapped around the origin, or taken as new by
+            `wrap_pretrained`): V is the one named, the others count as
+            layers of the chain (`D_j` their distance to 0).
         layer_bounds: optional `{kernel name: B_j}` overrides.
         head_bound: optional `B_V` override.
 
@@ -275,8 +307,9 @@ def theorem3_bound(model, *, num_examples, num_classes, input_bound,
 
     with `D_j = ||W_j - W0_j||_F`, `B_j = max(||W_j||_F, ||W0_j||_F)` unless
     given, `B_V = ||V||_F` (with `distances="radius"`: `B_j = ||W0_j||_F + D_j`
-    and `B_V` the head's radius, as in `theorem2_bound`); convolutions scaled
-    by `sqrt(positions)` (`conv_positions=True`, see the module docstring).
+    and `B_V` the head's radius, as in `theorem2_bound`); convolutions, and
+    Dense layers applied at several positions, scaled by `sqrt(positions)`
+    (`conv_positions=True`, see the module docstring).
 
     Args:
         model: a model wrapped with keras-spft.
@@ -286,7 +319,8 @@ def theorem3_bound(model, *, num_examples, num_classes, input_bound,
         lipschitz: `rho`.
         distances: `"current"` or `"radius"` (the L2-PGM radii).
         head, layer_bounds, head_bound: as `theorem2_bound`.
-        conv_positions: scale convolution norms to their linear map.
+        conv_positions: scale the norms of convolutions (and of Dense
+            layers applied at several positions) to their linear map.
 
     Returns:
         `BoundTerms`.

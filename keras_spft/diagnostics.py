@@ -18,7 +18,7 @@ from keras_spft.anchors import Anchored
 from keras_spft.constraints import FrobeniusDistance, MARSDistance
 from keras_spft.kernels import UnsupportedLayerError, kernel_specs
 from keras_spft.kernels import walk_layers
-from keras_spft.wrap import _default_head
+from keras_spft.wrap import _default_head, _selectors
 
 
 @dataclass
@@ -65,20 +65,21 @@ def tracked_kernels(model, head=None, include_frozen=False):
 
     Args:
         model: a built model.
-        head: optional names/paths of head layers.
+        head: optional names or paths of head layers, or of models or
+            layers enclosing them (as `wrap_pretrained`'s `head`).
         include_frozen: also list the kernels that are not trainable
             (`frozen=True`): they do not move, but they are still layers of
             the network (the bounds multiply over every layer).
 
     Returns:
         List of `TrackedKernel`, in layer order.
+
+    Raises:
+        ValueError: a `head` name that is no layer of the model.
     """
     model = _unwrap(model)
     layers = list(walk_layers(model))
-    if head is None:
-        head_paths = set(_default_head(model, layers))
-    else:
-        head_paths = set([head] if isinstance(head, str) else head)
+    in_head = _head_test(model, layers, head)
     out, seen = [], set()
     for path, layer in layers:
         if id(layer) in seen:
@@ -101,9 +102,45 @@ def tracked_kernels(model, head=None, include_frozen=False):
             if obj is not None:
                 role = "head" if obj.anchor is None else "backbone"
             else:
-                role = "head" if (path in head_paths or layer.name in head_paths) else "backbone"
+                role = "head" if in_head(path) else "backbone"
             out.append(TrackedKernel(path, spec.weight, var, tuple(spec.axis), role, obj, frozen))
     return out
+
+
+def _head_test(model, layers, head):
+    """A function telling whether a layer path is in the head: the layers
+    in `head` (names or paths, and what they enclose), else the head
+    `wrap_pretrained` would take (worked out only when first asked: a model
+    whose kernels all carry keras-spft objects needs none)."""
+    if head is not None:
+        names = {head} if isinstance(head, str) else set(head)
+        known = {p for p, _ in layers} | {l.name for _, l in layers}
+        for n in sorted(names - known):
+            top = ", ".join(l.name for l in getattr(model, "layers", []))
+            raise ValueError(f"head layer '{n}' does not exist in the model (top-level layers: {top}).")
+    default = []
+
+    def in_head(path):
+        if head is None and not default:
+            default.append(set(_default_head(model, layers)))
+        return bool((names if head is not None else default[0]).intersection(_selectors(path)))
+
+    return in_head
+
+
+def anchor_value(kernel):
+    """`W0` of a tracked kernel that carries a keras-spft object, as a float64
+    NumPy array: zeros for one centred at the origin.
+
+    Raises:
+        RuntimeError: the object's anchor was never set or loaded (a model
+            rebuilt from its config, a clone, weights of an unwrapped model
+            loaded after wrapping): measuring from it would be wrong.
+    """
+    obj = kernel.obj
+    if obj.anchor is None:
+        return np.zeros(tuple(kernel.variable.shape))
+    return _np(obj._anchor_value(obj.anchor.dtype))
 
 
 def _np(x):
@@ -158,8 +195,7 @@ def snapshot_anchors(model, head=None):
     # measured from the same starting point as the others.
     for k in tracked_kernels(model, head, include_frozen=True):
         if k.obj is not None:
-            a = k.obj.anchor
-            out[k.name] = np.zeros(k.variable.shape) if a is None else _np(a)
+            out[k.name] = anchor_value(k)
         else:
             out[k.name] = _np(k.variable)
     return out
@@ -181,10 +217,14 @@ class DistanceMonitor(keras.callbacks.Callback):
     | `spft/at_bound` | over all constrained rows (backbone and head) |
     | `spft/<layer>/radius`, `spft/radius_mean`, `spft/radius_max` | learned radii (`radius="learned"`): per kernel, mean and max |
 
-    The anchor `W0` is the keras-spft anchor of a wrapped kernel, the origin
-    for a head wrapped around zero, and otherwise a snapshot taken at the
-    first `on_train_begin` (so unwrapped and DELTA runs get the same numbers).
-    Cost: one host copy of every kernel per logged epoch.
+    The anchor `W0` is the keras-spft anchor of a wrapped kernel (read when
+    logging, so a kernel wrapped between two `fit` calls is measured from its
+    anchor), the origin for a head wrapped around zero, and otherwise a
+    snapshot taken at the first `on_train_begin` (so unwrapped and DELTA runs
+    get the same numbers). Cost: one host copy of every kernel (and anchor)
+    per logged epoch. On the epochs it skips (`every > 1`) it writes NaN
+    under the same keys, so `CSVLogger`, which fixes its columns at the first
+    epoch, keeps them.
 
     Place it *before* `keras.callbacks.TensorBoard` (and `CSVLogger`) in the
     callbacks list: Keras passes one `logs` dict to the callbacks in order,
@@ -228,8 +268,9 @@ class DistanceMonitor(keras.callbacks.Callback):
         if self._anchors is None:
             self._anchors = snapshot_anchors(self.model, self.head)
 
-    def compute(self):
-        """Distances now, as a flat dict of log entries plus `"_rows"`."""
+    def compute(self, measure=True):
+        """Distances now, as a flat dict of log entries plus `"_rows"`
+        (`measure=False`: the same keys, every value NaN, nothing copied)."""
         model = self.model  # on JAX this syncs the variables
         if self._anchors is None:
             self._anchors = snapshot_anchors(model, self.head)
@@ -237,10 +278,17 @@ class DistanceMonitor(keras.callbacks.Callback):
         mars, fro, radii = [], [], []
         at, n_rows = 0.0, 0
         p = self.prefix
+        nan = float("nan")
         for k in tracked_kernels(model, self.head):
-            if k.name not in self._anchors:
-                continue
-            d = kernel_distances(k, _np(k.variable), self._anchors[k.name], self.tol)
+            if k.obj is None and k.name not in self._anchors:
+                continue   # a layer added after the snapshot: no start to measure from
+            constrained = isinstance(k.obj, (MARSDistance, FrobeniusDistance))
+            if measure:
+                anchor = anchor_value(k) if k.obj is not None else self._anchors[k.name]
+                d = kernel_distances(k, _np(k.variable), anchor, self.tol)
+            else:
+                d = {"mars": nan, "frobenius": nan, "rows": np.full(1, nan),
+                     **({"at_bound": nan} if constrained else {})}
             key = f"{p}/{k.name}" if k.role == "backbone" else f"{p}/head/{k.name}"
             out[f"{key}/mars"] = d["mars"]
             out[f"{key}/frobenius"] = d["frobenius"]
@@ -250,7 +298,7 @@ class DistanceMonitor(keras.callbacks.Callback):
                 at += d["at_bound"] * n
                 n_rows += n
             if getattr(k.obj, "learn_radius", False):
-                r = float(_np(k.obj.radius.value))
+                r = float(_np(k.obj.radius.value)) if measure else nan
                 out[f"{key}/radius"] = r
                 radii.append(r)
             rows[k.name] = d["rows"]
@@ -271,14 +319,14 @@ class DistanceMonitor(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         last = self._epochs is not None and epoch + 1 == self._epochs
-        if (epoch + 1) % self.every and not last:
-            return
-        values = self.compute()
+        measure = not (epoch + 1) % self.every or last
+        values = self.compute(measure)
         rows = values.pop("_rows")
-        self.history.append(dict(values, epoch=epoch, rows=rows))
+        if measure:
+            self.history.append(dict(values, epoch=epoch, rows=rows))
         if logs is not None:
             for key, v in values.items():
-                if self.per_layer or key.count("/") == 1:
+                if self.per_layer or "/" not in key[len(self.prefix) + 1:]:   # aggregates: prefix/name
                     logs[key] = v
 
     def get_config(self):
@@ -393,7 +441,8 @@ class GradientNormMonitor(keras.callbacks.Callback):
     into `logs`. A fixed batch makes epochs comparable; a larger batch gives
     a less noisy estimate. Cost per logged epoch: one forward and backward
     pass on the probe batch, eager (not compiled). Place it before
-    `TensorBoard` in the callbacks list.
+    `TensorBoard` in the callbacks list. Skipped epochs (`every > 1`) get
+    NaN under the same keys (for `CSVLogger`).
 
     Args:
         x, y: the probe batch (arrays).
@@ -442,8 +491,11 @@ class GradientNormMonitor(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         last = self._epochs is not None and epoch + 1 == self._epochs
         if (epoch + 1) % self.every and not last:
-            return
-        values = self._measure(epoch)
+            # The keys of the last measurement, as NaN: CSVLogger fixes its
+            # columns at the first epoch and would never show them.
+            values = {k: float("nan") for k in self.history[-1] if k != "epoch"} if self.history else {}
+        else:
+            values = self._measure(epoch)
         if logs is not None:
             for key, v in values.items():
                 if self.per_layer or key in (f"{self.prefix}/global", f"{self.prefix}/loss"):

@@ -34,7 +34,9 @@ def layer_distances(run, metric="mars", prefix="spft", epoch=-1, head=False):
         run: History, history dict, `DistanceMonitor` or logs dict.
         metric: `"mars"`, `"frobenius"` or `"at_bound"`.
         prefix: the monitor's key prefix.
-        epoch: index into the logged values (default: the last).
+        epoch: index into the logged values (default: the last); a layer
+            with no value at that epoch (NaN or None: not logged then) is
+            left out.
         head: include head kernels.
 
     Returns:
@@ -52,9 +54,12 @@ def layer_distances(run, metric="mars", prefix="spft", epoch=-1, head=False):
         layer = key[len(start):-len(end)]
         if layer.startswith("head/") and not head:
             continue
-        vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
-        if vals:
-            out[layer] = float(vals[epoch])
+        try:
+            v = values[epoch]
+        except IndexError:
+            continue
+        if v is not None and not math.isnan(float(v)):
+            out[layer] = float(v)
     return out
 
 
@@ -155,7 +160,8 @@ def plot_gradient_norms(results, path, key="grad/global", log_scale=True, title=
                     "(GradientNormMonitor(every > 1)?); pass the monitor itself, "
                     "whose history records the epochs."
                 )
-            pts = [(i + 1, v) for i, v in enumerate(vals) if v is not None]
+            pts = [(i + 1, v) for i, v in enumerate(vals)
+                   if v is not None and not math.isnan(float(v))]   # NaN: an epoch the monitor skipped
         if not pts:
             continue
         xs, ys = zip(*pts)
@@ -169,7 +175,7 @@ def plot_gradient_norms(results, path, key="grad/global", log_scale=True, title=
     if log_scale:
         ax.set_yscale("log")
     ax.set_xlabel("epoch")
-    ax.set_ylabel(f"{key}  (L2 norm of the gradient)")
+    ax.set_ylabel(f"{key}  ({'loss on the probe batch' if key.endswith('/loss') else 'L2 norm of the gradient'})")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(title or "Gradient norm of the training loss")

@@ -93,7 +93,7 @@ def test_conv_frobenius_refuses_unknown_output_sizes():
     model = keras.Sequential([keras.Input((None, None, 1)), L.Conv2D(2, 3, use_bias=False, name="c"),
                               L.GlobalAveragePooling2D(), L.Dense(2, use_bias=False, name="v")])
     keras_spft.wrap_pretrained(model, radius=1.0, method="l2-pgm", head=["v"])
-    with pytest.raises(ValueError, match=r"output positions of convolution 'c'.*unknown spatial sizes.*fixed input size"):
+    with pytest.raises(ValueError, match=r"positions of convolution .c.*unknown sizes.*fixed input size"):
         bounds.theorem3_bound(model, num_examples=1, num_classes=2, input_bound=1.0)
     t = bounds.theorem3_bound(model, num_examples=1, num_classes=2, input_bound=1.0, conv_positions=False)
     assert t.layers[0].bound > 0
@@ -199,3 +199,61 @@ def test_a_transposed_conv_counts_its_input_positions():
     t = bounds.theorem3_bound(model, num_examples=1, num_classes=2, input_bound=1.0)
     assert t.layers[0].bound == pytest.approx(float(np.sqrt((matrix ** 2).sum())), rel=1e-5)
     assert t.layers[0].bound == pytest.approx(4 * float(np.sqrt((k ** 2).sum())), rel=1e-5)
+
+
+def test_a_dense_applied_at_several_positions_counts_them():
+    """A Dense on a (5, 4) sequence is kron(I_5, W): its Frobenius norm is
+    sqrt(5) ||W||_F (B_j and D_j were sqrt(5) too small); its MARS norm is W's."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((5, 4)), L.Dense(6, use_bias=False, name="d1"), L.Flatten(),
+                              L.Dense(3, use_bias=False, name="v")])
+    w0 = model.get_layer("d1").kernel.numpy().astype("float64")
+    keras_spft.wrap_pretrained(model, radius=1.0, method="l2-pgm", head=["v"])
+    model.get_layer("d1").kernel.assign(w0 + 0.1)
+    linear_map = np.kron(np.eye(5), model.get_layer("d1").kernel.numpy().astype("float64"))
+    t3 = bounds.theorem3_bound(model, num_examples=10, num_classes=3, input_bound=1.0)
+    assert t3.layers[0].bound == pytest.approx(np.linalg.norm(linear_map), rel=1e-6)
+    assert t3.layers[0].distance == pytest.approx(math.sqrt(5) * np.linalg.norm(np.full((4, 6), 0.1)), rel=1e-5)
+    t2 = bounds.theorem2_bound(model, num_examples=10, num_classes=3, input_dim=20, input_bound=1.0,
+                               head_bound=1.0)
+    assert t2.layers[0].distance == pytest.approx(0.4, rel=1e-5)   # column L1 of 0.1 * ones(4, 6)
+
+
+def test_a_second_head_layer_stays_in_the_chain_when_v_is_named():
+    keras.utils.set_random_seed(0)
+    base = keras.Sequential([keras.Input((4,)), L.Dense(4, use_bias=False, name="d1")], name="base")
+    model = keras.Sequential([keras.Input((4,)), base, L.Dense(4, use_bias=False, name="fc"),
+                              L.Dense(3, use_bias=False, name="out")])
+    keras_spft.wrap_pretrained(model, radius=1.0, head_radius=2.0)   # fc and out: heads around 0
+    with pytest.raises(ValueError, match=r"exactly one head kernel V, found 2 \(\['fc', 'out'\]\); name V"):
+        bounds.theorem2_bound(model, num_examples=10, num_classes=3, input_dim=4, input_bound=1.0)
+    with pytest.raises(ValueError, match=r"found 2"):   # head_bound alone dropped fc from the chain
+        bounds.theorem2_bound(model, num_examples=10, num_classes=3, input_dim=4, input_bound=1.0,
+                              head_bound=1.0)
+    t = bounds.theorem2_bound(model, num_examples=10, num_classes=3, input_dim=4, input_bound=1.0,
+                              head=["out"])
+    fc = np.abs(model.get_layer("fc").kernel.numpy()).sum(axis=0).max()
+    assert [l.path for l in t.layers] == ["base/d1", "fc"]
+    assert t.layers[1].distance == pytest.approx(fc, rel=1e-6)   # its distance to 0
+    assert t.head_bound == pytest.approx(np.abs(model.get_layer("out").kernel.numpy()).sum(axis=0).max(), rel=1e-6)
+    r = bounds.theorem2_bound(model, num_examples=10, num_classes=3, input_dim=4, input_bound=1.0,
+                              head=["out"], distances="radius")
+    assert r.layers[1].distance == 2.0 and r.layers[1].bound == 2.0 and r.head_bound == 2.0
+
+
+def test_layer_and_head_bound_overrides_enter_the_value():
+    model = two_layer_net()
+    t = bounds.theorem2_bound(model, num_examples=4, num_classes=2, input_dim=2, input_bound=1.0)
+    o = bounds.theorem2_bound(model, num_examples=4, num_classes=2, input_dim=2, input_bound=1.0,
+                              layer_bounds={"w1": 3.0}, head_bound=2.0)
+    b1, b2 = t.layers[0].bound, t.layers[1].bound
+    d1, d2 = t.layers[0].distance, t.layers[1].distance
+    assert o.layers[0].bound == 3.0 and o.head_bound == 2.0
+    expected = t.constant * 2.0 * (d1 / 3.0 + d2 / b2) * (2 * 3.0) * (2 * b2)
+    assert o.value == pytest.approx(expected, rel=1e-9)
+
+
+def test_layer_distances_takes_every_layer_at_the_same_epoch():
+    h = {"spft/x/mars": [1.0, float("nan"), 3.0], "spft/y/mars": [4.0, 5.0, 6.0]}
+    assert plots.layer_distances(h, epoch=1) == {"y": 5.0}   # x was not logged at epoch 1
+    assert plots.layer_distances(h) == {"x": 3.0, "y": 6.0}

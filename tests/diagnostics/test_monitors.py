@@ -1,12 +1,14 @@
 """DistanceMonitor and gradient norms against numpy."""
 
+import math
+
 import numpy as np
 import keras
 import pytest
 from keras import layers as L
 
 import keras_spft
-from keras_spft import diagnostics
+from keras_spft import diagnostics, plots
 
 
 def to_np(x):
@@ -185,3 +187,78 @@ def test_gradient_norm_monitor_logs_into_history():
         keras_spft.gradient_norms(model, x[:8], y[:8])["global"], rel=1e-4)
     with pytest.raises(ValueError, match="compiled"):
         keras_spft.gradient_norms(cnn(), x, y)
+
+
+def _compiled(model, lr=0.1):
+    model.compile(optimizer=keras.optimizers.SGD(lr), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return model
+
+
+def test_a_monitor_reused_after_wrapping_measures_from_the_anchors():
+    """Stage 1 unwrapped (the monitor snapshots the head's start), stage 2
+    wrapped around the origin: the head was measured from the old snapshot."""
+    model = _compiled(cnn())
+    model.get_layer("base").trainable = False
+    monitor = keras_spft.DistanceMonitor()
+    x, y = data()
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[monitor])
+    model.get_layer("base").trainable = True
+    keras_spft.wrap_pretrained(model, radius=0.05, head_radius=0.3)
+    _compiled(model, lr=0.5)
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[monitor])
+    head = to_np(model.get_layer("head").kernel)
+    assert monitor.history[-1]["spft/head/head/mars"] == pytest.approx(np.abs(head).sum(axis=0).max(), rel=1e-6)
+    assert monitor.history[-1]["spft/head/head/mars"] <= 0.3 * (1 + 1e-5)
+
+
+def test_anchors_never_loaded_are_refused_not_read_as_zeros():
+    model = cnn()
+    keras_spft.wrap_pretrained(model, radius=0.05, head_radius=2.0)
+    clone = keras.models.clone_model(model)      # objects rebuilt from their configs: no anchors
+    clone.set_weights(model.get_weights())
+    with pytest.raises(RuntimeError, match=r"anchor was never loaded"):
+        keras_spft.bounds.theorem2_bound(clone, num_examples=8, num_classes=3, input_dim=108, input_bound=1.0)
+    with pytest.raises(RuntimeError, match=r"anchor was never loaded"):
+        diagnostics.snapshot_anchors(clone)
+
+
+def test_a_head_named_by_its_nested_model():
+    keras.utils.set_random_seed(0)
+    base = keras.Sequential([keras.Input((6, 6, 3)), L.Conv2D(4, 3, name="c1"), L.GlobalAveragePooling2D()],
+                            name="base")
+    top = keras.Sequential([keras.Input((4,)), L.Dense(3, name="fc")], name="top")
+    model = keras.Sequential([keras.Input((6, 6, 3)), base, top])
+    roles = {k.name: k.role for k in diagnostics.tracked_kernels(model, head="top")}
+    assert roles == {"base/c1": "backbone", "top/fc": "head"}
+    with pytest.raises(ValueError, match=r"head layer 'topp' does not exist"):
+        diagnostics.tracked_kernels(model, head=["topp"])
+    # Every kernel wrapped: the roles come from the objects, no head to guess
+    # (the monitor raised "cannot tell the new head").
+    keras_spft.wrap_pretrained(model, radius=0.1, head=["top"], head_radius=2.0)
+    monitor = keras_spft.DistanceMonitor()
+    x, y = data()
+    _compiled(model).fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[monitor])
+    assert "spft/head/top/fc/mars" in monitor.history[-1] and "spft/base/c1/mars" in monitor.history[-1]
+    assert diagnostics.gradient_norms(model, x[:4], y[:4])["head/top/fc"] > 0
+
+
+def test_every_other_epoch_keeps_csvlogger_columns_and_a_slashed_prefix_keeps_aggregates(tmp_path):
+    import csv
+
+    model = _compiled(cnn())
+    keras_spft.wrap_pretrained(model, radius=0.05, head_radius=2.0)
+    _compiled(model)
+    x, y = data()
+    path = str(tmp_path / "log.csv")
+    monitors = [keras_spft.DistanceMonitor(every=2, per_layer=False, prefix="train/spft"),
+                keras_spft.GradientNormMonitor(x[:4], y[:4], every=2, per_layer=False)]
+    hist = model.fit(x, y, batch_size=8, epochs=3, verbose=0, callbacks=monitors + [keras.callbacks.CSVLogger(path)])
+    rows = list(csv.DictReader(open(path)))
+    assert len(rows) == 3
+    for key in ("train/spft/mars_max", "train/spft/at_bound", "grad/global"):
+        assert [math.isnan(float(r[key])) for r in rows] == [True, False, False], key
+        assert len(hist.history[key]) == 3
+    assert "train/spft/base/c1/mars" not in rows[0]      # per_layer=False: aggregates only
+    # The monitor itself keeps every layer, of the epochs it measured.
+    assert set(plots.layer_distances(monitors[0], prefix="train/spft")) == {"base/c1", "base/dw", "base/fc"}
+    assert [e["epoch"] for e in monitors[0].history] == [1, 2]
