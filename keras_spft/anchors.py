@@ -219,6 +219,10 @@ class Anchored(KerasSaveable):
             )
         self._anchor_ready = True
         self._not_ready_because = None
+        self._on_anchor_loaded()
+
+    def _on_anchor_loaded(self):
+        """Called after `load_own_variables` set the anchor and scale."""
 
     def __reduce__(self):
         # KerasSaveable pickles whole models; an anchored object pickles as

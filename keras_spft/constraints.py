@@ -89,7 +89,33 @@ class _DistanceConstraint(Anchored, keras.constraints.Constraint):
                 )
             check_positive(radius, "radius", self._owner())
 
+    @property
+    def min_radius(self):
+        """The floor of a learned radius: 1e-4 (`MIN_LEARNED_RADIUS`), or,
+        for a 16-bit anchor, two epsilons of its dtype times its largest row
+        norm (MARS: row L1; Frobenius: the whole norm) if that is more.
+        Below it the stored 16-bit kernel cannot move off its anchor (the
+        offset rounds away), so a radius there would never grow."""
+        return self._min_radius
+
+    def _set_min_radius(self):
+        """Works out `min_radius` (eagerly: at construction and when an anchor
+        is loaded, never inside a compiled step)."""
+        self._min_radius = MIN_LEARNED_RADIUS
+        if self._anchor is None:
+            return
+        dtype = keras.backend.standardize_dtype(self._anchor.dtype)
+        if dtype in ("float16", "bfloat16"):
+            a = np.abs(np.asarray(ops.convert_to_numpy(self._anchor), dtype="float64"))
+            norm = (float(np.sqrt((a ** 2).sum())) if isinstance(self, FrobeniusDistance)
+                    else float(a.sum(axis=tuple(self.axis), keepdims=True).max()) if a.size else 0.0)
+            self._min_radius = max(MIN_LEARNED_RADIUS, 2.0 * _UNIT_ROUNDOFF[dtype] * norm)
+
+    def _on_anchor_loaded(self):
+        self._set_min_radius()
+
     def _check_learned_scalar(self):
+        self._set_min_radius()
         if self.learn_radius and tuple(self._scale.shape) != ():
             raise ValueError(
                 f"{self._owner()}: a learned radius is one number per kernel; "
@@ -133,7 +159,7 @@ class _DistanceConstraint(Anchored, keras.constraints.Constraint):
             # projection reuses these norms (one reduction pass, not two,
             # where nothing merges them: eager PyTorch).
             distances = self._distances(t)
-            radius = spft_ops.at_least(spft_ops.at_most(radius, ops.max(distances)), MIN_LEARNED_RADIUS)
+            radius = spft_ops.at_least(spft_ops.at_most(radius, ops.max(distances)), self._min_radius)
             self._scale.assign(ops.cast(radius, "float32"))
         out = self._project(t, radius, distances)
         if a is not None:
@@ -342,6 +368,7 @@ class FrobeniusDistance(_DistanceConstraint):
         self._init_scale(radius, "radius", ())
         if not isinstance(self._scale_config, float) and self._scale.shape != ():
             raise ValueError(f"{self._owner()}: `radius` must be a scalar.")
+        self._set_min_radius()
 
     def _project(self, t, radius, distances=None):
         return spft_ops.scale_to_frobenius_ball(t, radius, distances)

@@ -19,7 +19,6 @@ from keras import ops
 from keras.src.utils import tracking
 
 from keras_spft.constraints import (
-    MIN_LEARNED_RADIUS,
     _DistanceConstraint,
     radius_learning,
 )
@@ -256,7 +255,7 @@ class RadiusOptimizer(keras.optimizers.Optimizer):
         delta = self.radius_learning_rate * m_hat / (ops.sqrt(v_hat) + self.epsilon)
         delta = delta * ops.convert_to_tensor(np.asarray(has, "float32"))
         for k, (_, c) in enumerate(self._learned):
-            c.radius.assign(ops.maximum(c.radius.value - delta[k], MIN_LEARNED_RADIUS))
+            c.radius.assign(ops.maximum(c.radius.value - delta[k], c.min_radius))
 
     def apply(self, grads, trainable_variables=None):
         _refuse_tf_distribution()

@@ -544,7 +544,7 @@ def wrap_pretrained(
                     and type(existing) is {"mars-pgm": MARSDistance, "l2-pgm": FrobeniusDistance}.get(method)):
                 start, note = existing.radius, note + ", kept learned radius"
             else:
-                start = max(MIN_LEARNED_RADIUS, float(keras.ops.convert_to_numpy(obj.distance(var))))
+                start = max(obj.min_radius, float(keras.ops.convert_to_numpy(obj.distance(var))))
                 note += ", learned radius starts at the current distance"
             obj.radius.assign(keras.ops.convert_to_numpy(start).astype("float32"))
         if is_bn and batchnorm == "reference":
@@ -632,11 +632,13 @@ def _make(method, projection, anchor, value, spec, layer, path, relative, refere
         var0 = keras.ops.convert_to_numpy(layer.moving_variance)
         per_element = value * np.sqrt(var0.astype("float64") + eps)
         return MARSDistance(anchor, per_element.astype("float32"), axis=(), projection="exact", name=name)
-    if method == "mars-pgm":
-        return MARSDistance(anchor, value, axis=spec.axis, projection=projection, relative=relative,
-                            learn_radius=learn, name=name)
-    if method == "l2-pgm":
-        return FrobeniusDistance(anchor, value, relative=relative, learn_radius=learn, name=name)
+    if method in ("mars-pgm", "l2-pgm"):
+        obj = (MARSDistance(anchor, value, axis=spec.axis, projection=projection, relative=relative,
+                            learn_radius=learn, name=name) if method == "mars-pgm" else
+               FrobeniusDistance(anchor, value, relative=relative, learn_radius=learn, name=name))
+        if learn:   # a 16-bit kernel's floor is higher: see `min_radius`
+            obj.radius.assign(np.asarray(obj.min_radius, "float32"))
+        return obj
     if method == "mars-sp":
         return MARSSP(anchor, value, axis=spec.axis, name=name)
     return L2SP(anchor, value, name=name)

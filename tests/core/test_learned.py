@@ -515,3 +515,52 @@ def test_rows_projected_onto_a_tiny_radius_count_as_on_the_bound(kind, dtype):
         ref = sum((np.sign(t[:, r]) * g[:, r]).sum() / (t[:, r] != 0).sum() for r in range(400))
     got = float(to_np(c.radius_gradient(ops.convert_to_tensor(g.astype("float32")), w)))
     assert got == pytest.approx(ref, rel=1e-3)
+
+
+@pytest.mark.parametrize("method", ["mars-pgm", "l2-pgm"])
+def test_learned_radii_of_16_bit_kernels_start_where_the_kernel_can_move(method):
+    """At a radius of 1e-4 a bfloat16 kernel cannot leave its anchor (the
+    offset is below half an ulp of the weights and rounds away), so the radius
+    gradient read from it is 0 and the radius never grew. The floor of a
+    16-bit kernel is two bfloat16 epsilons times its anchor's largest row
+    norm: its kernels move, within their radii."""
+    from keras import layers as L
+
+    keras.utils.set_random_seed(0)
+    policy = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("bfloat16")
+    try:
+        base = keras.Sequential([keras.Input((8, 8, 2)), L.Conv2D(4, 3, name="c1"), L.ReLU(),
+                                 L.Conv2D(4, 3, name="c2")], name="base")
+        model = keras.Sequential([keras.Input((8, 8, 2)), base, L.Flatten(), L.Dense(4, name="head")])
+        report = keras_spft.wrap_pretrained(model, radius="learned", method=method, head_radius=3.0)
+        # SGD: Keras' Adam leaves bfloat16 variables where they are.
+        model.compile(optimizer=keras_spft.RadiusOptimizer(keras.optimizers.SGD(0.1), radius_learning_rate=1e-2),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        rng = np.random.default_rng(0)
+        x, y = rng.random((32, 8, 8, 2)).astype("float32"), np.arange(32) % 4
+        learned = [w for w in report.wrapped if w.obj.learn_radius]
+        for w in learned:
+            a = np.abs(to_np(w.obj.anchor).astype("float64"))
+            norm = np.sqrt((a ** 2).sum()) if method == "l2-pgm" else a.sum(axis=(0, 1, 2)).max()
+            assert w.obj.min_radius == pytest.approx(max(1e-4, 2 * 2.0 ** -7 * norm), rel=1e-6)
+            assert float(to_np(w.obj.radius)) == pytest.approx(w.obj.min_radius, rel=1e-6)
+        model.fit(x, y, epochs=1, batch_size=8, verbose=0)
+        for w in learned:
+            kernel = model.get_layer("base").get_layer(w.path.split("/")[-1]).kernel
+            t = to_np(kernel).astype("float64") - to_np(w.obj.anchor).astype("float64")
+            r = float(to_np(w.obj.radius))
+            assert np.abs(t).max() > 0, f"{w.path} never left its anchor"
+            # Within the radius, up to half a bfloat16 ulp per stored element.
+            half_ulp = np.abs(to_np(kernel).astype("float64")) * 2.0 ** -8
+            if method == "l2-pgm":
+                assert np.sqrt((t ** 2).sum()) <= r * (1 + 1e-5) + np.sqrt((half_ulp ** 2).sum())
+            else:
+                assert np.all(np.abs(t).sum(axis=(0, 1, 2)) <= r * (1 + 1e-5) + half_ulp.sum(axis=(0, 1, 2)))
+            assert r >= w.obj.min_radius * (1 - 1e-6)
+        # What the floor avoids: projected at 1e-4, the stored kernel is its anchor.
+        c, kernel = learned[0].obj, model.get_layer("base").get_layer("c1").kernel
+        c.radius.assign(1e-4)
+        assert np.mean(to_np(c.project(kernel)) == to_np(c.anchor)) > 0.95
+    finally:
+        keras.config.set_dtype_policy(policy)
