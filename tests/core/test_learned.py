@@ -250,9 +250,12 @@ def test_a_layer_frozen_between_fits_keeps_the_optimizer(radius):
     frozen = model.layers[0].layers[0]
     frozen.trainable = False
     before = to_np(frozen.kernel).copy()
+    radius_before = to_np(frozen.kernel.constraint.radius).copy()
     model.compile(optimizer=opt, loss=loss)
     model.fit(x, y, batch_size=8, epochs=1, verbose=0)
     np.testing.assert_array_equal(to_np(frozen.kernel), before)
+    # A frozen kernel's radius stays put (no gradient: its Adam step is masked).
+    np.testing.assert_array_equal(to_np(frozen.kernel.constraint.radius), radius_before)
     for v in model.weights:
         if isinstance(v.constraint, (keras_spft.MARSDistance, keras_spft.FrobeniusDistance)):
             assert_within_bound(v.constraint, v)
@@ -564,3 +567,19 @@ def test_learned_radii_of_16_bit_kernels_start_where_the_kernel_can_move(method)
         assert np.mean(to_np(c.project(kernel)) == to_np(c.anchor)) > 0.95
     finally:
         keras.config.set_dtype_policy(policy)
+
+
+def test_a_schedule_sets_the_inner_optimizers_learning_rate():
+    """keras' LearningRateScheduler writes `model.optimizer.learning_rate`:
+    it must reach the inner optimizer (recipe.lr_schedule halves it)."""
+    keras.utils.set_random_seed(0)
+    model = small_cnn()
+    keras_spft.wrap_pretrained(model, radius="learned", head_radius=3.0)
+    inner = keras.optimizers.Adam(1e-3)
+    model.compile(optimizer=keras_spft.RadiusOptimizer(inner),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x, y = _data(8)
+    halve = keras.callbacks.LearningRateScheduler(lambda epoch, lr: 1e-3 if epoch < 2 else 5e-4)
+    model.fit(x, y, batch_size=8, epochs=3, verbose=0, callbacks=[halve])
+    assert float(to_np(inner.learning_rate)) == pytest.approx(5e-4)
+    assert float(to_np(model.optimizer.learning_rate)) == pytest.approx(5e-4)
