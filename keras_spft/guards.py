@@ -66,15 +66,14 @@ class TerminateOnNonFinite(keras.callbacks.Callback):
                 self.model.stop_training = True
                 raise FloatingPointError(
                     f"weights became non-finite at epoch {self._epoch}, batch {batch} (the loss, {loss}, "
-                    f"did not show it): {', '.join(bad[:10])}" + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
-                    + ". Lower the learning rate or check the inputs.")
+                    f"did not show it): {_listed(bad)}. Lower the learning rate or check the inputs.")
         if loss is not None and not math.isfinite(loss):
             self.model.stop_training = True
             bad = self._bad_weights()
             raise FloatingPointError(
                 f"loss became {loss} at epoch {self._epoch}, batch {batch}; training stopped "
                 "before any further checkpoint. Non-finite weights: "
-                + (", ".join(bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "") if bad else "none")
+                + (_listed(bad) if bad else "none")
                 + ". Lower the learning rate or check the inputs."
             )
 
@@ -84,5 +83,10 @@ class TerminateOnNonFinite(keras.callbacks.Callback):
             if bad:
                 self.model.stop_training = True
                 raise FloatingPointError(
-                    f"weights became non-finite by the end of epoch {epoch}: {', '.join(bad[:10])}."
+                    f"weights became non-finite by the end of epoch {epoch}: {_listed(bad)}."
                 )
+
+
+def _listed(names):
+    """The first ten names, and how many more."""
+    return ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")

@@ -228,6 +228,10 @@ def test_errors_name_the_option_or_layer():
         keras_spft.wrap_pretrained(model)
     with pytest.raises(ValueError, match="pass `strength=`"):
         keras_spft.wrap_pretrained(model, radius=1.0, method="l2-sp")
+    with pytest.raises(ValueError, match=r"'mars-pgm' is a constraint: pass `radius=`/`head_radius=`, not `strength="):
+        keras_spft.wrap_pretrained(model, radius=1.0, strength=0.1)
+    with pytest.raises(ValueError, match=r"`relative=True` applies to PGM radii only"):
+        keras_spft.wrap_pretrained(model, method="l2-sp", strength=0.1, relative=True)
     with pytest.raises(ValueError, match="applies to mars-pgm only"):
         keras_spft.wrap_pretrained(model, radius=1.0, method="l2-pgm", projection="exact")
     with pytest.raises(ValueError, match="unknown batchnorm option"):

@@ -262,3 +262,15 @@ def test_every_other_epoch_keeps_csvlogger_columns_and_a_slashed_prefix_keeps_ag
     # The monitor itself keeps every layer, of the epochs it measured.
     assert set(plots.layer_distances(monitors[0], prefix="train/spft")) == {"base/c1", "base/dw", "base/fc"}
     assert [e["epoch"] for e in monitors[0].history] == [1, 2]
+
+
+def test_at_bound_of_an_l2_pgm_kernel_is_one_on_the_ball_and_zero_inside():
+    model = _compiled(cnn(), lr=0.5)
+    keras_spft.wrap_pretrained(model, method="l2-pgm", radius={"c1": 1e-3, "*": 100.0}, head_radius=100.0)
+    _compiled(model, lr=0.5)
+    monitor = keras_spft.DistanceMonitor()
+    x, y = data()
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[monitor])
+    last = monitor.history[-1]
+    assert last["spft/base/c1/at_bound"] == 1.0 and last["spft/base/fc/at_bound"] == 0.0
+    assert last["spft/base/c1/frobenius"] == pytest.approx(1e-3, rel=1e-3)

@@ -133,3 +133,23 @@ def test_killed_run_resumes_with_the_same_anchors(tmp_path):
     second = subprocess.run([sys.executable, "-c", script, str(tmp_path), "resume"], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=300)
     assert second.returncode == 0 and "RESUMED OK" in second.stdout, second.stderr[-3000:]
+
+
+def test_the_default_guard_finds_weights_gone_nan_by_the_end_of_the_epoch():
+    """The loss of the last batch is computed before its update: weights that
+    update makes NaN are found by the end-of-epoch scan (check_weights=True,
+    the default), naming the first ten and how many more."""
+    class Poison(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if batch == 7:
+                for i in range(12):
+                    k = self.model.get_layer(f"d{i}").kernel
+                    k.assign(keras.ops.full(k.shape, float("nan")))
+
+    model = keras.Sequential([keras.Input((4,))] + [keras.layers.Dense(4, name=f"d{i}") for i in range(12)]
+                             + [keras.layers.Dense(1, name="h")])
+    model.compile(optimizer=keras.optimizers.SGD(1e-3), loss="mse")
+    x, y = np.ones((32, 4), "float32"), np.ones((32, 1), "float32")
+    with pytest.raises(FloatingPointError, match=r"non-finite by the end of epoch 0: \S*d0/kernel, .*d9/kernel"
+                                                  r" and \d+ more\."):
+        model.fit(x, y, batch_size=4, epochs=2, verbose=0, callbacks=[Poison(), keras_spft.TerminateOnNonFinite()])

@@ -58,6 +58,7 @@ def test_compare_writes_table_and_resumes_without_rerunning(tiny, monkeypatch, c
     row = saved["rows"][1]
     accs = [json.load(open(out / "runs" / "mars-pgm" / f"seed{s}.json"))["accuracy"] * 100 for s in (0, 1)]
     assert row["accuracy"] == pytest.approx(accs) and row["mean"] == pytest.approx(sum(accs) / 2)
+    assert row["std"] == pytest.approx(abs(accs[0] - accs[1]) / 2 ** 0.5)   # sample std (ddof=1) of two
     assert os.path.getsize(out / "compare.png") > 1000
     assert summary["rows"][0]["name"] == "None"
     stdout = capsys.readouterr().out
