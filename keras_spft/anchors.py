@@ -147,9 +147,11 @@ class Anchored(KerasSaveable):
         if not self._anchor_ready:
             raise RuntimeError(self._not_ready_because or (
                 f"{self._owner()} was rebuilt from a config but its anchor "
-                "was never loaded: load it with `keras.models.load_model` or "
-                "`model.load_weights` (cloning a wrapped model through its "
-                "config alone loses the anchors)."
+                "was never loaded: load it with `keras.models.load_model` from a "
+                "`.keras` file or `model.load_weights` from a `.weights.h5` file "
+                "(the legacy HDF5 format, `model.save('model.h5')`, does not keep "
+                "the anchors; cloning a wrapped model through its config, as "
+                "`keras.models.clone_model` does, loses them too)."
             ))
         return ops.cast(self._anchor.value, dtype)
 
@@ -157,7 +159,10 @@ class Anchored(KerasSaveable):
         if self._anchor is not None and tuple(w.shape) != tuple(self._anchor.shape):
             raise ValueError(
                 f"{self._owner()}: the weight has shape {tuple(w.shape)} but "
-                f"the anchor has shape {tuple(self._anchor.shape)}."
+                f"the anchor has shape {tuple(self._anchor.shape)}. (LoRA enabled "
+                "after wrapping? Keras gives the LoRA factors the kernel's "
+                "regularizer; keras-spft does not support LoRA: enable it on layers "
+                "left unwrapped, e.g. `exclude=[...]`.)"
             )
 
     # -- saving ---------------------------------------------------------

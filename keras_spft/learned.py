@@ -280,10 +280,11 @@ class RadiusOptimizer(keras.optimizers.Optimizer):
         with radius_learning():
             self.inner_optimizer.apply(grads, trainable_variables=trainable_variables)
 
-    def _saved_variables(self):
-        # Anchors and fixed radii are saved by their constraints.
+    def _saved_variables(self, with_inner=False):
+        # Anchors and fixed radii are saved by their constraints, the inner
+        # optimizer's state by the inner optimizer (a child in the file).
         skip = {id(a) for a in self._anchors + self._fixed_radii} if self.built else set()
-        return [v for v in self.variables if id(v) not in skip]
+        return [v for v in (self.variables if with_inner else self._variables) if id(v) not in skip]
 
     def save_own_variables(self, store):
         for i, variable in enumerate(self._saved_variables()):
@@ -291,6 +292,10 @@ class RadiusOptimizer(keras.optimizers.Optimizer):
 
     def load_own_variables(self, store):
         variables = self._saved_variables()
+        if len(store.keys()) != len(variables) and len(store.keys()) == len(self._saved_variables(True)):
+            # A file of keras-spft 0.1.0 before 2026-11-28, which saved the inner
+            # optimizer's state here too (the same values as its own entry).
+            variables = self._saved_variables(True)
         if len(store.keys()) != len(variables):
             warnings.warn(
                 f"Skipping variable loading for optimizer '{self.name}': it has "

@@ -207,6 +207,24 @@ def test_save_load_keeps_learned_radii_and_keeps_learning(tmp_path):
     fresh.load_weights(wpath)
     assert keras_spft.learned_radii(fresh) == radii
 
+    # The inner optimizer's state is written once, by the inner optimizer
+    # (RadiusOptimizer also wrote it among its own: 1.5x the optimizer's size).
+    import h5py
+
+    with h5py.File(wpath) as f:
+        own, inner = len(f["optimizer/vars"]), len(f["optimizer/inner_optimizer/vars"])
+    assert inner == len(model.optimizer.inner_optimizer.variables)
+    assert own == len(model.optimizer._variables) - len(model.optimizer._anchors) - len(model.optimizer._fixed_radii)
+    reloaded = keras.models.load_model(path)
+    for a, b in zip(model.optimizer.inner_optimizer.variables, reloaded.optimizer.inner_optimizer.variables):
+        np.testing.assert_array_equal(to_np(a), to_np(b))
+    # A file written the old way (inner state among its own) still loads.
+    old_layout = {str(i): to_np(v) for i, v in enumerate(model.optimizer._saved_variables(with_inner=True))}
+    again = keras_spft.RadiusOptimizer(keras.optimizers.Adam(1e-2))
+    again.build(fresh.trainable_variables)
+    again.load_own_variables(old_layout)
+    np.testing.assert_array_equal(to_np(again._radius_m), to_np(model.optimizer._radius_m))
+
 
 # -- errors ---------------------------------------------------------------------
 

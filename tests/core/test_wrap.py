@@ -258,6 +258,14 @@ def test_lora_layers_are_refused_with_a_reason():
     keras_spft.wrap_pretrained(model, radius=1.0)
     with pytest.raises(ValueError, match="constraint"):
         model.layers[0].get_layer("fc").enable_lora(2)
+    # A penalty: Keras accepts LoRA and hands the factors the kernel's
+    # regularizer; the error says so (it only named two shapes).
+    model = small_cnn()
+    keras_spft.wrap_pretrained(model, method="l2-sp", strength=0.1)
+    model.layers[0].get_layer("fc").enable_lora(2)
+    model.compile(optimizer="sgd", loss="mse")
+    with pytest.raises(ValueError, match=r"L2SP\(base/fc/kernel\).*anchor has shape.*LoRA enabled after wrapping"):
+        model.fit(np.zeros((2,) + tuple(model.input_shape[1:]), "float32"), np.zeros((2, 3), "float32"), verbose=0)
 
 
 def test_foreign_constraint_is_not_replaced():
