@@ -1,0 +1,122 @@
+"""DistanceMonitor and gradient norms against numpy, on every backend (the
+rest of the diagnostics is tested on TensorFlow in tests/diagnostics)."""
+
+import numpy as np
+import keras
+import pytest
+from keras import layers as L
+
+import keras_spft
+
+
+def to_np(x):
+    return np.asarray(keras.ops.convert_to_numpy(x), dtype="float64")
+
+
+def cnn(seed=0):
+    keras.utils.set_random_seed(seed)
+    base = keras.Sequential([keras.Input((6, 6, 3)), L.Conv2D(4, 3, name="c1"), L.BatchNormalization(name="bn"),
+                             L.ReLU(), L.DepthwiseConv2D(3, name="dw"), L.GlobalAveragePooling2D(),
+                             L.Dense(5, name="fc")], name="base")
+    return keras.Sequential([keras.Input((6, 6, 3)), base, L.Dense(3, name="head")])
+
+
+def data(n=16):
+    rng = np.random.default_rng(0)
+    return rng.random((n, 6, 6, 3)).astype("float32"), np.arange(n) % 3
+
+
+class Recorder(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.keys = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.keys.append(set(logs))
+
+
+ROW_AXES = {"base/c1": (0, 1, 2), "base/dw": (0, 1), "base/fc": (0,), "head": (0,)}
+
+
+def linear_model(anchor_strength=None):
+    keras.utils.set_random_seed(1)
+    model = keras.Sequential([keras.Input((4,)), L.Dense(3, name="body"), L.Dense(2, name="head")])
+    if anchor_strength:
+        keras_spft.wrap_pretrained(model, method="l2-sp", strength=anchor_strength)
+    model.compile(optimizer="sgd", loss="mse")
+    return model
+
+
+def test_distance_monitor_matches_numpy():
+    model = cnn()
+    anchors = {p: to_np(model.get_layer(p.split("/")[0]).get_layer(p.split("/")[1]).kernel)
+               for p in ("base/c1", "base/dw", "base/fc")}
+    radius, head_radius = 0.05, 0.5
+    keras_spft.wrap_pretrained(model, radius=radius, head_radius=head_radius)
+    model.compile(optimizer=keras.optimizers.SGD(0.5),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    before, monitor, after = Recorder(), keras_spft.DistanceMonitor(), Recorder()
+    x, y = data()
+    hist = model.fit(x, y, batch_size=8, epochs=2, verbose=0, callbacks=[before, monitor, after])
+    h = hist.history
+    assert len(h["spft/mars_max"]) == 2 and len(monitor.history) == 2
+    # Callbacks after the monitor (TensorBoard, CSVLogger) see its keys; before it, not.
+    assert "spft/base/c1/mars" in after.keys[-1]
+    assert not any(k.startswith("spft/") for k in before.keys[-1])
+    mars, n_at, n_rows = [], 0, 0
+    for path, axis in ROW_AXES.items():
+        layer = model.get_layer("base").get_layer(path[5:]) if path.startswith("base/") else model.get_layer(path)
+        w = to_np(layer.kernel)
+        t = w - anchors[path] if path in anchors else w  # the head is anchored at 0
+        rows = np.abs(t).sum(axis=axis)
+        r = radius if path in anchors else head_radius
+        key = f"spft/{path}" if path in anchors else f"spft/head/{path}"
+        assert h[f"{key}/mars"][-1] == pytest.approx(rows.max(), rel=1e-6)
+        assert h[f"{key}/frobenius"][-1] == pytest.approx(np.sqrt((t ** 2).sum()), rel=1e-6)
+        frac = (rows >= (1 - 1e-3) * r).mean()
+        assert h[f"{key}/at_bound"][-1] == pytest.approx(frac)
+        n_at += frac * rows.size
+        n_rows += rows.size
+        if path in anchors:
+            mars.append(rows.max())
+    assert h["spft/mars_max"][-1] == pytest.approx(max(mars), rel=1e-6)
+    assert h["spft/mars_mean"][-1] == pytest.approx(np.mean(mars), rel=1e-6)
+    assert h["spft/at_bound"][-1] == pytest.approx(n_at / n_rows)
+    # A large learning rate against a tiny radius: rows do sit on the bound.
+    assert h["spft/at_bound"][-1] > 0.5
+
+
+def test_gradient_norms_match_numpy():
+    model = linear_model(anchor_strength=0.3)
+    w1, b1 = (to_np(v) for v in model.get_layer("body").weights)
+    w2, b2 = (to_np(v) for v in model.get_layer("head").weights)
+    w1_0 = w1.copy()
+    model.get_layer("body").kernel.assign(w1 + 0.1)  # away from the anchor
+    w1 = w1 + 0.1
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(6, 4)).astype("float32"), rng.normal(size=(6, 2)).astype("float32")
+    h = x @ w1 + b1
+    r = h @ w2 + b2 - y
+    g_out = 2 * r / r.size  # d mean((out - y)^2)
+    g_w2, g_b2 = h.T @ g_out, g_out.sum(0)
+    g_h = g_out @ w2.T
+    g_w1 = x.T @ g_h + 2 * 0.3 * (w1 - w1_0)  # + the L2-SP penalty
+    g_b1 = g_h.sum(0)
+    out = keras_spft.gradient_norms(model, x, y)
+    assert out["body"] == pytest.approx(np.linalg.norm(g_w1), rel=1e-4)
+    assert out["head/head"] == pytest.approx(np.linalg.norm(g_w2), rel=1e-4)
+    total = np.sqrt(sum((g ** 2).sum() for g in (g_w1, g_b1, g_w2, g_b2)))
+    assert out["global"] == pytest.approx(total, rel=1e-4)
+    assert out["loss"] == pytest.approx((r ** 2).mean() + 0.3 * ((w1 - w1_0) ** 2).sum(), rel=1e-4)
+
+
+def test_gradient_norms_leave_batchnorm_statistics_alone():
+    model = cnn()
+    model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x, y = data(8)
+    state = [to_np(v) for v in model.non_trainable_variables]
+    weights = [to_np(v) for v in model.trainable_variables]
+    out = keras_spft.gradient_norms(model, x, y, training=True)
+    assert out["global"] > 0
+    for a, v in zip(state + weights, model.non_trainable_variables + model.trainable_variables):
+        np.testing.assert_array_equal(a, to_np(v))
