@@ -54,6 +54,19 @@ def test_radius_gradient_matches_finite_differences(kind):
     assert abs(expected) > 0.1  # the case is not degenerate
 
 
+@pytest.mark.parametrize("projection", ["scale", "exact"])
+def test_elementwise_radius_gradient_matches_finite_differences(projection):
+    # axis=(): every element its own row (BatchNorm gamma): P_r(d) = clip(d, -r, r).
+    rng = np.random.default_rng(3)
+    d = rng.normal(size=(40,))
+    g = rng.normal(size=d.shape)
+    r, h = 0.7, 1e-5
+    expected = ((g * np.clip(d, -(r + h), r + h)).sum() - (g * np.clip(d, -(r - h), r - h)).sum()) / (2 * h)
+    t = ops.convert_to_tensor(np.clip(d, -r, r).astype("float32"))
+    got = spft_ops.l1_radius_gradient(ops.convert_to_tensor(g.astype("float32")), t, r, (), projection=projection)
+    assert abs(float(to_np(got)) - expected) <= 1e-3 * max(1.0, abs(expected)) and abs(expected) > 0.1
+
+
 def test_radius_gradient_is_zero_inside_the_ball():
     t = ops.convert_to_tensor(np.full((5, 3), 0.1, "float32"))   # row norms 0.5
     g = ops.ones((5, 3))

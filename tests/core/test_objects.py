@@ -193,6 +193,10 @@ def test_penalty_values_against_numpy():
     assert mars == pytest.approx(0.2 * np.abs(t).sum(axis=(0, 1, 2)).max(), rel=1e-5)
     head = float(keras_spft.L2SP(None, 0.5)(x))
     assert head == pytest.approx(0.5 * (w.astype(np.float64) ** 2).sum(), rel=1e-5)
+    # axis=(): every element its own row (BatchNorm gamma): the largest |t_i|.
+    g0, g = _w((7,)), _w((7,), 2)
+    elementwise = float(keras_spft.MARSSP(g0, 0.3, axis=())(ops.convert_to_tensor(g)))
+    assert elementwise == pytest.approx(0.3 * np.abs(g.astype(np.float64) - g0).max(), rel=1e-5)
 
 
 def test_penalty_enters_model_losses_exactly():
@@ -236,3 +240,24 @@ def test_radius_that_vanishes_or_overflows_in_float32_is_rejected():
             keras_spft.MARSDistance(_w((4, 3)), bad, name="d/kernel")
     with pytest.raises(ValueError, match="positive and finite in float32"):
         keras_spft.MARSDistance(_w((4, 3)) * 1e30, 1e20, relative=True)
+
+
+def test_16_bit_kernels_are_projected_in_float32_and_rounded_once():
+    # A float16 row whose L1 norm overflows float16 (128 x 1000 > 65504):
+    # computed in float16 its factor would be 0 and the row zeroed.
+    w = ops.convert_to_tensor(np.full((128, 2), 1000.0, "float16"))
+    c = keras_spft.MARSDistance(np.zeros((128, 2), "float16"), radius=10.0, axis=0)
+    out = to_np(c.project(w))
+    assert out.dtype == np.float16
+    np.testing.assert_allclose(np.abs(out.astype(np.float64)).sum(axis=0), 10.0, rtol=2e-3)
+    # bfloat16: the float32 projection, rounded once to bfloat16.
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(16, 3)).astype("float32")
+    x = a + rng.normal(size=(16, 3)).astype("float32")
+    a16, x16 = (ops.cast(ops.convert_to_tensor(v), "bfloat16") for v in (a, x))
+    got = to_np(keras_spft.MARSDistance(a16, radius=0.5, axis=0).project(x16)).astype(np.float64)
+    a32, x32 = (to_np(ops.cast(v, "float32")).astype(np.float64) for v in (a16, x16))
+    t = x32 - a32
+    expected = a32 + t * np.minimum(1.0, 0.5 / np.abs(t).sum(axis=0, keepdims=True))
+    rounded = to_np(ops.cast(ops.convert_to_tensor(expected.astype("float32")), "bfloat16")).astype(np.float64)
+    assert np.mean(got == rounded) > 0.9 and np.abs(got - rounded).max() <= np.abs(rounded).max() * 2.0 ** -7
