@@ -300,3 +300,49 @@ def test_delta_trains_on_pytorch_with_a_dotted_model_name():
     out = subprocess.run([sys.executable, "-c", TORCH_DOTTED_NAME], env=env, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0 and "trained torch" in out.stdout, out.stderr[-3000:]
+
+
+@pytest.mark.parametrize("softmax", [False, True])
+def test_attention_matches_a_brute_force_ablation(softmax):
+    """Each channel of the feature map zeroed in turn, the mean increase of the
+    cross-entropy, softmax(zscore / 5): recomputed in numpy from the weights,
+    for a head giving logits and one ending in a softmax (read as probabilities)."""
+    keras.utils.set_random_seed(3)
+    inputs = keras.Input((5,))
+    f = L.Dense(8, activation="relu", name="f")(inputs)
+    out = L.Dense(3, activation="softmax" if softmax else None, name="head")(f)
+    model = keras.Model(inputs, out)
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(16, 5)).astype("float32"), rng.integers(0, 3, 16)
+    (att,) = D.compute_attention(model, x, y, feature_layers=["f"], head_epochs=0, batch_size=8, steps=None)
+    w1, b1, w2, b2 = (to_np(v) for v in model.weights)
+
+    def loss(feats, labels):
+        z = feats @ w2 + b2
+        z = z - z.max(-1, keepdims=True)
+        logp = z - np.log(np.exp(z).sum(-1, keepdims=True))   # log softmax, both cases
+        return -logp[np.arange(len(labels)), labels].mean()
+
+    importance = np.zeros(8)
+    for s in (slice(0, 8), slice(8, 16)):
+        feats = np.maximum(x[s] @ w1 + b1, 0)
+        for c in range(8):
+            ablated = feats.copy()
+            ablated[:, c] = 0.0
+            importance[c] += (loss(ablated, y[s]) - loss(feats, y[s])) / 2
+    z = (importance - importance.mean()) / importance.std()
+    expected = np.exp(z / 5) / np.exp(z / 5).sum()
+    np.testing.assert_allclose(att, expected, rtol=1e-4)
+    assert np.argmax(att) == np.argmax(importance)
+
+
+def test_default_feature_maps_of_mobilenet_and_efficientnet_are_the_documented_ones():
+    mobilenet = keras.applications.MobileNet(alpha=0.25, weights=None, include_top=False, input_shape=(64, 64, 3))
+    assert D.default_feature_layers(mobilenet) == ["conv_pw_3_relu", "conv_pw_5_relu", "conv_pw_11_relu",
+                                                   "conv_pw_13_relu"]
+    efficientnet = keras.applications.EfficientNetB0(weights=None, include_top=False, input_shape=(64, 64, 3))
+    assert D.default_feature_layers(efficientnet) == ["block2b_add", "block3b_add", "block5c_add",
+                                                      "block7a_project_bn"]
+    # nested in a model with a head: paths through the base
+    model = keras.Sequential([keras.Input((64, 64, 3)), mobilenet, L.GlobalAveragePooling2D(), L.Dense(2)])
+    assert D.default_feature_layers(model)[0] == f"{mobilenet.name}/conv_pw_3_relu"
