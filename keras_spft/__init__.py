@@ -10,3 +10,9 @@ from keras_spft.guards import TerminateOnNonFinite
 from keras_spft.delta import DeltaModel, add_delta, compute_attention
 from keras_spft.diagnostics import DistanceMonitor, GradientNormMonitor, gradient_norms
 from keras_spft import bounds, plots  # noqa: F401  (plots imports matplotlib lazily)
+
+__all__ = [
+    "wrap_pretrained", "WrapReport", "MARSDistance", "FrobeniusDistance", "L2SP", "MARSSP",
+    "RadiusOptimizer", "learned_radii", "TerminateOnNonFinite", "DeltaModel", "add_delta",
+    "compute_attention", "DistanceMonitor", "GradientNormMonitor", "gradient_norms",
+]

@@ -14,6 +14,8 @@ import keras
 from keras import ops
 from keras.src.saving.keras_saveable import KerasSaveable
 
+__all__ = []   # internal: anchor storage for the constraints and regularizers
+
 
 def _spec(value):
     return {"shape": list(value.shape), "dtype": str(value.dtype)}

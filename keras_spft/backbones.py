@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import keras
 
+__all__ = ["Backbone", "available_backbones", "get_backbone", "build_model", "check_weights"]
+
 HEADS = ("avg", "flatten")
 
 
@@ -71,6 +73,11 @@ def available_backbones():
     Returns:
         A list of strings such as `"efficientnetb0"`, `"mobilenet"`,
         `"resnet101"`.
+
+    Example:
+
+    >>> "resnet101" in available_backbones()
+    True
     """
     return sorted(_registry())
 
@@ -120,6 +127,11 @@ def check_weights(weights):
 
     Raises:
         ValueError: a path that does not exist.
+
+    Example:
+
+    >>> check_weights("none") is None, check_weights("imagenet")
+    (True, 'imagenet')
     """
     if weights is None or str(weights).lower() in ("none", "random"):
         return None

@@ -52,6 +52,8 @@ from keras_spft.constraints import FrobeniusDistance, MARSDistance
 from keras_spft.diagnostics import _head_test, _np, _row_l1, anchor_value, tracked_kernels
 from keras_spft.kernels import walk_layers
 
+__all__ = ["theorem2_bound", "theorem3_bound", "BoundTerms", "LayerTerm"]
+
 _CONV = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D,
          keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D,
          keras.layers.SeparableConv1D, keras.layers.SeparableConv2D,
@@ -61,7 +63,13 @@ _CONV = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D,
 
 @dataclass
 class LayerTerm:
-    """One layer's contribution: its path, `B_j`, `D_j`."""
+    """One layer's contribution to a bound.
+
+    Attributes:
+        path: the kernel's name (layer path, `.weight` for a second kernel).
+        bound: `B_j`.
+        distance: `D_j`.
+    """
 
     path: str
     bound: float
@@ -324,6 +332,15 @@ def theorem3_bound(model, *, num_examples, num_classes, input_bound,
 
     Returns:
         `BoundTerms`.
+
+    Example:
+
+    ```python
+    terms = keras_spft.bounds.theorem3_bound(
+        model, num_examples=1000, num_classes=10, input_bound=55.4,
+        distances="radius")
+    terms.log_value, [(t.path, t.bound, t.distance) for t in terms.layers]
+    ```
     """
     m, c = int(num_examples), int(num_classes)
     if m < 1 or c < 1:

@@ -19,6 +19,8 @@ import os
 import sys
 import time
 
+__all__ = ["run", "main"]
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 DEFAULT_METHODS = ("none", "l2-sp", "mars-sp", "l2-pgm", "mars-pgm")
@@ -878,6 +880,14 @@ def main(argv=None):
         0, the exit status (console scripts call `sys.exit(main())`); errors
         exit with status 2 and a line naming the option or path (after
         argparse's usage line, for the errors argparse reports).
+
+    Example:
+
+    ```python
+    import sys
+    from keras_spft import cli
+    sys.exit(cli.main(["finetune", "--data", "flowers17/", "--method", "l2-pgm", "--radius", "3"]))
+    ```
     """
     run(argv)
     return 0
@@ -891,6 +901,15 @@ def run(argv=None):
 
     Returns:
         The command's results (a list of run dicts, or the summary dict).
+
+    Example:
+
+    ```python
+    from keras_spft import cli
+    summary = cli.run(["compare", "--data", "flowers17/", "--model", "mobilenet", "--alpha", "0.25",
+                       "--seeds", "3", "--out", "runs/"])
+    [(row["method"], row["mean"], row["std"]) for row in summary["rows"]]
+    ```
     """
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -15,6 +15,8 @@ from keras import ops
 from keras_spft import ops as spft_ops
 from keras_spft.anchors import Anchored, check_flag, check_positive, is_spec
 
+__all__ = ["MARSDistance", "FrobeniusDistance"]
+
 PROJECTIONS = ("scale", "exact")
 #: Smallest value a learned radius takes, and its starting value in
 #: `wrap_pretrained(radius="learned")`. FTP starts at 1e-8; in float32 an

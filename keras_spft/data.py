@@ -19,6 +19,8 @@ import numpy as np
 import tensorflow as tf
 import keras
 
+__all__ = ["DataSplits", "load_data", "scan_image_folder"]
+
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png")
 SPLITS = ("train", "val", "test")
 STAGES = ("tune", "final")
@@ -121,6 +123,13 @@ def scan_image_folder(path, splits=SPLITS, check_images=True):
             a split without class folders or without images, a class folder
             without images, class sets that differ between splits, an image
             that cannot be decoded.
+
+    Example:
+
+    ```python
+    classes, files = scan_image_folder("flowers17/")
+    classes[:2], len(files["train"])   # (['bluebell', 'buttercup'], 680)
+    ```
     """
     root = os.path.abspath(os.path.expanduser(str(path)))
     if not os.path.isdir(root):

@@ -36,6 +36,16 @@ from keras import ops
 
 from keras_spft.kernels import walk_layers
 
+__all__ = [
+    "DeltaModel",
+    "add_delta",
+    "compute_attention",
+    "default_feature_layers",
+    "attention_from_importance",
+    "save_attention",
+    "load_attention",
+]
+
 VARIANTS = ("li2019", "last-layer")
 
 
@@ -697,6 +707,13 @@ def attention_from_importance(importance, variant="li2019"):
     `"li2019"`: `softmax(zscore(importance) / 5)` (sums to 1; uniform when
     all importances are equal). `"last-layer"`: `sigmoid(importance)`.
 
+    Args:
+        importance: per-channel importances of one feature map, shape `(C,)`.
+        variant: `"li2019"` or `"last-layer"`.
+
+    Returns:
+        float32 array of shape `(C,)`.
+
     Example:
 
     >>> attention_from_importance(np.array([0.0, 0.0])).tolist()
@@ -714,7 +731,24 @@ def attention_from_importance(importance, variant="li2019"):
 
 
 def save_attention(path, feature_layers, attention, variant="li2019"):
-    """Writes channel weights to an `.npz` file (one array per layer)."""
+    """Writes channel weights to an `.npz` file (one array per layer).
+
+    Args:
+        path: the `.npz` file (written whole, then renamed into place).
+        feature_layers: the layer paths the weights belong to.
+        attention: one `(C_l,)` array per layer.
+        variant: `"li2019"` or `"last-layer"`.
+
+    Returns:
+        None.
+
+    Example:
+
+    ```python
+    att = compute_attention(model, x, y)
+    save_attention("attention.npz", default_feature_layers(model), att)
+    ```
+    """
     arrays = {f"layer_{i}": np.asarray(a, "float32") for i, a in enumerate(attention)}
     meta = json.dumps({"feature_layers": list(feature_layers), "variant": variant})
     d = os.path.dirname(os.path.abspath(path))
@@ -731,6 +765,21 @@ def load_attention(path):
 
     Raises:
         ValueError: `path` is not such a file (truncated, or something else).
+
+    Args:
+        path: an `.npz` file written by `save_attention` (or
+            `compute_attention(..., cache=path)`).
+
+    Returns:
+        `(feature_layers, attention, variant)`: the layer paths, one float32
+        array per layer, the variant name.
+
+    Example:
+
+    ```python
+    paths, att, variant = load_attention("attention.npz")
+    delta_model = keras_spft.DeltaModel(model, feature_layers=paths, attention=att, variant=variant)
+    ```
     """
     try:
         with np.load(path) as z:
@@ -754,6 +803,16 @@ def add_delta(model, x=None, y=None, *, feature_layers=None, alpha=0.01, beta=0.
 
     Returns:
         A `DeltaModel`, ready to `compile` and `fit`.
+
+    Example:
+
+    ```python
+    delta_model = keras_spft.add_delta(model, x_train, y_train, alpha=0.01, beta=0.01,
+                                       cache="attention.npz")
+    delta_model.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    delta_model.fit(x_train, y_train, epochs=10)
+    model.predict(x_test)   # the fine-tuned network itself is `model`
+    ```
     """
     dm = DeltaModel(model, feature_layers=feature_layers, alpha=alpha, beta=beta,
                     variant=variant, head=head)

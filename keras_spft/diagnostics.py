@@ -20,6 +20,8 @@ from keras_spft.kernels import UnsupportedLayerError, kernel_specs
 from keras_spft.kernels import walk_layers
 from keras_spft.wrap import _default_head, _selectors
 
+__all__ = ["DistanceMonitor", "GradientNormMonitor", "gradient_norms"]
+
 
 @dataclass
 class TrackedKernel:
@@ -415,6 +417,13 @@ def gradient_norms(model, x, y, sample_weight=None, training=True, head=None):
         quantity of Gouk et al., Figure 1); `"loss"`: the loss; and one entry
         per tracked kernel (`TrackedKernel.name`, head kernels prefixed
         `"head/"`): the norm of that kernel's gradient.
+
+    Example:
+
+    ```python
+    norms = keras_spft.gradient_norms(model, x[:32], y[:32])
+    norms["global"], norms["loss"]
+    ```
     """
     if not getattr(model, "compiled", False):
         raise ValueError("gradient_norms needs a compiled model (model.compile(loss=...)).")

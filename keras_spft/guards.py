@@ -6,6 +6,8 @@ import numpy as np
 import keras
 from keras import ops
 
+__all__ = ["TerminateOnNonFinite"]
+
 
 class TerminateOnNonFinite(keras.callbacks.Callback):
     """Stops training with a clear error as soon as the loss is NaN or inf.

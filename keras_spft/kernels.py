@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import keras
 
+__all__ = ["KernelSpec", "UnsupportedLayerError", "kernel_specs", "walk_layers", "einsum_kernel_axis"]
+
 
 class UnsupportedLayerError(ValueError):
     """A layer's weights cannot be wrapped; the message says why."""
@@ -127,6 +129,14 @@ def kernel_specs(layer, batchnorm=False):
     Raises:
         UnsupportedLayerError: the layer has LoRA enabled, is quantized, or its
             kernel layout is not understood.
+
+    Example:
+
+    ```python
+    conv = keras.layers.Conv2D(4, 3)
+    conv.build((None, 8, 8, 2))
+    [(s.weight, s.axis, s.rows) for s in kernel_specs(conv)]   # [('kernel', (0, 1, 2), 4)]
+    ```
     """
     L = keras.layers
     _check_plain(layer)
@@ -161,6 +171,21 @@ def walk_layers(layer, prefix=""):
 
     Nested models are entered through `model.layers`, other layers through
     their tracked sublayers; paths join names with "/" (e.g. "base/conv1").
+
+    Args:
+        layer: a layer or model (not itself yielded).
+        prefix: path prefix of its sublayers (`""` at the top).
+
+    Returns:
+        A generator of `(path, sublayer)` pairs, parents before their
+        sublayers; a layer shared by several models comes once per path.
+
+    Example:
+
+    ```python
+    model = keras.Sequential([base, keras.layers.Dense(5, name="head")])
+    [path for path, _ in walk_layers(model)][:2]   # ['base', 'base/conv1']
+    ```
     """
     children = layer.layers if isinstance(layer, keras.Model) else getattr(layer, "_layers", [])
     for sub in children:

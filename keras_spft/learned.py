@@ -23,6 +23,8 @@ from keras_spft.constraints import (
     radius_learning,
 )
 
+__all__ = ["RadiusOptimizer", "learned_radii"]
+
 
 def distance_constraints(variables):
     """`[(variable, constraint)]` for the variables with a keras-spft constraint."""
@@ -44,6 +46,15 @@ def learned_radii(model):
 
     Returns:
         `{name: radius}` as Python floats, in layer order.
+
+    Example:
+
+    ```python
+    keras_spft.wrap_pretrained(model, radius="learned", head_radius=8.0)
+    model.compile(optimizer=keras_spft.RadiusOptimizer(keras.optimizers.Adam(1e-4)), loss=...)
+    model.fit(...)
+    keras_spft.learned_radii(model)   # {"mobilenet/conv1/kernel": 0.42, ...}
+    ```
     """
     return {
         c.name or v.path: float(ops.convert_to_numpy(c.radius.value))

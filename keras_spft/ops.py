@@ -15,6 +15,20 @@ broadcasts against the kernel.
 import keras
 from keras import ops
 
+__all__ = [
+    "normalize_axis",
+    "row_l1_norms",
+    "mars_norm",
+    "frobenius_norm",
+    "at_least",
+    "at_most",
+    "scale_to_l1_ball",
+    "scale_to_frobenius_ball",
+    "project_l1_ball",
+    "l1_radius_gradient",
+    "frobenius_radius_gradient",
+]
+
 
 def normalize_axis(axis, ndim):
     """Returns `axis` as a sorted tuple of non-negative ints for rank `ndim`.
@@ -29,6 +43,12 @@ def normalize_axis(axis, ndim):
 
     Raises:
         ValueError: an axis is out of range or repeated.
+
+    Example:
+
+    >>> from keras_spft import ops as sops
+    >>> sops.normalize_axis(-1, 4), sops.normalize_axis((2, 0), 4)
+    ((3,), (0, 2))
     """
     if axis is None:
         return tuple(range(ndim))
@@ -55,6 +75,15 @@ def row_l1_norms(x, axis):
 
     Returns:
         Tensor broadcastable against `x`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> from keras import ops
+    >>> from keras_spft import ops as sops
+    >>> x = ops.convert_to_tensor(np.array([[1.0, -2.0], [3.0, 4.0]]))
+    >>> ops.convert_to_numpy(sops.row_l1_norms(x, (0,))).tolist()   # rows = columns of a Dense kernel
+    [[4.0, 6.0]]
     """
     if len(axis) == 0:
         return ops.abs(x)
@@ -62,12 +91,44 @@ def row_l1_norms(x, axis):
 
 
 def mars_norm(x, axis):
-    """Maximum absolute row sum: the largest row L1 norm of `x` (a scalar)."""
+    """Maximum absolute row sum: the largest row L1 norm of `x`.
+
+    Args:
+        x: tensor.
+        axis: axes summed per row.
+
+    Returns:
+        Scalar tensor.
+
+    Example:
+
+    >>> import numpy as np
+    >>> from keras import ops
+    >>> from keras_spft import ops as sops
+    >>> x = ops.convert_to_tensor(np.array([[1.0, -2.0], [3.0, 4.0]]))
+    >>> float(sops.mars_norm(x, (0,)))
+    6.0
+    """
     return ops.max(row_l1_norms(x, axis))
 
 
 def frobenius_norm(x):
-    """Frobenius (element-wise L2) norm of `x` (a scalar)."""
+    """Frobenius (element-wise L2) norm of `x`.
+
+    Args:
+        x: tensor.
+
+    Returns:
+        Scalar tensor.
+
+    Example:
+
+    >>> import numpy as np
+    >>> from keras import ops
+    >>> from keras_spft import ops as sops
+    >>> float(sops.frobenius_norm(ops.convert_to_tensor(np.array([[3.0, 0.0], [0.0, 4.0]]))))
+    5.0
+    """
     sq = ops.square(x)
     if len(x.shape) > 1:
         # Two stages (over all axes but the last, then the rest): one pass at
@@ -83,13 +144,45 @@ def at_least(x, low):
     Not `ops.maximum`/`ops.minimum`: on the PyTorch backend (Keras 3.15)
     they compute float64 tensors in float32 (their result dtype is looked up
     from `torch.float64`, which Keras' `result_type` does not recognise).
+
+    Args:
+        x: tensor.
+        low: a number or tensor (broadcast against `x`), taken in `x`'s dtype.
+
+    Returns:
+        Tensor like `x`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> from keras import ops
+    >>> from keras_spft import ops as sops
+    >>> x = ops.convert_to_tensor(np.array([0.5, 2.0, np.nan]))
+    >>> ops.convert_to_numpy(sops.at_least(x, 1.0)).tolist()
+    [1.0, 2.0, nan]
     """
     low = _like(low, x)
     return ops.where(x < low, low, x)
 
 
 def at_most(x, high):
-    """`min(x, high)` in `x`'s dtype, NaN propagated (see `at_least`)."""
+    """`min(x, high)` in `x`'s dtype, NaN propagated (see `at_least`).
+
+    Args:
+        x: tensor.
+        high: a number or tensor (broadcast against `x`), taken in `x`'s dtype.
+
+    Returns:
+        Tensor like `x`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> from keras import ops
+    >>> from keras_spft import ops as sops
+    >>> ops.convert_to_numpy(sops.at_most(ops.convert_to_tensor(np.array([0.5, 2.0])), 1.0)).tolist()
+    [0.5, 1.0]
+    """
     high = _like(high, x)
     return ops.where(x > high, high, x)
 
@@ -130,6 +223,15 @@ def scale_to_l1_ball(t, radius, axis, norms=None):
 
     Returns:
         Tensor like `t` whose every row has L1 norm `<= radius`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> from keras import ops
+    >>> from keras_spft import ops as sops
+    >>> t = ops.convert_to_tensor(np.array([[3.0, 0.1], [1.0, 0.1]]))
+    >>> ops.convert_to_numpy(sops.scale_to_l1_ball(t, 2.0, (0,))).round(3).tolist()   # column 0 scaled by 1/2
+    [[1.5, 0.1], [0.5, 0.1]]
     """
     if norms is None:
         norms = row_l1_norms(t, axis)
@@ -152,6 +254,15 @@ def scale_to_frobenius_ball(t, radius, norm=None):
 
     Returns:
         Tensor like `t` with Frobenius norm `<= radius`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> from keras import ops
+    >>> from keras_spft import ops as sops
+    >>> t = ops.convert_to_tensor(np.array([3.0, 4.0]))
+    >>> ops.convert_to_numpy(sops.scale_to_frobenius_ball(t, 1.0)).round(3).tolist()
+    [0.6, 0.8]
     """
     if norm is None:
         norm = frobenius_norm(t)
@@ -215,6 +326,15 @@ def project_l1_ball(t, radius, axis, norms=None):
 
     Returns:
         Tensor like `t`, each row projected.
+
+    Example:
+
+    >>> import numpy as np
+    >>> from keras import ops
+    >>> from keras_spft import ops as sops
+    >>> t = ops.convert_to_tensor(np.array([[3.0], [1.0]]))
+    >>> ops.convert_to_numpy(sops.project_l1_ball(t, 2.0, (0,))).tolist()   # soft threshold 1
+    [[2.0], [0.0]]
     """
     dtype = t.dtype
     t = _widened(t)
@@ -260,6 +380,16 @@ def l1_radius_gradient(grad, t, radius, axis, projection="scale", rtol=1e-3, sla
 
     Returns:
         Scalar `sum_r <grad_r, dt_r/dradius>`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> from keras import ops
+    >>> from keras_spft import ops as sops
+    >>> t = ops.convert_to_tensor(np.array([[1.5], [0.5]]))     # a row on the ball of radius 2
+    >>> g = ops.convert_to_tensor(np.array([[1.0], [1.0]]))
+    >>> float(sops.l1_radius_gradient(g, t, 2.0, (0,)))            # <g, t / r>
+    1.0
     """
     # Per-row reductions only (siblings of the row norms, one pass when
     # fused); the row mask is applied to the small per-row results.
@@ -282,6 +412,25 @@ def frobenius_radius_gradient(grad, t, radius, rtol=1e-3, slack=0.0):
 
     `<grad, t / radius>` when `||t||_F + slack >= (1 - rtol) * radius`, else 0
     (see `l1_radius_gradient`).
+
+    Args:
+        grad: loss gradient with respect to the kernel, shaped like `t`.
+        t: projected offset (kernel minus anchor).
+        radius: the scalar radius of the last projection.
+        rtol: relative tolerance deciding whether `t` lies on the ball.
+        slack: absolute allowance added to `||t||_F` in that test.
+
+    Returns:
+        Scalar tensor.
+
+    Example:
+
+    >>> import numpy as np
+    >>> from keras import ops
+    >>> from keras_spft import ops as sops
+    >>> t = ops.convert_to_tensor(np.array([0.6, 0.8]))             # on the ball of radius 1
+    >>> float(sops.frobenius_radius_gradient(ops.convert_to_tensor(np.array([1.0, 1.0])), t, 1.0))
+    1.4
     """
     on = _at_bound(frobenius_norm(t), radius, rtol, slack)
     return on * ops.sum(grad * t) / radius

@@ -10,6 +10,8 @@ import math
 
 import numpy as np
 
+__all__ = ["layer_distances", "plot_distance_histograms", "plot_gradient_norms"]
+
 
 def _history_dict(run):
     """`{key: [values per epoch]}` from any supported run object."""
@@ -42,6 +44,13 @@ def layer_distances(run, metric="mars", prefix="spft", epoch=-1, head=False):
     Returns:
         Dict `{layer: value}` for the backbone kernels (and the head ones,
         prefixed `"head/"`, if `head=True`).
+
+    Example:
+
+    ```python
+    history = model.fit(x, y, epochs=3, callbacks=[keras_spft.DistanceMonitor()])
+    layer_distances(history, metric="mars")   # {"base/conv1": 0.31, ...}
+    ```
     """
     h = _history_dict(run)
     out = {}
@@ -141,6 +150,14 @@ def plot_gradient_norms(results, path, key="grad/global", log_scale=True, title=
 
     Returns:
         `path`.
+
+    Example:
+
+    ```python
+    grads = keras_spft.GradientNormMonitor(x[:32], y[:32])
+    model.fit(x, y, epochs=3, callbacks=[grads])
+    plot_gradient_norms({"mars-pgm": grads}, "gradient_norms.png")
+    ```
     """
     fig = _figure(1, height=3.6)
     ax = fig.subplots()

@@ -12,6 +12,20 @@ import keras
 
 from keras_spft.wrap import METHODS as WRAP_METHODS, PGM_METHODS, SP_METHODS, wrap_pretrained
 
+__all__ = [
+    "METHODS",
+    "LEARNED_METHODS",
+    "DEFAULTS",
+    "RADIUS_RANGE",
+    "STRENGTH_RANGE",
+    "LR_RANGE",
+    "default_ranges",
+    "method_values",
+    "wrap",
+    "compile_model",
+    "lr_schedule",
+]
+
 #: DELTA (Li et al., 2019; `keras_spft.delta`): feature-map regularisation,
 #: strengths `alpha` (feature maps) and `beta` (head L2).
 DELTA_METHODS = ("delta",)
@@ -75,6 +89,17 @@ def default_ranges(method):
     DELTA's `alpha` and `beta`); `"none"` searches its learning rate in
     `[1e-5, 1e-3]`; the learned-radius methods search nothing (their head
     radius is searched only when a range is given).
+
+    Args:
+        method: a method name of `METHODS`.
+
+    Returns:
+        `{name: (low, high)}`.
+
+    Example:
+
+    >>> default_ranges("l2-sp")["strength"] == STRENGTH_RANGE
+    True
     """
     names = hyperparameter_names(method)
     if method == "none":
@@ -95,6 +120,11 @@ def method_values(method, values=None):
 
     Returns:
         A dict with exactly the method's hyper-parameters (and `lr` if given).
+
+    Example:
+
+    >>> sorted(method_values("mars-pgm", {"radius": 2.0}).items())[1]
+    ('radius', 2.0)
     """
     values = dict(values or {})
     out = {}
@@ -122,6 +152,13 @@ def wrap(model, method, values=None, **options):
     Returns:
         The `WrapReport`; for `"delta"` the `DeltaModel` to compile and train
         (its `.model` is `model`, the plain network to evaluate and save).
+
+    Example:
+
+    ```python
+    report = wrap(model, "l2-pgm", {"radius": 3.0, "head_radius": 10.0})
+    compile_model(model, lr=1e-4)
+    ```
     """
     kwargs = {k: v for k, v in method_values(method, values).items() if k != "lr"}
     if method in LEARNED_METHODS:
@@ -151,6 +188,21 @@ def compile_model(model, lr=DEFAULT_LR, radius_lr=DEFAULT_RADIUS_LR):
     `keras_spft.RadiusOptimizer` with step size `radius_lr`; so does any
     model with keras-spft constraints on JAX, where the wrapper carries the
     anchors as optimizer state instead of compiling them into the step.
+
+    Args:
+        model: the model to train (a `DeltaModel` for `"delta"`).
+        lr: Adam's learning rate.
+        radius_lr: step size of learned radii (`RadiusOptimizer`).
+
+    Returns:
+        `model`, compiled (with accuracy as a metric).
+
+    Example:
+
+    ```python
+    model = compile_model(model, lr=1e-4)
+    model.fit(splits.train, epochs=30, callbacks=[lr_schedule(1e-4, 30)])
+    ```
     """
     from keras_spft.learned import RadiusOptimizer, distance_constraints, learned_constraints
 
@@ -181,6 +233,11 @@ def lr_schedule(lr, epochs):
 
     Returns:
         A `keras.callbacks.LearningRateScheduler`.
+
+    Example:
+
+    >>> lr_schedule(1e-4, 30).schedule(20, None)
+    5e-05
     """
     every = halving_epochs(epochs)
     return keras.callbacks.LearningRateScheduler(lambda epoch, _: float(lr * 0.5 ** (epoch // every)))

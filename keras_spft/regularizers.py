@@ -16,6 +16,8 @@ from keras_spft import ops as spft_ops
 from keras_spft.anchors import Anchored
 from keras_spft.constraints import _axis_list, _compute_dtype
 
+__all__ = ["L2SP", "MARSSP"]
+
 
 class _DistancePenalty(Anchored, keras.regularizers.Regularizer):
     def _offset(self, x):

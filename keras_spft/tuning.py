@@ -19,6 +19,8 @@ import keras_tuner
 from keras_spft import recipe
 from keras_spft.recipe import METHODS
 
+__all__ = ["SPFTHyperModel", "SearchResult", "search"]
+
 TUNERS = {
     "bayesian": keras_tuner.BayesianOptimization,
     "random": keras_tuner.RandomSearch,

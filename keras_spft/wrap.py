@@ -13,6 +13,8 @@ from keras_spft.constraints import MIN_LEARNED_RADIUS, FrobeniusDistance, MARSDi
 from keras_spft.kernels import UnsupportedLayerError, kernel_specs, own_weights, walk_layers
 from keras_spft.regularizers import L2SP, MARSSP
 
+__all__ = ["WrapReport", "wrap_pretrained"]
+
 METHODS = ("none", "l2-sp", "mars-sp", "l2-pgm", "mars-pgm", "mars-pgm-exact")
 PGM_METHODS = ("l2-pgm", "mars-pgm", "mars-pgm-exact")
 SP_METHODS = ("l2-sp", "mars-sp")

@@ -86,12 +86,47 @@ def test_doc_examples_run(name):
 
 
 def test_every_public_name_is_in_the_api_reference():
-    api = open(os.path.join(DOCS, "api.md")).read()
+    api = open(os.path.join(DOCS, "api.md")).read() + open(os.path.join(DOCS, "diagnostics.md")).read()
     public = [n for n in dir(keras_spft)
               if not n.startswith("_") and not inspect.ismodule(getattr(keras_spft, n))]
+    assert sorted(public) == sorted(keras_spft.__all__)
     assert "wrap_pretrained" in public and "learned_radii" in public
     for name in public:
         assert f"keras_spft.{name}" in api, name
+
+
+def _modules():
+    import importlib
+    import pkgutil
+
+    return [importlib.import_module(f"keras_spft.{i.name}") for i in pkgutil.iter_modules(keras_spft.__path__)]
+
+
+def test_every_module_lists_its_public_names_and_documents_them():
+    """Each module's `__all__` names are documented in docs/, and each has a
+    docstring with the sections of keras' own: Args (when it takes any),
+    Returns (functions), Example; a result dataclass, its Attributes."""
+    import dataclasses
+
+    docs = "".join(open(os.path.join(DOCS, f)).read() for f in os.listdir(DOCS) if f.endswith(".md"))
+    for module in _modules():
+        assert hasattr(module, "__all__"), f"{module.__name__} has no __all__"
+        for name in module.__all__:
+            obj = getattr(module, name)
+            assert re.search(rf"\b{re.escape(name)}\b", docs), f"{module.__name__}.{name} is in no doc"
+            if not callable(obj) or (inspect.isclass(obj) and issubclass(obj, Exception)):
+                continue
+            doc = inspect.getdoc(obj) or ""
+            where = f"{module.__name__}.{name}"
+            if dataclasses.is_dataclass(obj):
+                assert "Attributes:" in doc, where
+                continue
+            params = [p for p in inspect.signature(obj).parameters if p != "self"]
+            assert "Example" in doc, f"{where}: no Example"
+            if params:
+                assert "Args:" in doc, f"{where}: no Args"
+            if inspect.isfunction(obj):
+                assert "Returns:" in doc, f"{where}: no Returns"
 
 
 def test_docstring_examples_run_and_print_what_they_show():
