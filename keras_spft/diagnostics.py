@@ -216,7 +216,7 @@ class DistanceMonitor(keras.callbacks.Callback):
     | `spft/<layer>/at_bound` | PGM only: fraction of rows with distance `>= (1 - tol) * radius` |
     | `spft/head/<layer>/...` | the same for head kernels (distance to the origin if the head is anchored at 0, else to its value at the start) |
     | `spft/mars_max`, `spft/mars_mean`, `spft/frobenius_mean` | over backbone kernels |
-    | `spft/at_bound` | over all constrained rows (backbone and head) |
+    | `spft/at_bound` | over all constrained kernel rows (backbone and head; BatchNorm gamma is not tracked) |
     | `spft/<layer>/radius`, `spft/radius_mean`, `spft/radius_max` | learned radii (`radius="learned"`): per kernel, mean and max |
 
     The anchor `W0` is the keras-spft anchor of a wrapped kernel (read when

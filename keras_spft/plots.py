@@ -108,7 +108,13 @@ def plot_distance_histograms(results, path, metric="mars", radius=None, bins=20,
         {"mars-pgm": hist_pgm, "none": hist_none}, "distances.png", radius={"mars-pgm": 2.0})
     ```
     """
-    data = {m: np.array(list(layer_distances(r, metric, prefix).values())) for m, r in results.items()}
+    by_layer = {m: layer_distances(r, metric, prefix) for m, r in results.items()}
+    for method, layers in by_layer.items():
+        bad = [layer for layer, v in layers.items() if not np.isfinite(v)]
+        if bad:
+            raise ValueError(f"'{method}': non-finite {metric} distances of {', '.join(bad[:5])}"
+                             f"{' ...' if len(bad) > 5 else ''}: the run diverged; nothing to draw.")
+    data = {m: np.array(list(v.values())) for m, v in by_layer.items()}
     data = {m: v for m, v in data.items() if v.size}
     if not data:
         raise ValueError(f"no '{prefix}/<layer>/{metric}' values in the results: was DistanceMonitor used?")

@@ -257,3 +257,9 @@ def test_layer_distances_takes_every_layer_at_the_same_epoch():
     h = {"spft/x/mars": [1.0, float("nan"), 3.0], "spft/y/mars": [4.0, 5.0, 6.0]}
     assert plots.layer_distances(h, epoch=1) == {"y": 5.0}   # x was not logged at epoch 1
     assert plots.layer_distances(h) == {"x": 3.0, "y": 6.0}
+
+
+def test_a_diverged_run_is_named_not_drawn(tmp_path):
+    h = {"spft/base/c1/mars": [float("inf")], "spft/base/c2/mars": [0.5]}
+    with pytest.raises(ValueError, match=r"'mars-pgm': non-finite mars distances of base/c1: the run diverged"):
+        plots.plot_distance_histograms({"mars-pgm": h}, str(tmp_path / "d.png"))
