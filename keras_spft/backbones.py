@@ -215,6 +215,13 @@ def build_model(
             **kwargs,
         )
     except Exception as e:
+        if weights not in (None, "imagenet") and isinstance(e, ValueError) and "mismatch" in str(e).lower():
+            what = f"alpha={kwargs['alpha']:g}" if "alpha" in kwargs else (
+                "alpha unset (1.0)" if backbone.has_alpha else "this architecture")
+            raise ValueError(
+                f"weights file '{weights}' does not fit {backbone.name} with {what} at "
+                f"{size[0]}x{size[1]} without its top ({e}); check --weights/weights=, and "
+                f"--alpha/alpha= for a width multiplier.") from None
         if weights != "imagenet" or "URL fetch failure" not in str(e):
             raise
         # keras.utils.get_file raises a bare Exception when offline.

@@ -83,6 +83,9 @@ def test_local_weights_file_is_loaded():
     assert not np.allclose(ka, b.layers[1].get_layer("conv1").kernel.numpy())
     ref = keras.applications.MobileNet(alpha=0.25, include_top=False, weights=WEIGHTS, input_shape=(96, 96, 3))
     np.testing.assert_array_equal(ka, ref.get_layer("conv1").kernel.numpy())
+    # The file of alpha=0.25 with alpha left at 1.0: the error names both.
+    with pytest.raises(ValueError, match=r"weights file '.*' does not fit MobileNet with alpha unset \(1.0\).*--alpha"):
+        build_model("mobilenet", 17, weights=WEIGHTS, image_size=96)
 
 
 def test_core_backbones_and_recipe_import_without_tensorflow():
