@@ -224,9 +224,9 @@ class DistanceMonitor(keras.callbacks.Callback):
     anchor), the origin for a head wrapped around zero, and otherwise a
     snapshot taken at the first `on_train_begin` (so unwrapped and DELTA runs
     get the same numbers). Cost: one host copy of every kernel (and anchor)
-    per logged epoch. On the epochs it skips (`every > 1`) it writes NaN
-    under the same keys, so `CSVLogger`, which fixes its columns at the first
-    epoch, keeps them.
+    per logged epoch. With `every > 1` it also logs the first epoch of each
+    `fit`, so `CSVLogger`, which fixes its columns then, has them (and writes
+    "NA" on the epochs skipped).
 
     Place it *before* `keras.callbacks.TensorBoard` (and `CSVLogger`) in the
     callbacks list: Keras passes one `logs` dict to the callbacks in order,
@@ -234,8 +234,8 @@ class DistanceMonitor(keras.callbacks.Callback):
     epoch with every value, per-layer rows included, whatever `per_layer` is.
 
     Args:
-        every: log every this many epochs (the last epoch of a `fit` call is
-            always logged).
+        every: log every this many epochs (the first and last epochs of a
+            `fit` call are always logged).
         tol: relative tolerance for `at_bound`.
         per_layer: write per-layer keys to `logs` (`False`: aggregates only,
             which keeps the progress bar short for deep models).
@@ -267,12 +267,12 @@ class DistanceMonitor(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         self._epochs = self.params.get("epochs") if self.params else None
+        self._first = True
         if self._anchors is None:
             self._anchors = snapshot_anchors(self.model, self.head)
 
-    def compute(self, measure=True):
-        """Distances now, as a flat dict of log entries plus `"_rows"`
-        (`measure=False`: the same keys, every value NaN, nothing copied)."""
+    def compute(self):
+        """Distances now, as a flat dict of log entries plus `"_rows"`."""
         model = self.model  # on JAX this syncs the variables
         if self._anchors is None:
             self._anchors = snapshot_anchors(model, self.head)
@@ -280,17 +280,11 @@ class DistanceMonitor(keras.callbacks.Callback):
         mars, fro, radii = [], [], []
         at, n_rows = 0.0, 0
         p = self.prefix
-        nan = float("nan")
         for k in tracked_kernels(model, self.head):
             if k.obj is None and k.name not in self._anchors:
                 continue   # a layer added after the snapshot: no start to measure from
-            constrained = isinstance(k.obj, (MARSDistance, FrobeniusDistance))
-            if measure:
-                anchor = anchor_value(k) if k.obj is not None else self._anchors[k.name]
-                d = kernel_distances(k, _np(k.variable), anchor, self.tol)
-            else:
-                d = {"mars": nan, "frobenius": nan, "rows": np.full(1, nan),
-                     **({"at_bound": nan} if constrained else {})}
+            anchor = anchor_value(k) if k.obj is not None else self._anchors[k.name]
+            d = kernel_distances(k, _np(k.variable), anchor, self.tol)
             key = f"{p}/{k.name}" if k.role == "backbone" else f"{p}/head/{k.name}"
             out[f"{key}/mars"] = d["mars"]
             out[f"{key}/frobenius"] = d["frobenius"]
@@ -300,7 +294,7 @@ class DistanceMonitor(keras.callbacks.Callback):
                 at += d["at_bound"] * n
                 n_rows += n
             if getattr(k.obj, "learn_radius", False):
-                r = float(_np(k.obj.radius.value)) if measure else nan
+                r = float(_np(k.obj.radius.value))
                 out[f"{key}/radius"] = r
                 radii.append(r)
             rows[k.name] = d["rows"]
@@ -321,11 +315,12 @@ class DistanceMonitor(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         last = self._epochs is not None and epoch + 1 == self._epochs
-        measure = not (epoch + 1) % self.every or last
-        values = self.compute(measure)
+        first, self._first = getattr(self, "_first", False), False
+        if (epoch + 1) % self.every and not (last or first):
+            return
+        values = self.compute()
         rows = values.pop("_rows")
-        if measure:
-            self.history.append(dict(values, epoch=epoch, rows=rows))
+        self.history.append(dict(values, epoch=epoch, rows=rows))
         if logs is not None:
             for key, v in values.items():
                 if self.per_layer or "/" not in key[len(self.prefix) + 1:]:   # aggregates: prefix/name
@@ -450,13 +445,14 @@ class GradientNormMonitor(keras.callbacks.Callback):
     into `logs`. A fixed batch makes epochs comparable; a larger batch gives
     a less noisy estimate. Cost per logged epoch: one forward and backward
     pass on the probe batch, eager (not compiled). Place it before
-    `TensorBoard` in the callbacks list. Skipped epochs (`every > 1`) get
-    NaN under the same keys (for `CSVLogger`).
+    `TensorBoard` in the callbacks list. With `every > 1` the first epoch of
+    each `fit` is logged too (so `CSVLogger` has the columns).
 
     Args:
         x, y: the probe batch (arrays).
         sample_weight: optional per-example weights.
-        every: log every this many epochs (the last epoch is always logged).
+        every: log every this many epochs (the first and last epochs of a
+            `fit` call are always logged).
         training: forward pass in training mode (see `gradient_norms`).
         per_layer: write per-kernel norms to `logs`.
         prefix: key prefix.
@@ -494,17 +490,16 @@ class GradientNormMonitor(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         self._epochs = self.params.get("epochs") if self.params else None
+        self._first = True
         if not self.history:
             self._measure(-1)
 
     def on_epoch_end(self, epoch, logs=None):
         last = self._epochs is not None and epoch + 1 == self._epochs
-        if (epoch + 1) % self.every and not last:
-            # The keys of the last measurement, as NaN: CSVLogger fixes its
-            # columns at the first epoch and would never show them.
-            values = {k: float("nan") for k in self.history[-1] if k != "epoch"} if self.history else {}
-        else:
-            values = self._measure(epoch)
+        first, self._first = getattr(self, "_first", False), False
+        if (epoch + 1) % self.every and not (last or first):
+            return
+        values = self._measure(epoch)
         if logs is not None:
             for key, v in values.items():
                 if self.per_layer or key in (f"{self.prefix}/global", f"{self.prefix}/loss"):

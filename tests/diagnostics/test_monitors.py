@@ -21,8 +21,8 @@ def test_distance_monitor_snapshot_for_unwrapped_models():
     monitor = keras_spft.DistanceMonitor(per_layer=False, every=2)
     x, y = data()
     hist = model.fit(x, y, batch_size=8, epochs=3, verbose=0, callbacks=[monitor])
-    # every=2 logs epoch 2 and, always, the last epoch (3)
-    assert [e["epoch"] for e in monitor.history] == [1, 2]
+    # every=2 logs epoch 2 and, always, the first and the last epoch (1, 3)
+    assert [e["epoch"] for e in monitor.history] == [0, 1, 2]
     assert "spft/base/fc/mars" not in hist.history  # per_layer=False keeps logs short
     last = monitor.history[-1]
     t = to_np(model.get_layer("base").get_layer("fc").kernel) - start
@@ -131,7 +131,7 @@ def test_a_head_named_by_its_nested_model():
     assert diagnostics.gradient_norms(model, x[:4], y[:4])["head/top/fc"] > 0
 
 
-def test_every_other_epoch_keeps_csvlogger_columns_and_a_slashed_prefix_keeps_aggregates(tmp_path):
+def test_every_third_epoch_keeps_csvlogger_columns_and_a_slashed_prefix_keeps_aggregates(tmp_path):
     import csv
 
     model = _compiled(cnn())
@@ -139,18 +139,24 @@ def test_every_other_epoch_keeps_csvlogger_columns_and_a_slashed_prefix_keeps_ag
     _compiled(model)
     x, y = data()
     path = str(tmp_path / "log.csv")
-    monitors = [keras_spft.DistanceMonitor(every=2, per_layer=False, prefix="train/spft"),
-                keras_spft.GradientNormMonitor(x[:4], y[:4], every=2, per_layer=False)]
-    hist = model.fit(x, y, batch_size=8, epochs=3, verbose=0, callbacks=monitors + [keras.callbacks.CSVLogger(path)])
+    monitors = [keras_spft.DistanceMonitor(every=3, per_layer=False, prefix="train/spft"),
+                keras_spft.GradientNormMonitor(x[:4], y[:4], every=3, per_layer=False)]
+    watch = keras.callbacks.EarlyStopping(monitor="train/spft/mars_max", mode="max", patience=10)
+    hist = model.fit(x, y, batch_size=8, epochs=5, verbose=0,
+                     callbacks=monitors + [keras.callbacks.CSVLogger(path), watch])
     rows = list(csv.DictReader(open(path)))
-    assert len(rows) == 3
+    assert len(rows) == 5
+    # A callback watching a monitor's key sees numbers only (NaN on skipped
+    # epochs became EarlyStopping's "best", which nothing beats).
+    assert watch.best == pytest.approx(max(hist.history["train/spft/mars_max"]))
+    # Logged: the first epoch (CSVLogger's columns), every 3rd, the last; "NA" between.
     for key in ("train/spft/mars_max", "train/spft/at_bound", "grad/global"):
-        assert [math.isnan(float(r[key])) for r in rows] == [True, False, False], key
+        assert [r[key] == "NA" for r in rows] == [False, True, False, True, False], key
         assert len(hist.history[key]) == 3
     assert "train/spft/base/c1/mars" not in rows[0]      # per_layer=False: aggregates only
     # The monitor itself keeps every layer, of the epochs it measured.
     assert set(plots.layer_distances(monitors[0], prefix="train/spft")) == {"base/c1", "base/dw", "base/fc"}
-    assert [e["epoch"] for e in monitors[0].history] == [1, 2]
+    assert [e["epoch"] for e in monitors[0].history] == [0, 2, 4]
 
 
 def test_at_bound_of_an_l2_pgm_kernel_is_one_on_the_ball_and_zero_inside():
