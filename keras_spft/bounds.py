@@ -112,42 +112,63 @@ class BoundTerms:
 _TRANSPOSE = (keras.layers.Conv1DTranspose, keras.layers.Conv2DTranspose, keras.layers.Conv3DTranspose)
 
 
+def _shapes(layer):
+    """`(input shape, output shape)` of a built layer: from the graph when it
+    has been called on a symbolic input, else from the shape it was built
+    with (a subclassed model's layers, a layer inside a custom layer)."""
+    try:
+        return tuple(layer.input.shape), tuple(layer.output.shape)
+    except (AttributeError, ValueError):
+        pass
+    built = list((getattr(layer, "_build_shapes_dict", None) or {}).values())
+    if len(built) != 1 or built[0] is None:
+        raise ValueError("no input shape recorded")
+    shape = tuple(built[0])
+    return shape, tuple(layer.compute_output_shape(shape))
+
+
 def _positions(layer):
     """Number of positions P a kernel is applied at: output positions of a
     convolution (its Frobenius norm as a linear map is `sqrt(P) * ||K||_F`),
     input positions of a transposed one (the adjoint of the convolution from
     its output back to its input), the positions a Dense (all but the batch
-    and last axes) or an EinsumDense (output axes the kernel lacks, but the
-    batch) is applied at. Raises rather than guess: taking P = 1 would make
+    and last axes) or an EinsumDense (the axes of its input and output that
+    the kernel lacks, but the batch: kept or summed, each repeats the
+    kernel) is applied at. Raises rather than guess: taking P = 1 would make
     the bound too small for every larger input."""
     what = "convolution" if isinstance(layer, _CONV) else "layer"
     fix = ("build the model on a fixed input size (e.g. `input_shape=(224, 224, 3)`), or pass "
            "`conv_positions=False` to use the kernels' own norms (then not a bound on the layer's map)")
     try:
-        shape = tuple((layer.input if isinstance(layer, _TRANSPOSE) else layer.output).shape)
-    except (AttributeError, ValueError) as e:
-        raise ValueError(f"the Frobenius bound needs the output shape of {what} {layer.name!r}, "
+        in_shape, out_shape = _shapes(layer)
+    except (AttributeError, ValueError, TypeError) as e:
+        raise ValueError(f"the Frobenius bound needs the input and output shapes of {what} {layer.name!r}, "
                          f"which Keras cannot give ({e}); {fix}.") from None
+    shape = in_shape if isinstance(layer, _TRANSPOSE) else out_shape
     if isinstance(layer, _CONV):
         data_format = getattr(layer, "data_format", None) or keras.config.image_data_format()
         dims = shape[1:-1] if data_format == "channels_last" else shape[2:]
     elif isinstance(layer, keras.layers.EinsumDense):
         inputs, out_axes = layer.equation.replace(" ", "").split("->")
-        kernel_axes = inputs.split(",")[1]
-        if out_axes.startswith("..."):   # the batch and the positions in the ellipsis
-            explicit = out_axes[3:]
-            dims = tuple(shape[1:len(shape) - len(explicit)]) + tuple(
-                d for a, d in zip(explicit, shape[len(shape) - len(explicit):]) if a not in kernel_axes)
-        elif "..." in out_axes:
-            raise ValueError(f"the Frobenius bound cannot count the positions of EinsumDense {layer.name!r} "
-                             f"(equation {layer.equation!r}); {fix}.")
+        in_axes, kernel_axes = inputs.split(",")
+        if "..." in layer.equation:
+            if not (in_axes.startswith("...") and out_axes.startswith("...")):
+                raise ValueError(f"the Frobenius bound cannot count the positions of EinsumDense {layer.name!r} "
+                                 f"(equation {layer.equation!r}); {fix}.")
+            in_axes, out_axes = in_axes[3:], out_axes[3:]
+            # the ellipsis: the batch, then positions kept in the output
+            dims = tuple(out_shape[1:len(out_shape) - len(out_axes)])
+            skip = set()
         else:
-            dims = tuple(d for a, d in zip(out_axes[1:], shape[1:]) if a not in kernel_axes)
+            dims, skip = (), {in_axes[0]}   # the batch axis
+        size = dict(zip(in_axes, in_shape[len(in_shape) - len(in_axes):]))
+        size.update(zip(out_axes, out_shape[len(out_shape) - len(out_axes):]))
+        dims += tuple(d for a, d in size.items() if a not in kernel_axes and a not in skip)
     else:   # Dense: the last axis is the units, the batch axis first
         dims = shape[1:-1]
     if any(d is None for d in dims):
         raise ValueError(f"the Frobenius bound needs the number of positions of {what} "
-                         f"{layer.name!r}, whose output shape {shape} has unknown sizes; {fix}.")
+                         f"{layer.name!r}, whose shape {shape} has unknown sizes; {fix}.")
     return int(np.prod(dims)) if dims else 1
 
 

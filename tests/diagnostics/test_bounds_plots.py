@@ -263,3 +263,34 @@ def test_a_diverged_run_is_named_not_drawn(tmp_path):
     h = {"spft/base/c1/mars": [float("inf")], "spft/base/c2/mars": [0.5]}
     with pytest.raises(ValueError, match=r"'mars-pgm': non-finite mars distances of base/c1: the run diverged"):
         plots.plot_distance_histograms({"mars-pgm": h}, str(tmp_path / "d.png"))
+
+
+def test_positions_of_layers_without_a_graph_and_of_an_einsum_summing_a_position():
+    """A subclassed model's Dense has no symbolic output (theorem3_bound
+    raised); an EinsumDense summing over a sequence axis repeats its kernel
+    once per position (counted as 1: a bound sqrt(T) too small)."""
+    class Net(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.d1 = L.Dense(6, use_bias=False, name="d1")
+            self.v = L.Dense(3, use_bias=False, name="v")
+
+        def call(self, x):
+            return self.v(self.d1(x))
+
+    keras.utils.set_random_seed(0)
+    net = Net()
+    net(np.zeros((2, 5, 4), "float32"))   # d1 on a (5, 4) sequence: 5 positions
+    keras_spft.wrap_pretrained(net, radius=1.0, method="l2-pgm", head=["v"])
+    t = bounds.theorem3_bound(net, num_examples=4, num_classes=3, input_bound=1.0, distances="radius")
+    w = net.d1.kernel.numpy().astype("float64")
+    assert t.layers[0].bound == pytest.approx(math.sqrt(5) * (np.linalg.norm(w) + 1.0), rel=1e-6)
+
+    inputs = keras.Input((3, 4))
+    summed = L.EinsumDense("abc,cd->ad", output_shape=(5,), name="e")(inputs)
+    model = keras.Model(inputs, L.Dense(2, use_bias=False, name="v")(summed))
+    keras_spft.wrap_pretrained(model, radius=1.0, method="l2-pgm", head=["v"])
+    k = model.get_layer("e").kernel.numpy().astype("float64")
+    linear_map = np.concatenate([k] * 3, axis=0)     # x (3*4) -> sum_b x_b K
+    t = bounds.theorem3_bound(model, num_examples=4, num_classes=2, input_bound=1.0)
+    assert t.layers[0].bound == pytest.approx(np.linalg.norm(linear_map), rel=1e-6)
