@@ -11,6 +11,7 @@ This module imports TensorFlow (tf.data); `import keras_spft` does not.
 """
 
 import dataclasses
+import numbers
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -159,7 +160,8 @@ def scan_image_folder(path, splits=SPLITS, check_images=True):
             for folder, subdirs, filenames in os.walk(class_dir):
                 subdirs[:] = [d for d in subdirs if not d.startswith(".")]
                 rel = os.path.relpath(folder, class_dir)
-                found += [os.path.normpath(os.path.join(rel, f)) for f in filenames if not f.startswith(".")]
+                found += [os.path.normpath(os.path.join(rel, f)) for f in filenames
+                          if not f.startswith(".") and os.path.isfile(os.path.join(folder, f))]   # no dangling links
             images = sorted(f for f in found if f.lower().endswith(IMAGE_EXTENSIONS))
             others += sorted(os.path.join(name, f) for f in found if not f.lower().endswith(IMAGE_EXTENSIONS))
             if not images:
@@ -190,7 +192,7 @@ def scan_image_folder(path, splits=SPLITS, check_images=True):
 
 
 #: What `tf.io.decode_image` reads (by content, whatever the file's name).
-DECODABLE_FORMATS = ("BMP", "GIF", "JPEG", "PNG")
+DECODABLE_FORMATS = ("BMP", "GIF", "JPEG", "MPO", "PNG", "WEBP")   # MPO: a camera's multi-picture JPEG
 
 
 def _check_image(file):
@@ -407,7 +409,8 @@ def load_data(
     """
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}.")
-    if isinstance(crop_fraction, bool) or not isinstance(crop_fraction, (int, float)) or not 0 < crop_fraction <= 1:
+    if isinstance(crop_fraction, (bool, np.bool_)) or not isinstance(crop_fraction, numbers.Real) \
+            or not 0 < crop_fraction <= 1:
         raise ValueError(f"crop_fraction must be a number in (0, 1], got {crop_fraction!r}.")
     size = _size(image_size)
     source = str(source)

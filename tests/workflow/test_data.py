@@ -297,3 +297,19 @@ def test_tfds_reads_image_and_label_features_not_the_supervised_keys(tmp_path):
         splits = load_data("tfds:pet_finder", image_size=8, batch_size=4, data_dir=str(tmp_path))
         x, y = _collect(splits.train)
         assert x.shape[1:] == (8, 8, 3) and y.dtype == np.int32 and splits.num_classes == 5
+
+
+def test_camera_jpegs_webp_numpy_crop_fractions_and_dangling_links(image_folder):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    frames = [Image.fromarray(rng.integers(0, 255, (16, 20, 3), dtype=np.uint8)) for _ in range(2)]
+    frames[0].save(os.path.join(image_folder, "train", "cat", "phone.jpg"), "MPO", save_all=True,
+                   append_images=frames[1:])   # a camera's multi-picture JPEG
+    frames[0].save(os.path.join(image_folder, "train", "cat", "web.png"), "WEBP")
+    os.symlink(os.path.join(image_folder, "nowhere.png"), os.path.join(image_folder, "train", "dog", "gone.png"))
+    with Image.open(os.path.join(image_folder, "train", "cat", "phone.jpg")) as im:
+        assert im.format == "MPO"
+    splits = load_data(image_folder, image_size=8, crop_fraction=np.float32(0.8), augment=True)
+    assert splits.counts["train"] == 8   # 6 + the two; not the dangling link
+    assert len(_collect(splits.train)[1]) == 8
