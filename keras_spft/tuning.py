@@ -65,8 +65,11 @@ class SPFTHyperModel(keras_tuner.HyperModel):
             `keras_spft.compute_attention` (otherwise they stay uniform).
         seed: `keras.utils.set_random_seed(seed)` before each trial builds
             its model, so every trial starts from the same new head and
-            draws the same dropout: trials differ by their values only, and
-            a value scores the same in another process. `None`: not seeded.
+            draws the same dropout (and, with NumPy inputs, the same data
+            order). A `tf.data` pipeline shuffled with
+            `reshuffle_each_iteration` keeps its own sequence: each trial
+            gets the next epochs' orders, which depend on the trials run
+            before it in the process. `None`: not seeded.
         name: the hypermodel's name.
 
     Example:
@@ -222,8 +225,9 @@ SETTINGS_FILE = "keras_spft_search.json"
 
 
 def _fingerprint(value):
-    """`value` as JSON data: arrays as their shape, dtype and SHA-1, other
-    objects as their repr (so that two settings compare by content)."""
+    """`value` as JSON data that compares by content: arrays as their shape,
+    dtype and SHA-1, objects with `get_config` as their config, others as
+    their type."""
     import numpy as np
 
     if isinstance(value, dict):
@@ -237,7 +241,11 @@ def _fingerprint(value):
 
         arr = np.ascontiguousarray(np.asarray(value))
         return {"shape": list(arr.shape), "dtype": str(arr.dtype), "sha1": hashlib.sha1(arr.tobytes()).hexdigest()}
-    return repr(value)
+    if callable(getattr(value, "get_config", None)):   # keras_tuner.HyperParameters, Keras objects
+        return {"type": type(value).__name__, "config": _fingerprint(value.get_config())}
+    # Other objects by their type only: a repr holds a memory address, which
+    # differs in every process.
+    return f"<{type(value).__module__}.{getattr(type(value), '__qualname__', type(value).__name__)}>"
 
 
 def _check_resumed(project, settings):
@@ -253,14 +261,17 @@ def _check_resumed(project, settings):
                 f"'{project}' holds a search made with other settings ({diff}); resuming would mix its "
                 "trials with these. Pass overwrite=True, another project_name or another directory."
             )
-    elif os.path.isfile(os.path.join(project, "oracle.json")):
+    elif os.path.isfile(os.path.join(project, "oracle.json")) and os.environ.get(
+            "KERASTUNER_TUNER_ID", "chief") == "chief":   # a worker may start before the chief writes it
         warnings.warn(f"'{project}' holds a search whose settings were not recorded; resuming it "
                       "as if they were these.", RuntimeWarning, stacklevel=3)
 
 
 def _store_settings(project, settings):
     os.makedirs(project, exist_ok=True)
-    tmp = os.path.join(project, f"{SETTINGS_FILE}.{os.getpid()}.tmp")   # several workers may write
+    import uuid
+
+    tmp = os.path.join(project, f"{SETTINGS_FILE}.{uuid.uuid4().hex}.tmp")   # several workers may write
     with open(tmp, "w") as f:
         json.dump(settings, f, indent=2)
     os.replace(tmp, os.path.join(project, SETTINGS_FILE))
@@ -349,7 +360,8 @@ def search(
         overwrite: start afresh.
         seed: fixes the search: the tuner's choices (KerasTuner gets
             `seed + 1`, as it reads 0 as "no seed") and each trial's start
-            (see `SPFTHyperModel`). `None`: neither is seeded.
+            (see `SPFTHyperModel`), from 0 to 2**32 - 2. `None`: neither is
+            seeded.
         verbose: passed to `fit`.
         **tuner_kwargs: further arguments of the tuner class.
 
@@ -389,8 +401,9 @@ def search(
             cls = tuner
         else:
             raise ValueError(f"`tuner` must be a name, a keras_tuner.Tuner subclass or instance, got {tuner!r}.")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-            raise ValueError(f"`seed` must be a non-negative int or None, got {seed!r}.")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32 - 1):
+            raise ValueError(f"`seed` must be an int from 0 to 2**32 - 2 (KerasTuner gets seed + 1), or None, "
+                             f"got {seed!r}.")
         hypermodel = SPFTHyperModel(build_model, method, ranges=ranges, lr=lr, radius_lr=radius_lr,
                                     wrap_options=wrap_options, seed=seed)
         searched = sum(isinstance(v, tuple) for v in hypermodel.ranges.values())
@@ -420,7 +433,9 @@ def search(
             "method": method, "objective": [objective.name, objective.direction], "tuner": cls.__name__,
             "ranges": hypermodel.ranges, "grid_points": hypermodel.grid_points, "epochs": epochs,
             "lr": hypermodel.lr, "radius_lr": hypermodel.radius_lr, "wrap_options": hypermodel.wrap_options,
-            "tuner_kwargs": {k: v for k, v in tuner_kwargs.items() if k != "distribution_strategy"},
+            "tuner_kwargs": {k: v for k, v in {**tuner_kwargs, **({"max_epochs": kwargs["max_epochs"]}
+                                                                  if "max_epochs" in kwargs else {})}.items()
+                             if k != "distribution_strategy"},
         })
         project = os.path.join(directory, project_name)
         if not overwrite:

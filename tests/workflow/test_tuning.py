@@ -195,8 +195,9 @@ def test_seed_zero_fixes_the_search_and_each_trials_start(tmp_path):
     for _ in range(2):
         hm.build(keras_tuner.HyperParameters())
     np.testing.assert_array_equal(*(m.get_layer("head").kernel.numpy() for m in heads))
-    with pytest.raises(ValueError, match=r"`seed` must be a non-negative int or None, got -1"):
-        search(tiny_model, None, None, tuner="random", seed=-1)
+    for bad in (-1, 2**32 - 1):
+        with pytest.raises(ValueError, match=rf"`seed` must be an int from 0 to 2\*\*32 - 2.*got {bad}"):
+            search(tiny_model, None, None, tuner="random", seed=bad)
 
 
 def test_resuming_with_other_settings_is_an_error(tmp_path):
@@ -210,6 +211,15 @@ def test_resuming_with_other_settings_is_an_error(tmp_path):
     with pytest.raises(ValueError, match=r"ranges: .*Pass overwrite=True"):
         _run(tiny_model, x, y, tmp_path, tuner="random", objective="val_loss",
              ranges={"radius": (2.0, 5.0), "head_radius": (5.0, 9.0)})
+    # Tuner arguments compare by content (HyperParameters by its config; a
+    # repr with a memory address blocked every resume).
+    hp = keras_tuner.HyperParameters()
+    hp.Fixed("head_radius", 7.0)
+    first_hp = _run(tiny_model, x, y, tmp_path / "hp", tuner="random", hyperparameters=hp, max_trials=1)
+    hp_again = keras_tuner.HyperParameters()
+    hp_again.Fixed("head_radius", 7.0)
+    again = _run(tiny_model, x, y, tmp_path / "hp", tuner="random", hyperparameters=hp_again, max_trials=1)
+    assert again.trials == first_hp.trials
     # More trials with the same settings: the search goes on.
     more = _run(tiny_model, x, y, tmp_path, tuner="random", objective="val_loss", max_trials=3)
     assert len(more.trials) == 3 and {t["trial_id"] for t in first.trials} < {t["trial_id"] for t in more.trials}
