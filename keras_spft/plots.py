@@ -36,9 +36,10 @@ def layer_distances(run, metric="mars", prefix="spft", epoch=-1, head=False):
         run: History, history dict, `DistanceMonitor` or logs dict.
         metric: `"mars"`, `"frobenius"` or `"at_bound"`.
         prefix: the monitor's key prefix.
-        epoch: index into the logged values (default: the last); a layer
-            with no value at that epoch (NaN or None: not logged then) is
-            left out.
+        epoch: index into the logged values (default: the last). With
+            `DistanceMonitor(every > 1)` a History holds the logged epochs
+            only, so this indexes those (`monitor.history` has each one's
+            `"epoch"`); a layer whose value there is NaN or None is left out.
         head: include head kernels.
 
     Returns:

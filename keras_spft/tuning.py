@@ -8,8 +8,10 @@ evaluations) and returns a `SearchResult` with the best values and the trial
 table.
 """
 
+import functools
 import json
 import math
+import numbers
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -95,9 +97,10 @@ class SPFTHyperModel(keras_tuner.HyperModel):
             raise ValueError(f"`grid_points` must be at least 2, got {grid_points}.")
         self.grid_points = None if grid_points is None else int(grid_points)
         self.wrap_options = dict(wrap_options or {})
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-            raise ValueError(f"`seed` must be a non-negative int or None, got {seed!r}.")
-        self.seed = seed
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)
+                                 or not 0 <= seed < 2**32):
+            raise ValueError(f"`seed` must be an int from 0 to 2**32 - 1, or None, got {seed!r}.")
+        self.seed = None if seed is None else int(seed)
         allowed = set(recipe.hyperparameter_names(method)) | {"lr"}
         self.ranges = dict(recipe.default_ranges(method))
         for key, value in (ranges or {}).items():
@@ -226,8 +229,8 @@ SETTINGS_FILE = "keras_spft_search.json"
 
 def _fingerprint(value):
     """`value` as JSON data that compares by content: arrays as their shape,
-    dtype and SHA-1, objects with `get_config` as their config, others as
-    their type."""
+    dtype and SHA-1, functions by name, code and closure, partials by their
+    parts, objects with `get_config` as their config, others as their type."""
     import numpy as np
 
     if isinstance(value, dict):
@@ -241,6 +244,22 @@ def _fingerprint(value):
 
         arr = np.ascontiguousarray(np.asarray(value))
         return {"shape": list(arr.shape), "dtype": str(arr.dtype), "sha1": hashlib.sha1(arr.tobytes()).hexdigest()}
+    if isinstance(value, type):
+        return f"<class {value.__module__}.{value.__qualname__}>"
+    if isinstance(value, functools.partial):
+        return {"partial": _fingerprint(value.func), "args": _fingerprint(value.args),
+                "keywords": _fingerprint(value.keywords)}
+    code = getattr(value, "__code__", None)
+    if code is not None:   # a function or lambda: its name, code, constants and closure
+        import hashlib
+
+        def digest(c):   # nested code objects by content (their repr holds an address)
+            consts = [digest(k) if hasattr(k, "co_code") else repr(k) for k in c.co_consts]
+            return hashlib.sha1(c.co_code + repr(consts).encode()).hexdigest()
+
+        body = digest(code)
+        cells = [_fingerprint(c.cell_contents) for c in (getattr(value, "__closure__", None) or ())]
+        return {"function": f"{value.__module__}.{value.__qualname__}", "code": body, "closure": cells}
     if callable(getattr(value, "get_config", None)):   # keras_tuner.HyperParameters, Keras objects
         return {"type": type(value).__name__, "config": _fingerprint(value.get_config())}
     # Other objects by their type only: a repr holds a memory address, which
@@ -401,7 +420,8 @@ def search(
             cls = tuner
         else:
             raise ValueError(f"`tuner` must be a name, a keras_tuner.Tuner subclass or instance, got {tuner!r}.")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32 - 1):
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)
+                                 or not 0 <= seed < 2**32 - 1):
             raise ValueError(f"`seed` must be an int from 0 to 2**32 - 2 (KerasTuner gets seed + 1), or None, "
                              f"got {seed!r}.")
         hypermodel = SPFTHyperModel(build_model, method, ranges=ranges, lr=lr, radius_lr=radius_lr,
@@ -423,7 +443,7 @@ def search(
             directory=directory,
             project_name=project_name,
             overwrite=overwrite,
-            seed=None if seed is None else seed + 1,
+            seed=None if seed is None else int(seed) + 1,
         )
         if cls is keras_tuner.Hyperband:
             kwargs["max_epochs"] = tuner_kwargs.pop("max_epochs", epochs)

@@ -195,6 +195,8 @@ def test_seed_zero_fixes_the_search_and_each_trials_start(tmp_path):
     for _ in range(2):
         hm.build(keras_tuner.HyperParameters())
     np.testing.assert_array_equal(*(m.get_layer("head").kernel.numpy() for m in heads))
+    with pytest.raises(ValueError, match=r"`seed` must be an int from 0 to 2\*\*32 - 1, or None, got 4294967296"):
+        SPFTHyperModel(tiny_model, "mars-pgm", seed=2**32)
     for bad in (-1, 2**32 - 1):
         with pytest.raises(ValueError, match=rf"`seed` must be an int from 0 to 2\*\*32 - 2.*got {bad}"):
             search(tiny_model, None, None, tuner="random", seed=bad)
@@ -227,3 +229,29 @@ def test_resuming_with_other_settings_is_an_error(tmp_path):
     fresh = _run(tiny_model, x, y, tmp_path, tuner="random", objective="val_accuracy", overwrite=True)
     assert fresh.objective == "val_accuracy" and len(fresh.trials) == 2
     _run(tiny_model, x, y, tmp_path, tuner="random", objective="val_accuracy")
+
+
+def test_settings_fingerprints_tell_functions_partials_and_classes_apart():
+    import functools
+
+    import keras
+
+    from keras_spft.tuning import _fingerprint
+
+    def f(layer, scale=1.0):
+        return 1.0 * scale
+
+    def g(layer, scale=1.0):
+        return 2.0 * scale
+
+    assert _fingerprint(lambda layer: 1.0) != _fingerprint(lambda layer: 2.0)
+    assert _fingerprint(f) != _fingerprint(g) and _fingerprint(f) == _fingerprint(f)
+    assert _fingerprint(functools.partial(f, scale=2.0)) != _fingerprint(functools.partial(f, scale=3.0))
+    assert _fingerprint(keras.layers.Dense) != _fingerprint(keras.optimizers.Adam)   # classes: no crash
+
+    def radius_of(r):   # its code holds a nested code object, whose repr has an address
+        return lambda layer: r
+    assert _fingerprint(radius_of(1.0)) != _fingerprint(radius_of(2.0))          # closures by their values
+    import json
+    assert json.loads(json.dumps(_fingerprint({"f": f}))) == _fingerprint({"f": f})   # stored and compared as JSON
+    assert "0x" not in json.dumps(_fingerprint(radius_of))                         # the same in every process
