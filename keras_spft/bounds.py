@@ -49,8 +49,9 @@ import numpy as np
 import keras
 
 from keras_spft.constraints import FrobeniusDistance, MARSDistance
-from keras_spft.diagnostics import _head_test, _np, _row_l1, anchor_value, tracked_kernels
+from keras_spft.diagnostics import _np, _row_l1, anchor_value, tracked_kernels
 from keras_spft.kernels import walk_layers
+from keras_spft.wrap import _named_layers, _selected
 
 __all__ = ["theorem2_bound", "theorem3_bound", "BoundTerms", "LayerTerm"]
 
@@ -178,11 +179,12 @@ def _terms(model, norm, distances, head, layer_bounds, head_bound, conv_position
     # Frozen layers are layers of the network too: they add their factor
     # 2 B_j to the product, with D_j = 0.
     kernels = tracked_kernels(model, head, include_frozen=True)
+    walked = list(_walk_paths(model))
     if head is not None:
         # V is the kernel of the layer named; other kernels wrapped as heads
         # (around the origin) are layers of the chain like any other.
-        in_head = _head_test(model, list(_walk_paths(model)), head)
-        heads = [k for k in kernels if in_head(k.path)]
+        names = _named_layers(model, walked, head, "head")
+        heads = [k for k in kernels if _selected(names, k.path)]
     else:
         heads = [k for k in kernels if k.role == "head"]
     if len(heads) > 1 or (head_bound is None and len(heads) != 1):
@@ -194,7 +196,7 @@ def _terms(model, norm, distances, head, layer_bounds, head_bound, conv_position
     body = [k for k in kernels if k not in heads]
     if not body:
         raise ValueError("the model has no backbone kernel.")
-    layers = {p: l for p, l in _walk_paths(model)}
+    layers = dict(walked)
     scaled = (_CONV + (keras.layers.Dense, keras.layers.EinsumDense)) if conv_positions else ()
     want = MARSDistance if norm == "mars" else FrobeniusDistance   # the theorem's constraint
 

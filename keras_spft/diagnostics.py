@@ -18,7 +18,7 @@ from keras_spft.anchors import Anchored
 from keras_spft.constraints import FrobeniusDistance, MARSDistance
 from keras_spft.kernels import UnsupportedLayerError, kernel_specs
 from keras_spft.kernels import walk_layers
-from keras_spft.wrap import _default_head, _selectors
+from keras_spft.wrap import _default_head, _named_layers, _selected
 
 __all__ = ["DistanceMonitor", "GradientNormMonitor", "gradient_norms"]
 
@@ -114,18 +114,13 @@ def _head_test(model, layers, head):
     in `head` (names or paths, and what they enclose), else the head
     `wrap_pretrained` would take (worked out only when first asked: a model
     whose kernels all carry keras-spft objects needs none)."""
-    if head is not None:
-        names = {head} if isinstance(head, str) else set(head)
-        known = {p for p, _ in layers} | {l.name for _, l in layers}
-        for n in sorted(names - known):
-            top = ", ".join(l.name for l in getattr(model, "layers", []))
-            raise ValueError(f"head layer '{n}' does not exist in the model (top-level layers: {top}).")
+    names = None if head is None else _named_layers(model, layers, head, "head")
     default = []
 
     def in_head(path):
-        if head is None and not default:
+        if names is None and not default:
             default.append(set(_default_head(model, layers)))
-        return bool((names if head is not None else default[0]).intersection(_selectors(path)))
+        return _selected(names if names is not None else default[0], path)
 
     return in_head
 

@@ -210,6 +210,23 @@ def _selectors(path):
     return keys
 
 
+def _named_layers(model, layers, names, what):
+    """`names` (a layer name or path, or a list of them) as a set, each a
+    layer of `model` (`layers`: its `walk_layers` pairs); else a ValueError
+    naming the `what` option."""
+    names = {names} if isinstance(names, str) else set(names)
+    known = {p for p, _ in layers} | {l.name for _, l in layers}
+    for n in sorted(names - known):
+        top = ", ".join(l.name for l in getattr(model, "layers", []))
+        raise ValueError(f"{what} layer '{n}' does not exist in the model (top-level layers: {top}).")
+    return names
+
+
+def _selected(names, path):
+    """Whether the layer at `path` is one of `names` or inside one of them."""
+    return bool(names.intersection(_selectors(path)))
+
+
 def _resolve(value, layer, path, what, shared_paths=()):
     """A per-layer number from a scalar, a dict or a callable. A dict entry
     for a nested model or layer applies to everything inside it; the nearest
@@ -411,25 +428,18 @@ def wrap_pretrained(
         paths_of.setdefault(id(layer), []).append(path)
     others = {k: tuple(paths[1:]) for k, paths in paths_of.items()}   # the paths after the first
     not_restored = {}   # enclosing layer -> paths load_model rebuilds without their objects
-    by_name = {}  # a path, or a bare name (every layer of that name)
-    for path, layer in layers:
-        for key in {path, layer.name}:
-            by_name.setdefault(key, []).append(layer)
+    known = {p for p, _ in layers} | {l.name for _, l in layers}   # paths and bare names
 
     def lookup(names, what):
         """Ids of the layers named, and of every layer inside them."""
-        names = {names} if isinstance(names, str) else set(names)
-        for n in names:
-            if n not in by_name:
-                top = ", ".join(l.name for l in getattr(model, "layers", []))
-                raise ValueError(f"{what} layer '{n}' does not exist in the model (top-level layers: {top}).")
-        return {id(l) for path, l in layers if names.intersection(_selectors(path))}
+        names = _named_layers(model, layers, names, what)
+        return {id(l) for path, l in layers if _selected(names, path)}
 
     for what, value in (("radius", radius), ("head_radius", head_radius),
                         ("strength", strength), ("head_strength", head_strength)):
         if isinstance(value, dict):
             for key in value:
-                if key != "*" and key not in by_name:
+                if key != "*" and key not in known:
                     raise ValueError(f"`{what}` names layer '{key}' which does not exist in the model.")
     excluded = lookup(exclude or (), "excluded")
     if method == "none":
