@@ -198,7 +198,30 @@ def snapshot_anchors(model, head=None):
     return out
 
 
-class DistanceMonitor(keras.callbacks.Callback):
+class _EpochSchedule(keras.callbacks.Callback):
+    """A callback that logs at the end of every `every`-th epoch and of the
+    first and last epochs of each `fit` (the monitors below)."""
+
+    def __init__(self, every):
+        super().__init__()
+        if int(every) < 1:
+            raise ValueError(f"`every` must be >= 1, got {every}.")
+        self.every = int(every)
+        self._epochs = None
+        self._first = False
+
+    def on_train_begin(self, logs=None):
+        self._epochs = self.params.get("epochs") if self.params else None
+        self._first = True
+
+    def _due(self, epoch):
+        """Whether to log at the end of `epoch` (call once per epoch)."""
+        last = self._epochs is not None and epoch + 1 == self._epochs
+        first, self._first = self._first, False
+        return not (epoch + 1) % self.every or last or first
+
+
+class DistanceMonitor(_EpochSchedule):
     """Logs per-layer distances of the kernels to their anchors.
 
     At the end of every `every`-th epoch, for every trainable kernel, it adds
@@ -248,21 +271,16 @@ class DistanceMonitor(keras.callbacks.Callback):
     """
 
     def __init__(self, every=1, tol=1e-3, per_layer=True, prefix="spft", head=None):
-        super().__init__()
-        if int(every) < 1:
-            raise ValueError(f"`every` must be >= 1, got {every}.")
-        self.every = int(every)
+        super().__init__(every)
         self.tol = float(tol)
         self.per_layer = bool(per_layer)
         self.prefix = prefix
         self.head = head
         self.history = []
         self._anchors = None
-        self._epochs = None
 
     def on_train_begin(self, logs=None):
-        self._epochs = self.params.get("epochs") if self.params else None
-        self._first = True
+        super().on_train_begin(logs)
         if self._anchors is None:
             self._anchors = snapshot_anchors(self.model, self.head)
 
@@ -309,9 +327,7 @@ class DistanceMonitor(keras.callbacks.Callback):
         return out
 
     def on_epoch_end(self, epoch, logs=None):
-        last = self._epochs is not None and epoch + 1 == self._epochs
-        first, self._first = getattr(self, "_first", False), False
-        if (epoch + 1) % self.every and not (last or first):
+        if not self._due(epoch):
             return
         values = self.compute()
         rows = values.pop("_rows")
@@ -429,7 +445,7 @@ def gradient_norms(model, x, y, sample_weight=None, training=True, head=None):
     return out
 
 
-class GradientNormMonitor(keras.callbacks.Callback):
+class GradientNormMonitor(_EpochSchedule):
     """Logs the gradient norm of the training loss on a fixed probe batch.
 
     At the start of training (epoch `-1` in `monitor.history`, not in `logs`)
@@ -464,17 +480,13 @@ class GradientNormMonitor(keras.callbacks.Callback):
 
     def __init__(self, x, y, sample_weight=None, every=1, training=True,
                  per_layer=True, prefix="grad", head=None):
-        super().__init__()
-        if int(every) < 1:
-            raise ValueError(f"`every` must be >= 1, got {every}.")
+        super().__init__(every)
         self.x, self.y, self.sample_weight = x, y, sample_weight
-        self.every = int(every)
         self.training = bool(training)
         self.per_layer = bool(per_layer)
         self.prefix = prefix
         self.head = head
         self.history = []
-        self._epochs = None
 
     def _measure(self, epoch):
         norms = gradient_norms(self.model, self.x, self.y, self.sample_weight,
@@ -484,15 +496,12 @@ class GradientNormMonitor(keras.callbacks.Callback):
         return values
 
     def on_train_begin(self, logs=None):
-        self._epochs = self.params.get("epochs") if self.params else None
-        self._first = True
+        super().on_train_begin(logs)
         if not self.history:
             self._measure(-1)
 
     def on_epoch_end(self, epoch, logs=None):
-        last = self._epochs is not None and epoch + 1 == self._epochs
-        first, self._first = getattr(self, "_first", False), False
-        if (epoch + 1) % self.every and not (last or first):
+        if not self._due(epoch):
             return
         values = self._measure(epoch)
         if logs is not None:
