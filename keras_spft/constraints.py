@@ -102,9 +102,10 @@ class _DistanceConstraint(Anchored, keras.constraints.Constraint):
 
     def _set_min_radius(self):
         """Works out `min_radius` (eagerly: at construction and when an anchor
-        is loaded, never inside a compiled step)."""
+        is loaded, never inside a compiled step; only a learned radius has
+        a floor, so a fixed one costs no pass over its anchor)."""
         self._min_radius = MIN_LEARNED_RADIUS
-        if self._anchor is None:
+        if self._anchor is None or not self.learn_radius:
             return
         dtype = keras.backend.standardize_dtype(self._anchor.dtype)
         if dtype in ("float16", "bfloat16"):
@@ -117,7 +118,6 @@ class _DistanceConstraint(Anchored, keras.constraints.Constraint):
         self._set_min_radius()
 
     def _check_learned_scalar(self):
-        self._set_min_radius()
         if self.learn_radius and tuple(self._scale.shape) != ():
             raise ValueError(
                 f"{self._owner()}: a learned radius is one number per kernel; "
@@ -281,6 +281,7 @@ class MARSDistance(_DistanceConstraint):
                 radius = norms.astype("float64") * float(ops.convert_to_numpy(radius))
         self._init_scale(radius, "radius", row_shape)
         self._check_learned_scalar()
+        self._set_min_radius()
 
     def _row_shape(self, shape):
         return tuple(1 if i in self.axis else d for i, d in enumerate(shape))
