@@ -32,6 +32,16 @@ TUNERS = {
 OBJECTIVES = {"val_accuracy": "max", "val_loss": "min"}
 
 
+def _checked_seed(seed, highest, highest_text):
+    """`seed` as an int (or None); a ValueError unless it is an int from 0 to
+    `highest` (`highest_text` says so in the message)."""
+    if seed is None:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed <= highest:
+        raise ValueError(f"`seed` must be an int from 0 to {highest_text}, or None, got {seed!r}.")
+    return int(seed)
+
+
 class SPFTHyperModel(keras_tuner.HyperModel):
     """A KerasTuner `HyperModel` searching a method's radii or strengths.
 
@@ -97,10 +107,7 @@ class SPFTHyperModel(keras_tuner.HyperModel):
             raise ValueError(f"`grid_points` must be at least 2, got {grid_points}.")
         self.grid_points = None if grid_points is None else int(grid_points)
         self.wrap_options = dict(wrap_options or {})
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)
-                                 or not 0 <= seed < 2**32):
-            raise ValueError(f"`seed` must be an int from 0 to 2**32 - 1, or None, got {seed!r}.")
-        self.seed = None if seed is None else int(seed)
+        self.seed = _checked_seed(seed, 2**32 - 1, "2**32 - 1")
         allowed = set(recipe.hyperparameter_names(method)) | {"lr"}
         self.ranges = dict(recipe.default_ranges(method))
         for key, value in (ranges or {}).items():
@@ -420,10 +427,7 @@ def search(
             cls = tuner
         else:
             raise ValueError(f"`tuner` must be a name, a keras_tuner.Tuner subclass or instance, got {tuner!r}.")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)
-                                 or not 0 <= seed < 2**32 - 1):
-            raise ValueError(f"`seed` must be an int from 0 to 2**32 - 2 (KerasTuner gets seed + 1), or None, "
-                             f"got {seed!r}.")
+        _checked_seed(seed, 2**32 - 2, "2**32 - 2 (KerasTuner gets seed + 1)")
         hypermodel = SPFTHyperModel(build_model, method, ranges=ranges, lr=lr, radius_lr=radius_lr,
                                     wrap_options=wrap_options, seed=seed)
         searched = sum(isinstance(v, tuple) for v in hypermodel.ranges.values())
