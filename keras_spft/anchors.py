@@ -113,6 +113,7 @@ class Anchored(KerasSaveable):
                         f"not broadcast to the per-row shape {tuple(shape)}."
                     ) from None
         self._scale_name = what
+        self._scale_from_config = is_spec(value)   # placeholder values until loaded
         # A scalar in the config as the shortest decimal of its float32 value
         # (0.1, not 0.10000000149011612): the same float32 when read back.
         self._scale_config = float(str(arr[()])) if arr.ndim == 0 and not is_spec(value) else _spec(arr)
@@ -187,17 +188,28 @@ class Anchored(KerasSaveable):
         own = self._own_variables()
         keys = set(store.keys())
         if not keys:
-            # Weights saved from an unwrapped model, loaded after wrapping:
-            # Keras has already written the file's kernel, while the anchor
-            # is still the kernel at wrap time. Projecting would pull the
-            # loaded weights towards it, so this object refuses from now on
-            # (also when skip_mismatch=True turns this error into a warning).
-            self._anchor_ready = self._anchor is None
+            if self._anchor is None:
+                # A head bound around zero, free in the model that was saved:
+                # nothing to restore (its radius is this call's).
+                return
+            # Weights saved from an unwrapped model (or one whose kernel had
+            # the other kind of object), loaded after wrapping: Keras has
+            # already written the file's kernel, while the anchor is still
+            # the kernel at wrap time. Projecting would pull the loaded
+            # weights towards it, so this object refuses from now on (also
+            # when skip_mismatch=True turns this error into a warning).
+            self._anchor_ready = False
+            mine, other = (("constraint", "penalty (l2-sp, mars-sp)")
+                           if isinstance(self, keras.constraints.Constraint)
+                           else ("penalty", "constraint (l2-pgm, mars-pgm)"))
             self._not_ready_because = (
-                f"{self._owner()}: the weights file has no keras-spft state for this kernel (saved "
-                "from a model that was not wrapped?); its kernel was loaded but the anchor is "
-                "still the kernel at wrap time. Load pre-trained weights before `wrap_pretrained`; "
-                "for this model: `wrap_pretrained(model, method='none')`, load the weights, wrap again.")
+                f"{self._owner()}: the weights file has no keras-spft {mine} state for this kernel; "
+                "its kernel was loaded but the anchor is still the kernel at wrap time. Either the "
+                "file comes from a model that was not wrapped (pre-trained weights: load them before "
+                "`wrap_pretrained`; for this model, `wrap_pretrained(model, method='none')`, load, "
+                f"wrap again), or from a model whose kernels had a {other}, which saves its anchor "
+                "under its own name (to resume it, wrap this model with a method of that kind, load, "
+                "then wrap again with the method you want: the loaded anchors are kept).")
             raise ValueError(self._not_ready_because)
         if keys != set(own):
             raise ValueError(
@@ -213,7 +225,21 @@ class Anchored(KerasSaveable):
                     f"expected {tuple(var.shape)}."
                 )
             value = value.astype(var.dtype)
-            changed = changed or not np.array_equal(value, ops.convert_to_numpy(var))
+            current = ops.convert_to_numpy(var)
+            differs = not np.array_equal(value, current)
+            if (differs and key == self._scale_name and not self._scale_from_config
+                    and not getattr(self, "learn_radius", False)):
+                # A fixed radius or strength set by this wrap call, replaced
+                # by the file's: right for resuming, a trap for a new run
+                # started from a checkpoint with another value.
+                shown = (lambda a: f"{a[()]:g}" if a.ndim == 0 else f"per-row values {a.min():g} to {a.max():g}")
+                warnings.warn(
+                    f"{self._owner()}: the weights file's {key} ({shown(value)}) replaces "
+                    f"{shown(current)}, which this model was wrapped with (a file restores the "
+                    f"{key} it was saved with, as for resuming). To train with {shown(current)}, "
+                    "call `wrap_pretrained` again after loading: it keeps the loaded anchors.",
+                    UserWarning, stacklevel=2)
+            changed = changed or differs
             var.assign(value)
         if changed and getattr(self, "_captured_by_jit", False):
             warnings.warn(
@@ -226,6 +252,7 @@ class Anchored(KerasSaveable):
             )
         self._anchor_ready = True
         self._not_ready_because = None
+        self._scale_from_config = False
         self._on_anchor_loaded()
 
     def _on_anchor_loaded(self):

@@ -118,6 +118,41 @@ def test_save_weights_resume_keeps_the_original_anchors(tmp_path):
         np.testing.assert_array_equal(to_np(v), to_np(w))
 
 
+def test_load_weights_across_wrap_options_says_what_it_restores(tmp_path):
+    keras.utils.set_random_seed(5)
+    model = small_cnn()
+    keras_spft.wrap_pretrained(model, radius=0.05)          # head left free: no object, no state
+    original = _anchors(model)
+    model.save_weights(tmp_path / "w.weights.h5")
+
+    # A head bound given now has nothing to restore: no error (it claimed the
+    # file came from an unwrapped model and advised re-anchoring).
+    resumed = small_cnn()
+    keras_spft.wrap_pretrained(resumed, radius=0.05, head_radius=0.5)
+    resumed.load_weights(tmp_path / "w.weights.h5")
+    assert {k: v.tolist() for k, v in _anchors(resumed).items()} == {k: v.tolist() for k, v in original.items()}
+    assert float(to_np(resumed.layers[-1].kernel.constraint.radius)) == 0.5
+
+    # Another fixed radius: the file's is restored, with a warning saying how
+    # to train with the new one; wrapping again after loading does that.
+    other = small_cnn()
+    report = keras_spft.wrap_pretrained(other, radius=0.2)
+    with pytest.warns(UserWarning, match=r"MARSDistance\(base/c1/kernel\): the weights file's radius \(0\.05\) "
+                                         r"replaces 0\.2, .*call `wrap_pretrained` again after loading"):
+        other.load_weights(tmp_path / "w.weights.h5")
+    assert float(to_np(report["c1"].radius)) == pytest.approx(0.05)
+    report = keras_spft.wrap_pretrained(other, radius=0.2)
+    assert float(to_np(report["c1"].radius)) == pytest.approx(0.2)
+    np.testing.assert_array_equal(to_np(report["c1"].anchor), original[0])
+
+    # A constraint's file into a penalty: the error names both causes.
+    sp = small_cnn()
+    keras_spft.wrap_pretrained(sp, method="l2-sp", strength=0.01)
+    with pytest.raises(ValueError, match=r"L2SP\(base/c1/kernel\): the weights file has no keras-spft penalty "
+                                         r"state.*not wrapped.*had a constraint \(l2-pgm, mars-pgm\)"):
+        sp.load_weights(tmp_path / "w.weights.h5")
+
+
 def test_loading_into_a_mismatched_wrapper_fails_loudly(tmp_path):
     keras.utils.set_random_seed(3)
     model = small_cnn()
@@ -140,14 +175,14 @@ def test_weights_of_an_unwrapped_model_loaded_after_wrapping_are_refused(tmp_pat
     pretrained.save_weights(tmp_path / "pre.weights.h5")
     model = small_cnn()
     keras_spft.wrap_pretrained(model, radius=0.05, head_radius=0.5)
-    with pytest.raises(ValueError, match=r"no keras-spft state for this kernel.*before `wrap_pretrained`"):
+    with pytest.raises(ValueError, match=r"no keras-spft constraint state for this kernel.*before `wrap_pretrained`"):
         model.load_weights(tmp_path / "pre.weights.h5")
     model.load_weights(tmp_path / "pre.weights.h5", skip_mismatch=True)
     _compile(model)
     x, y = _data(8)
-    with pytest.raises(Exception, match="no keras-spft state for this kernel"):
+    with pytest.raises(Exception, match="no keras-spft constraint state for this kernel"):
         model.fit(x, y, batch_size=8, epochs=1, verbose=0)
-    with pytest.raises(ValueError, match=r"no keras-spft state.*method='none'"):
+    with pytest.raises(ValueError, match=r"no keras-spft constraint state.*method='none'"):
         keras_spft.wrap_pretrained(model, radius=0.05, head_radius=0.5)
     # The way out it names: unwrap, load, wrap again -> anchored at the file's weights.
     keras_spft.wrap_pretrained(model, method="none")
