@@ -285,6 +285,7 @@ def wrap_pretrained(
     relative=False,
     batchnorm=None,
     exclude=(),
+    drop_anchors=False,
 ):
     """Anchors every pre-trained kernel of `model` at its current value.
 
@@ -345,6 +346,12 @@ def wrap_pretrained(
             with the pre-trained moving variance.
         exclude: names (or paths) of layers to leave alone, with everything
             inside them; listed in the report.
+        drop_anchors: wrapping a wrapped model again raises when the call
+            would leave free (or treat as head) a weight that an earlier call
+            anchored, since its anchor would be lost and a later call would
+            anchor it at its fine-tuned value; `True` lets it go, forgetting
+            the anchor. `method="none"` removes every object and anchor
+            without it.
 
     Returns:
         A `WrapReport`; `print(report)` shows every wrapped weight (kind,
@@ -354,7 +361,8 @@ def wrap_pretrained(
         ValueError: unknown method or option, a radius/strength that is not
             positive and finite, a head or excluded name that does not exist,
             a layer with LoRA enabled or quantized, a kernel that already has a
-            foreign constraint or regularizer, or no eligible layer.
+            foreign constraint or regularizer, no eligible layer, or a call
+            that would drop an earlier call's anchor (see `drop_anchors`).
 
     Example:
 
@@ -387,6 +395,7 @@ def wrap_pretrained(
         raise ValueError(f"`projection` applies to mars-pgm only, not {method!r}.")
     projection = projection or "scale"
     relative = check_flag(relative, "relative", "wrap_pretrained")
+    drop_anchors = check_flag(drop_anchors, "drop_anchors", "wrap_pretrained")
     pgm, sp = method in PGM_METHODS, method in SP_METHODS
     if sp:
         if radius is not None or head_radius is not None:
@@ -455,6 +464,7 @@ def wrap_pretrained(
     seen = set()
     plan = []
     attachments = []
+    dropped = []   # (weight path, why): anchors an earlier call set, of moved weights, this one would remove
     for path, layer in layers:
         if id(layer) in seen:
             continue
@@ -486,6 +496,7 @@ def wrap_pretrained(
             # After a call, the model's keras-spft objects are exactly those
             # in the report: clear any left by an earlier call here.
             attachments.extend((layer, spec, None, None) for spec in specs)
+            dropped.extend((f"{path}/{spec.weight}", reason) for spec in specs if _anchor_of(spec.variable))
             continue
         is_head = id(layer) in head_ids
         if method != "none":
@@ -518,6 +529,9 @@ def wrap_pretrained(
         if is_head:
             value = (_resolve(head_value, layer, path, "head_strength" if sp else "head_radius", others[id(layer)])
                      if head_value is not None else None)
+            if _anchor_of(var):
+                dropped.append((f"{path}/{spec.weight}", "now head, bounded around zero"
+                                if value is not None else "head left free"))
             if value is None:
                 report.skipped.append(SkippedLayer(path, spec.kind, "head left free (no head_radius/head_strength)"))
                 attachments.append((layer, spec, None, None))
@@ -529,6 +543,8 @@ def wrap_pretrained(
             if value is None:
                 report.skipped.append(SkippedLayer(path, spec.kind, "the radius callable returned None"))
                 attachments.append((layer, spec, None, None))
+                if _anchor_of(var):
+                    dropped.append((f"{path}/{spec.weight}", "the radius callable returned None"))
                 continue
             existing = _existing(var, path)
             if existing is not None and existing.anchor is not None:
@@ -565,6 +581,13 @@ def wrap_pretrained(
         report.wrapped.append(WrappedWeight(path, spec.weight, spec.kind, role, spec.rows, shown, spec.params, obj, note))
         attachments.append((layer, spec, obj, pgm))
 
+    if dropped and method != "none" and not drop_anchors:
+        shown = "; ".join(f"{p} ({why})" for p, why in dropped[:6])
+        raise ValueError(
+            f"this call would remove the anchors an earlier wrap_pretrained call set on {len(dropped)} "
+            f"weight(s) that have moved from them: {shown}{', ...' if len(dropped) > 6 else ''}. A later "
+            "call would anchor them at their fine-tuned values. To keep them, pass the earlier call's options for these layers "
+            "(e.g. batchnorm=, exclude=, head=); to free them and forget their anchors, pass drop_anchors=True.")
     for layer, spec, obj, is_constraint in attachments:
         _attach(layer, spec, obj, is_constraint)
     if not_restored:
@@ -605,6 +628,16 @@ def _forget_compiled_steps(models):
         for attr in ("train_function", "test_function"):
             if getattr(m, attr, None) is not None:
                 setattr(m, attr, None)
+
+
+def _anchor_of(var):
+    """Whether `var` carries a keras-spft object with a loaded anchor that it
+    has moved from: removing that object would lose the anchor (one the
+    weight still equals comes back the same from a later call)."""
+    for obj in (getattr(var, "constraint", None), getattr(var, "regularizer", None)):
+        if isinstance(obj, Anchored) and obj.anchor is not None and obj._anchor_ready:
+            return not np.array_equal(keras.ops.convert_to_numpy(var), keras.ops.convert_to_numpy(obj.anchor))
+    return False
 
 
 def _existing(var, path):

@@ -135,6 +135,45 @@ def test_rewrapping_never_reanchors():
     assert all(v.constraint is None and v.regularizer is None for v in model.weights)
 
 
+def test_a_rewrap_that_would_drop_anchors_is_refused_unless_asked():
+    # Leaving an anchored weight free in a later call (BatchNorm under the
+    # default batchnorm=None, exclude=, a callable's None, or naming it head)
+    # dropped its anchor without a word, and the call after that anchored it
+    # at its fine-tuned value.
+    model = small_cnn()
+    base = model.layers[0]
+    gamma0, fc0 = to_np(base.get_layer("bn1").gamma).copy(), to_np(base.get_layer("fc").kernel).copy()
+    keras_spft.wrap_pretrained(model, radius=1.0, head_radius=2.0, batchnorm="gamma")
+    # Before training, a weight still equals its anchor: trying other
+    # options on it loses nothing (a later call anchors it at the same values).
+    keras_spft.wrap_pretrained(model, radius=1.0, head_radius=2.0, exclude=["fc"])
+    keras_spft.wrap_pretrained(model, radius=1.0, head_radius=2.0, batchnorm="gamma")
+    for name, attr in (("bn1", "gamma"), ("fc", "kernel"), ("c2", "kernel")):   # "fine-tuned"
+        var = getattr(base.get_layer(name), attr)
+        var.assign(to_np(var) + 0.01)
+    before = {id(v): v.constraint for v in model.weights}
+    for kwargs, named in [({}, r"base/bn1/gamma \(BatchNorm: gamma left free"),
+                          ({"batchnorm": "gamma", "exclude": ["fc"]}, r"base/fc/kernel \(excluded by the user\)"),
+                          ({"batchnorm": "gamma", "radius": lambda l: None if l.name == "c2" else 1.0},
+                           r"base/c2/kernel \(the radius callable returned None\)"),
+                          ({"batchnorm": "gamma", "head": ["fc", "head"]}, r"base/fc/kernel \(now head")]:
+        with pytest.raises(ValueError, match=r"would remove the anchors an earlier wrap_pretrained call set on "
+                                             rf"1 weight\(s\) that have moved from them: {named}.*drop_anchors=True"):
+            keras_spft.wrap_pretrained(model, **{"radius": 0.5, "head_radius": 2.0, **kwargs})
+        assert {id(v): v.constraint for v in model.weights} == before   # nothing changed
+    # Asked for, the anchors go; the earlier call's options keep them.
+    report = keras_spft.wrap_pretrained(model, radius=0.5, head_radius=2.0, batchnorm="gamma")
+    np.testing.assert_array_equal(to_np(report["bn1"].anchor), gamma0)
+    report = keras_spft.wrap_pretrained(model, radius=0.5, head_radius=2.0, exclude=["fc"], drop_anchors=True)
+    assert base.get_layer("fc").kernel.constraint is None and base.get_layer("bn1").gamma.constraint is None
+    report = keras_spft.wrap_pretrained(model, radius=0.5, head_radius=2.0)   # anchors fc afresh, as asked
+    np.testing.assert_array_equal(to_np(report["fc"].anchor), to_np(base.get_layer("fc").kernel))
+    assert not np.array_equal(to_np(report["fc"].anchor), fc0)
+    keras_spft.wrap_pretrained(model, method="none")   # removes everything without drop_anchors
+    with pytest.raises(ValueError, match="`drop_anchors` must be True or False"):
+        keras_spft.wrap_pretrained(model, radius=0.5, drop_anchors="yes")
+
+
 def test_applications_models_wrap(app_models):
     for name, model, expected in app_models:
         report = keras_spft.wrap_pretrained(model, radius=5.0, head_radius=5.0)
@@ -357,7 +396,7 @@ def test_layers_load_model_would_rebuild_without_their_anchors_are_named():
     assert "not restored by load_model" in notes["mha/query"] and "not restored" not in notes["td/inner"]
     import warnings
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
+        warnings.simplefilter("error", UserWarning)
         keras_spft.wrap_pretrained(model, radius=1.0, exclude=["mha"])   # nothing left to warn about
 
     class Sub(keras.Model):
