@@ -70,6 +70,15 @@ def test_default_head_is_what_follows_the_nested_base():
     flat = keras.Sequential([keras.Input((5,)), keras.layers.Dense(4, name="a"), keras.layers.Dense(2, name="b")])
     report = keras_spft.wrap_pretrained(flat, radius=1.0, head_radius=2.0)
     assert {w.path: w.role for w in report.wrapped} == {"a": "backbone", "b": "head"}
+    # flat, several outputs: the kernel layer nearest each output (the last
+    # kernel layer alone anchored the other heads at their random start)
+    i = keras.Input((8,))
+    h = keras.layers.Dense(16, name="body")(i)
+    cls = keras.layers.Dense(3, name="cls")(h)
+    reg = keras.layers.Dropout(0.1)(keras.layers.Dense(1, name="reg")(keras.layers.Dense(4, name="body2")(h)))
+    report = keras_spft.wrap_pretrained(keras.Model(i, [cls, reg]), radius=1.0, head_radius=2.0)
+    assert {w.path: w.role for w in report.wrapped} == {"body": "backbone", "body2": "backbone",
+                                                         "cls": "head", "reg": "head"}
     # explicit head, by name or path
     report = keras_spft.wrap_pretrained(model, radius=1.0, head=["base/fc", "head"], head_radius=2.0)
     assert {w.path for w in report.wrapped if w.role == "head"} == {"base/fc", "head"}
