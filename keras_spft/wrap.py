@@ -459,6 +459,12 @@ def wrap_pretrained(
             raise ValueError("radius='learned' learns absolute radii; it cannot be combined with relative=True.")
         if batchnorm == "reference":
             raise ValueError("radius='learned' cannot be combined with batchnorm='reference' (per-element radii).")
+    if not isinstance(model, keras.Model):
+        raise ValueError(
+            f"wrap_pretrained takes a Keras model, got {type(model).__name__} "
+            f"{getattr(model, 'name', '')!r}: wrap the model that holds it (to bound one layer, "
+            "name the others in exclude=[...], or attach a constraint yourself as in the "
+            "MARSDistance example of the API reference).")
     if not getattr(model, "built", False):
         raise ValueError("the model is not built: call it on data or `model.build(...)` first.")
 
@@ -635,6 +641,13 @@ def wrap_pretrained(
             + ". Save with `model.save_weights(...)` and restore by rebuilding the model, "
             "wrapping it the same way and calling `load_weights`; or leave them out with `exclude=[...]`.",
             UserWarning, stacklevel=2)
+    unbounded = [s for s in report.skipped if s.reason.startswith("layer type ")]
+    if unbounded and method != "none":
+        warnings.warn(
+            f"{len(unbounded)} layer(s) of types keras-spft does not bound train unbounded (frozen ones "
+            "once unfrozen): " + ", ".join(f"'{s.path}' ({s.kind})" for s in unbounded[:6])
+            + (", ..." if len(unbounded) > 6 else "") + " (all in report.skipped). Pass "
+            "exclude=[...] to say they are meant to train freely.", UserWarning, stacklevel=2)
     _forget_compiled_steps([model] + [l for _, l in layers if isinstance(l, keras.Model)])
     _rebind_radius_optimizer(model)
     return report

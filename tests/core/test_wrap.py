@@ -292,6 +292,8 @@ def test_errors_name_the_option_or_layer():
     unbuilt = keras.Sequential([keras.layers.Dense(2)])
     with pytest.raises(ValueError, match="not built"):
         keras_spft.wrap_pretrained(unbuilt, radius=1.0)
+    with pytest.raises(ValueError, match=r"wrap_pretrained takes a Keras model, got Dense 'fc': wrap the model"):
+        keras_spft.wrap_pretrained(model.layers[0].get_layer("fc"), radius=1.0)
 
 
 def test_lora_layers_are_refused_with_a_reason():
@@ -473,12 +475,19 @@ def test_frozen_unsupported_layers_are_reported_and_grouped():
     base.trainable = False
     inputs = keras.Input((8,))
     model = keras.Model(inputs, L.Dense(2, name="h")(base(inputs)))
-    report = keras_spft.wrap_pretrained(model, radius=0.1, head_radius=1.0)
+    with pytest.warns(UserWarning, match=r"2 layer\(s\) of types keras-spft does not bound train unbounded "
+                                         r"\(frozen ones once unfrozen\): 'base/p1' \(PReLU\), 'base/p2' \(PReLU\) "
+                                         r"\(all in report.skipped\)\. Pass exclude="):
+        report = keras_spft.wrap_pretrained(model, radius=0.1, head_radius=1.0)
     unsupported = [s for s in report.skipped if "not supported" in s.reason]
     assert [(s.path, s.weights) for s in unsupported] == [("base/p1", ("alpha",)), ("base/p2", ("alpha",))]
     lines = [l for l in str(report).splitlines() if "PReLU is not supported" in l]
     assert len(lines) == 1 and "base/p1, base/p2" in lines[0], str(report)
     assert not any(s.path == "base/norm" for s in report.skipped)   # no trainable weights ever
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)   # excluded: meant to train freely, no warning
+        keras_spft.wrap_pretrained(model, radius=0.1, head_radius=1.0, exclude=["p1", "p2"])
 
 
 def test_a_shared_layer_must_get_one_value_from_a_radius_dict():
