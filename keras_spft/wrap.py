@@ -134,8 +134,7 @@ class WrapReport:
 
 
 def _default_head(model, layers):
-    """Layers outside the nested pre-trained model(s); else the last kernel
-    layer (with several outputs, the kernel layer nearest each output).
+    """Layers outside the nested pre-trained model(s); else the last kernel layer.
 
     With several nested models and no kernel layer outside them, one of them
     may be a new head (`Sequential([base, Sequential([..., Dense(n)])])`) or
@@ -158,39 +157,8 @@ def _default_head(model, layers):
                 f"of '{model.name}'. Name the head, e.g. head=[{with_kernels[-1]!r}] (anchored around "
                 "zero, bounded by head_radius/head_strength), or head=[] if all are pre-trained.")
         return outside
-    if len(getattr(model, "outputs", None) or ()) > 1:
-        per_output = _kernel_layers_nearest_outputs(model, layers)
-        if per_output:
-            return per_output
     with_kernel = [p for p, l in layers if _has_kernel(l)]
     return with_kernel[-1:]
-
-
-def _kernel_layers_nearest_outputs(model, layers):
-    """Paths of the kernel layers met first walking back from each output of
-    a functional model (several outputs: a new head each), in layer order;
-    None where the graph does not tell (no graph, or a layer on the way that
-    holds other layers)."""
-    order = [p for p, _ in layers]
-    path_of = {id(l): p for p, l in layers}
-    try:
-        nodes = [t._keras_history.operation._inbound_nodes[t._keras_history.node_index] for t in model.outputs]
-    except (AttributeError, IndexError, TypeError):
-        return None
-    found, seen = set(), set()
-    while nodes:
-        node = nodes.pop()
-        if id(node) in seen:
-            continue
-        seen.add(id(node))
-        path = path_of.get(id(node.operation))
-        if path is not None and _has_kernel(node.operation):
-            if any(q.startswith(path + "/") for q in order):
-                return None
-            found.add(path)
-            continue
-        nodes.extend(node.parent_nodes)
-    return sorted(found, key=order.index) or None
 
 
 def _has_kernel(layer):
@@ -492,7 +460,15 @@ def wrap_pretrained(
     if method == "none":
         head_ids = set()   # removing keras-spft's objects needs no head
     elif head is None:
-        head_ids = lookup(_default_head(model, layers), "head")
+        default_head = _default_head(model, layers)
+        head_ids = lookup(default_head, "head")
+        outputs = len(getattr(model, "outputs", None) or ())
+        if outputs > 1 and default_head and not any(isinstance(l, keras.Model) for l in model.layers):
+            warnings.warn(
+                f"'{model.name}' has {outputs} outputs and no nested pre-trained model: only its last kernel "
+                f"layer '{default_head[0]}' is taken as the new head; a new head on another output would be "
+                "anchored at its random start. Name every new head layer, head=[...] (which also silences "
+                "this warning).", UserWarning, stacklevel=2)
     else:
         head_ids = lookup(head, "head")
 

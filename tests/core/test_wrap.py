@@ -70,15 +70,17 @@ def test_default_head_is_what_follows_the_nested_base():
     flat = keras.Sequential([keras.Input((5,)), keras.layers.Dense(4, name="a"), keras.layers.Dense(2, name="b")])
     report = keras_spft.wrap_pretrained(flat, radius=1.0, head_radius=2.0)
     assert {w.path: w.role for w in report.wrapped} == {"a": "backbone", "b": "head"}
-    # flat, several outputs: the kernel layer nearest each output (the last
-    # kernel layer alone anchored the other heads at their random start)
+    # flat, several outputs: which are new heads cannot be told from the
+    # graph (a features output, a head with a skip connection), so it warns
     i = keras.Input((8,))
     h = keras.layers.Dense(16, name="body")(i)
-    cls = keras.layers.Dense(3, name="cls")(h)
-    reg = keras.layers.Dropout(0.1)(keras.layers.Dense(1, name="reg")(keras.layers.Dense(4, name="body2")(h)))
-    report = keras_spft.wrap_pretrained(keras.Model(i, [cls, reg]), radius=1.0, head_radius=2.0)
-    assert {w.path: w.role for w in report.wrapped} == {"body": "backbone", "body2": "backbone",
-                                                         "cls": "head", "reg": "head"}
+    two = keras.Model(i, [keras.layers.Dense(3, name="cls")(h), keras.layers.Dense(1, name="reg")(h)])
+    with pytest.warns(UserWarning, match=r"has 2 outputs and no nested pre-trained model: only its last kernel "
+                                         r"layer 'reg' is taken as the new head.*head=\[\.\.\.\]"):
+        report = keras_spft.wrap_pretrained(two, radius=1.0, head_radius=2.0)
+    assert {w.path: w.role for w in report.wrapped} == {"body": "backbone", "cls": "backbone", "reg": "head"}
+    report = keras_spft.wrap_pretrained(two, radius=1.0, head=["cls", "reg"], head_radius=2.0)
+    assert {w.path: w.role for w in report.wrapped} == {"body": "backbone", "cls": "head", "reg": "head"}
     # explicit head, by name or path
     report = keras_spft.wrap_pretrained(model, radius=1.0, head=["base/fc", "head"], head_radius=2.0)
     assert {w.path for w in report.wrapped if w.role == "head"} == {"base/fc", "head"}
