@@ -7,6 +7,7 @@ layer that holds the object, and read back by `keras.models.load_model` and
 `model.load_weights`: the layer config only records their shape and dtype.
 """
 
+import sys
 import warnings
 
 import numpy as np
@@ -48,6 +49,16 @@ def check_positive(value, what, owner):
         raise ValueError(
             f"{owner}: `{what}` must be positive and finite, got {shown}."
         )
+
+
+def _outside_keras():
+    """The `stacklevel` of the first caller outside Keras and keras-spft, so
+    that a warning raised while Keras loads a file points at the user's
+    `load_weights` line."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] in ("keras", "keras_spft"):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 class Anchored(KerasSaveable):
@@ -227,18 +238,21 @@ class Anchored(KerasSaveable):
             value = value.astype(var.dtype)
             current = ops.convert_to_numpy(var)
             differs = not np.array_equal(value, current)
-            if (differs and key == self._scale_name and not self._scale_from_config
-                    and not getattr(self, "learn_radius", False)):
-                # A fixed radius or strength set by this wrap call, replaced
+            if (differs and key == self._scale_name and value.ndim == 0 and not self._scale_from_config
+                    and not getattr(self, "learn_radius", False)
+                    and not np.isclose(value, current, rtol=1e-6, atol=0)):
+                # A fixed radius or strength given to this wrap call, replaced
                 # by the file's: right for resuming, a trap for a new run
-                # started from a checkpoint with another value.
-                shown = (lambda a: f"{a[()]:g}" if a.ndim == 0 else f"per-row values {a.min():g} to {a.max():g}")
+                # started from a checkpoint with another value. Per-row
+                # radii are worked out from the anchor (relative=True,
+                # batchnorm="reference"): the file's, from the loaded anchor,
+                # are the right ones. One message for all kernels alike
+                # (Python shows a repeated warning once).
                 warnings.warn(
-                    f"{self._owner()}: the weights file's {key} ({shown(value)}) replaces "
-                    f"{shown(current)}, which this model was wrapped with (a file restores the "
-                    f"{key} it was saved with, as for resuming). To train with {shown(current)}, "
-                    "call `wrap_pretrained` again after loading: it keeps the loaded anchors.",
-                    UserWarning, stacklevel=2)
+                    f"keras-spft: the weights file's {key} ({value[()]:g}) replaces {current[()]:g} on the "
+                    f"kernels wrapped with {current[()]:g} (a file restores the {key} it was saved with, as "
+                    f"for resuming). To train with {current[()]:g}, call `wrap_pretrained` again after "
+                    "loading: it keeps the loaded anchors.", UserWarning, stacklevel=_outside_keras())
             changed = changed or differs
             var.assign(value)
         if changed and getattr(self, "_captured_by_jit", False):

@@ -137,13 +137,31 @@ def test_load_weights_across_wrap_options_says_what_it_restores(tmp_path):
     # to train with the new one; wrapping again after loading does that.
     other = small_cnn()
     report = keras_spft.wrap_pretrained(other, radius=0.2)
-    with pytest.warns(UserWarning, match=r"MARSDistance\(base/c1/kernel\): the weights file's radius \(0\.05\) "
-                                         r"replaces 0\.2, .*call `wrap_pretrained` again after loading"):
+    with pytest.warns(UserWarning, match=r"the weights file's radius \(0\.05\) replaces 0\.2 on the kernels "
+                                         r"wrapped with 0\.2 .*call `wrap_pretrained` again after loading") as caught:
         other.load_weights(tmp_path / "w.weights.h5")
+    assert {w.filename for w in caught if "replaces" in str(w.message)} == {__file__}   # the user's line
     assert float(to_np(report["c1"].radius)) == pytest.approx(0.05)
     report = keras_spft.wrap_pretrained(other, radius=0.2)
     assert float(to_np(report["c1"].radius)) == pytest.approx(0.2)
     np.testing.assert_array_equal(to_np(report["c1"].anchor), original[0])
+
+    # Radii worked out from the anchor (relative: the file's come from the
+    # loaded anchors), and the same radius up to rounding: nothing to say.
+    keras.utils.set_random_seed(6)
+    rel = small_cnn()
+    keras_spft.wrap_pretrained(rel, radius=0.05, relative=True, head_radius=0.5)
+    rel.save_weights(tmp_path / "rel.weights.h5")
+    rel.save(tmp_path / "rel.keras")
+    again = small_cnn()
+    keras_spft.wrap_pretrained(again, radius=0.05, relative=True, head_radius=0.5 * (1 + 1e-8))
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        again.load_weights(tmp_path / "rel.weights.h5")
+        keras.models.load_model(tmp_path / "rel.keras")
+    np.testing.assert_array_equal(to_np(again.layers[0].get_layer("c1").kernel.constraint.radius),
+                                  to_np(rel.layers[0].get_layer("c1").kernel.constraint.radius))
 
     # A constraint's file into a penalty: the error names both causes.
     sp = small_cnn()
