@@ -348,8 +348,9 @@ def wrap_pretrained(
             inside them; listed in the report.
         drop_anchors: wrapping a wrapped model again raises when the call
             would leave free (or treat as head) a weight that an earlier call
-            anchored, since its anchor would be lost and a later call would
-            anchor it at its fine-tuned value; `True` lets it go, forgetting
+            anchored and that has moved from its anchor since, as the anchor
+            would be lost and a later call would anchor it at its fine-tuned
+            value; `True` lets it go, forgetting
             the anchor. `method="none"` removes every object and anchor
             without it.
 
@@ -478,6 +479,7 @@ def wrap_pretrained(
     seen = set()
     plan = []
     attachments = []
+    matrices = []  # (path, type) of unsupported layers with weight matrices
     dropped = []   # (weight path, why): anchors an earlier call set, of moved weights, this one would remove
     for path, layer in layers:
         if id(layer) in seen:
@@ -504,6 +506,8 @@ def wrap_pretrained(
                 # Made trainable, frozen or not: a frozen layer trains once
                 # unfrozen (freeze, wrap, fit the head, unfreeze).
                 reason = f"layer type {kind} is not supported: its weights are not bounded"
+                if any(len(v.shape) >= 2 for v in layer._trainable_variables):
+                    matrices.append((path, kind))
         if reason is not None:
             report.skipped.append(SkippedLayer(path, kind, reason, tuple(v.name for v in own_weights(layer))))
         if reason is not None or not specs:
@@ -617,13 +621,21 @@ def wrap_pretrained(
             + ". Save with `model.save_weights(...)` and restore by rebuilding the model, "
             "wrapping it the same way and calling `load_weights`; or leave them out with `exclude=[...]`.",
             UserWarning, stacklevel=2)
-    unbounded = [s for s in report.skipped if s.reason.startswith("layer type ")]
-    if unbounded and method != "none":
+    if matrices and method != "none":
+        # Layers with weight matrices (Embedding, RNNs, custom ones): a
+        # pre-trained model's knowledge that trains unbounded. Vectors
+        # (LayerNormalization, LayerScale, PReLU) are left free without a
+        # word, as BatchNorm's are by default; all are in report.skipped.
+        kinds = {}
+        for path, kind in matrices:
+            kinds.setdefault(kind, []).append(path)
         warnings.warn(
-            f"{len(unbounded)} layer(s) of types keras-spft does not bound train unbounded (frozen ones "
-            "once unfrozen): " + ", ".join(f"'{s.path}' ({s.kind})" for s in unbounded[:6])
-            + (", ..." if len(unbounded) > 6 else "") + " (all in report.skipped). Pass "
-            "exclude=[...] to say they are meant to train freely.", UserWarning, stacklevel=2)
+            f"{len(matrices)} layer(s) with weight matrices of types keras-spft does not bound train "
+            "unbounded (frozen ones once unfrozen): " + "; ".join(
+                f"{kind} {', '.join(repr(p) for p in paths[:4])}{', ...' if len(paths) > 4 else ''}"
+                for kind, paths in kinds.items())
+            + " (all in report.skipped). Pass exclude=[...] to say they are meant to train freely.",
+            UserWarning, stacklevel=2)
     _forget_compiled_steps([model] + [l for _, l in layers if isinstance(l, keras.Model)])
     _rebind_radius_optimizer(model)
     return report

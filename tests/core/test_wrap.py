@@ -477,19 +477,36 @@ def test_frozen_unsupported_layers_are_reported_and_grouped():
     base.trainable = False
     inputs = keras.Input((8,))
     model = keras.Model(inputs, L.Dense(2, name="h")(base(inputs)))
-    with pytest.warns(UserWarning, match=r"2 layer\(s\) of types keras-spft does not bound train unbounded "
-                                         r"\(frozen ones once unfrozen\): 'base/p1' \(PReLU\), 'base/p2' \(PReLU\) "
-                                         r"\(all in report.skipped\)\. Pass exclude="):
-        report = keras_spft.wrap_pretrained(model, radius=0.1, head_radius=1.0)
+    report = keras_spft.wrap_pretrained(model, radius=0.1, head_radius=1.0)
     unsupported = [s for s in report.skipped if "not supported" in s.reason]
     assert [(s.path, s.weights) for s in unsupported] == [("base/p1", ("alpha",)), ("base/p2", ("alpha",))]
     lines = [l for l in str(report).splitlines() if "PReLU is not supported" in l]
     assert len(lines) == 1 and "base/p1, base/p2" in lines[0], str(report)
     assert not any(s.path == "base/norm" for s in report.skipped)   # no trainable weights ever
+
+
+def test_unsupported_layers_with_weight_matrices_warn_once_grouped_by_type():
+    """An Embedding or an RNN holds pre-trained matrices that train unbounded:
+    one warning, by type; vectors (LayerNormalization, PReLU) stay quiet,
+    like BatchNorm gamma by default; exclude=[...] says it is meant."""
     import warnings
+
+    L = keras.layers
+    inputs = keras.Input((5,), dtype="int32")
+    x = L.Embedding(20, 4, name="emb")(inputs)
+    x = L.LayerNormalization(name="ln")(L.LSTM(4, return_sequences=True, name="lstm1")(x))
+    x = L.LSTM(4, name="lstm2")(x)
+    model = keras.Model(inputs, L.Dense(2, name="h")(L.PReLU(name="p")(L.Dense(4, name="d")(x))))
+    with pytest.warns(UserWarning, match=r"3 layer\(s\) with weight matrices of types keras-spft does not bound "
+                                         r"train unbounded \(frozen ones once unfrozen\): Embedding 'emb'; LSTMCell "
+                                         r"'lstm1/lstm_cell', 'lstm2/lstm_cell' \(all in report.skipped\)\. Pass exclude=") as caught:
+        report = keras_spft.wrap_pretrained(model, radius=0.1, head_radius=1.0)
+    assert len([w for w in caught if "weight matrices" in str(w.message)]) == 1
+    assert {s.path for s in report.skipped if "not supported" in s.reason} == {"emb", "lstm1/lstm_cell", "lstm2/lstm_cell",
+                                                                                 "ln", "p"}
     with warnings.catch_warnings():
-        warnings.simplefilter("error", UserWarning)   # excluded: meant to train freely, no warning
-        keras_spft.wrap_pretrained(model, radius=0.1, head_radius=1.0, exclude=["p1", "p2"])
+        warnings.simplefilter("error", UserWarning)
+        keras_spft.wrap_pretrained(model, radius=0.1, head_radius=1.0, exclude=["emb", "lstm1", "lstm2"])
 
 
 def test_a_shared_layer_must_get_one_value_from_a_radius_dict():
