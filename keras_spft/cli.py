@@ -648,7 +648,9 @@ def tune_method(session, method):
 
     # Data (and DELTA's attention) first: a command that fails before the
     # search starts leaves no record that would block the corrected one.
-    splits = session.splits("tune")
+    # Every method's search starts from the same data order (seed 0), not
+    # from where the methods searched before it in this process left it.
+    splits = run_splits(session, "tune", 0)
     wrap_options = session.wrap_options(method)
     _atomic_json(started_path, settings_search)
     budget = (f"its own budget (--trials does not apply; up to {epochs} epochs per model, factor 3)"

@@ -258,6 +258,32 @@ def test_a_seed_gives_the_same_data_order_whatever_ran_before(tiny):
     assert np.array_equal(labels(), first)
 
 
+def test_every_methods_search_starts_from_the_same_data_order(tiny, monkeypatch):
+    """The tune pipeline was shared by the methods of one `compare`: a method
+    searched after another saw the next reshuffle, and its search depended
+    on what ran before it in the process."""
+    import numpy as np
+
+    from keras_spft import tuning
+
+    data, out, _ = tiny
+    session = cli.Session(cli.build_parser().parse_args(["compare"] + _args(data, out, "--trials", "2")))
+    orders = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_search(build, train, val, method, **kwargs):
+        orders.append(np.concatenate([np.asarray(y) for _, y in train]))
+        raise Stop
+
+    monkeypatch.setattr(tuning, "search", fake_search)
+    for method in ("l2-sp", "mars-pgm", "l2-sp"):
+        with pytest.raises(Stop):
+            cli.tune_method(session, method)
+    assert len(orders) == 3 and all(np.array_equal(o, orders[0]) for o in orders)
+
+
 def test_compare_applies_an_option_to_the_methods_that_have_it(tiny):
     data, out, _ = tiny
     with pytest.raises(SystemExit, match=r"--radius does not apply to any of none, l2-sp \(their hyper-parameters: "
