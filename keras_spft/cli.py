@@ -41,7 +41,7 @@ RANGE_OPTIONS = ("radius-range", "head-radius-range", "strength-range", "head-st
 #: Batches of the training data used to compute DELTA's attention.
 ATTENTION_BATCHES = 4
 # Settings that must match for a finished run on disk to be reused.
-SETTING_KEYS = ("data", "model", "weights", "alpha", "image_size", "head", "epochs",
+SETTING_KEYS = ("data", "data_files", "model", "weights", "alpha", "image_size", "head", "epochs",
                 "batch_size", "augment", "batchnorm", "radius_lr", "stage")
 #: What a setting that older versions did not record was: runs they finished
 #: are reused (batchnorm options and --radius-lr came later; the radius step
@@ -217,8 +217,31 @@ def _methods_list():
 
 
 def _data_key(data):
-    """`--data` as recorded in the settings: `syn/` and `./syn` are `syn`."""
-    return data if data.startswith("tfds:") else os.path.normpath(data)
+    """`--data` as recorded in the settings: an image folder by its absolute
+    path (`syn/`, `./syn` and `/abs/syn` are one folder; the same relative
+    path from another directory is another)."""
+    return data if data.startswith("tfds:") else os.path.abspath(data)
+
+
+def _data_files(data):
+    """What an image folder holds, as recorded in the settings: its number of
+    files, their bytes, and a digest of their paths and sizes (another folder
+    at the same path, or files added, removed or replaced, differ); None for
+    TFDS, whose name (and version, `tfds:NAME:1.2.0`) says it."""
+    if data.startswith("tfds:") or not os.path.isdir(data):
+        return None
+    digest, count, size = hashlib.sha1(), 0, 0
+    for root, dirs, files in os.walk(data, followlinks=True):
+        dirs.sort()
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            try:
+                n = os.path.getsize(path)
+            except OSError:
+                continue
+            digest.update(f"{os.path.relpath(path, data)}\0{n}\0".encode())
+            count, size = count + 1, size + n
+    return f"{count} files, {size} bytes, {digest.hexdigest()[:12]}"
 
 
 class Session:
@@ -277,7 +300,7 @@ class Session:
     def attention_cache(self):
         """The `.npz` file under `--out` holding DELTA's attention of this backbone."""
         a = self.args
-        key = json.dumps([_data_key(a.data), self.backbone.name, self.weights, a.alpha, a.image_size, a.head,
+        key = json.dumps([_data_key(a.data), self.data_files, self.backbone.name, self.weights, a.alpha, a.image_size, a.head,
                           ATTENTION_BATCHES, a.batch_size, a.augment])
         digest = hashlib.sha1(key.encode()).hexdigest()[:10]
         return os.path.join(a.out, "delta", f"attention_{self.backbone.name}_{digest}.npz")
@@ -310,7 +333,7 @@ class Session:
         """What a run (or search) of `method` depends on, as recorded with it."""
         a = self.args
         return self.comparable({
-            "data": _data_key(a.data), "model": self.backbone.name, "weights": self.weights, "alpha": a.alpha,
+            "data": _data_key(a.data), "data_files": self.data_files, "model": self.backbone.name, "weights": self.weights, "alpha": a.alpha,
             "image_size": a.image_size, "head": a.head, "epochs": epochs or a.epochs,
             "batch_size": a.batch_size, "augment": a.augment, "batchnorm": a.batchnorm,
             "radius_lr": self.radius_lr, "stage": stage,
@@ -328,6 +351,11 @@ class Session:
         for k, v in UNRECORDED_SETTINGS.items():
             if out.get(k) is None:
                 out[k] = v
+        if "data_files" not in out:
+            # Recorded by older versions as a path relative to where they ran
+            # (taken as relative to here), without the folder's contents.
+            out["data"] = _data_key(out.get("data", ""))
+            out["data_files"] = self.data_files if out["data"] == _data_key(self.args.data) else None
         if out.get("alpha") is None and out.get("model") == self.backbone.name and self.backbone.has_alpha:
             out["alpha"] = float(inspect.signature(self.backbone.constructor).parameters["alpha"].default)
         if method not in batchnorm_methods(out["batchnorm"]):
@@ -335,6 +363,13 @@ class Session:
         if method not in recipe.LEARNED_METHODS:
             out["radius_lr"] = recipe.DEFAULT_RADIUS_LR
         return out
+
+    @property
+    def data_files(self):
+        """`_data_files` of `--data`, worked out once."""
+        if not hasattr(self, "_data_files"):
+            self._data_files = _data_files(self.args.data)
+        return self._data_files
 
     @property
     def radius_lr(self):

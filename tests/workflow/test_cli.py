@@ -218,11 +218,37 @@ def test_runs_finished_before_batchnorm_and_radius_lr_were_recorded_are_reused(t
     done = json.loads(path.read_text())
     del done["settings"]["batchnorm"]
     done["settings"]["radius_lr"] = None
+    del done["settings"]["data_files"]                            # and the data path was relative
+    done["settings"]["data"] = os.path.relpath(done["settings"]["data"])
     path.write_text(json.dumps(done))
     monkeypatch.setattr(cli, "train_one", lambda *a, **k: pytest.fail("re-ran a finished run"))
     cli.run(["finetune"] + _args(data, out, "--method", "l2-pgm", "--radius", "2"))
     with pytest.raises(SystemExit, match=r"batchnorm: 'none' on disk vs 'gamma' now"):
         cli.run(["finetune"] + _args(data, out, "--method", "l2-pgm", "--radius", "2", "--batchnorm", "gamma"))
+
+
+def test_runs_are_reused_only_for_the_same_data_folder_and_files(tiny, monkeypatch, tmp_path):
+    """`--data data` from another directory is another folder; the folder's
+    files are recorded too (a relative path was the whole key: another data
+    set at the same relative path reused the old runs and table)."""
+    import shutil
+
+    data, out, _ = tiny
+    make_image_folder(tmp_path / "elsewhere" / "data", classes=("a", "b", "c"), per_split={"train": 4, "val": 2,
+                                                                                          "test": 2})
+    run = ["--method", "l2-pgm", "--radius", "2"]
+    monkeypatch.chdir(tmp_path)
+    cli.run(["finetune"] + _args("data", out, *run))
+    assert json.load(open(out / "runs" / "l2-pgm" / "seed0.json"))["settings"]["data_files"].startswith("21 files, ")
+    monkeypatch.setattr(cli, "train_one", lambda *a, **k: pytest.fail("re-ran a finished run"))
+    cli.run(["finetune"] + _args(str(tmp_path / "data") + os.sep, out, *run))   # the same folder: reused
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    with pytest.raises(SystemExit, match=r"data: '\S+/data' on disk vs '\S+/elsewhere/data' now"):
+        cli.run(["finetune"] + _args("data", out, *run))
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(tmp_path / "data" / "train" / "a" / "img0.png", tmp_path / "data" / "train" / "a" / "new.png")
+    with pytest.raises(SystemExit, match=r"data_files: '21 files, .*' on disk vs '22 files, .*' now"):
+        cli.run(["finetune"] + _args("data", out, *run))
 
 
 def test_unfinished_search_resumes_only_with_its_settings(tiny, monkeypatch):
