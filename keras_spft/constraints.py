@@ -46,8 +46,8 @@ _UNIT_ROUNDOFF = {"float16": 2.0 ** -10, "bfloat16": 2.0 ** -7, "float32": 2.0 *
 def _axis_list(axis):
     if axis is None:
         return None
-    if isinstance(axis, int):
-        return [axis]
+    if isinstance(axis, (int, np.integer)):
+        return [int(axis)]
     return [int(a) for a in axis]
 
 
@@ -309,6 +309,7 @@ class MARSDistance(_DistanceConstraint):
     def row_distances(self, w):
         """Per-row L1 distances of `w` to the anchor (reduced axes kept)."""
         w = ops.convert_to_tensor(w)
+        w = ops.cast(w, _compute_dtype(w.dtype))   # 16-bit kernels: their distance in float32
         t = w if self._anchor is None else w - self._anchor_value(w.dtype)
         return spft_ops.row_l1_norms(t, self._axis_for(w))
 
@@ -385,6 +386,7 @@ class FrobeniusDistance(_DistanceConstraint):
     def distance(self, w):
         """The Frobenius distance of `w` to the anchor."""
         w = ops.convert_to_tensor(w)
+        w = ops.cast(w, _compute_dtype(w.dtype))   # 16-bit kernels: their distance in float32
         t = w if self._anchor is None else w - self._anchor_value(w.dtype)
         return spft_ops.frobenius_norm(t)
 

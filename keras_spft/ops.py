@@ -12,6 +12,7 @@ All reductions keep their dimensions, so a per-row quantity (norm, radius)
 broadcasts against the kernel.
 """
 
+import numpy as np
 import keras
 from keras import ops
 
@@ -52,11 +53,11 @@ def normalize_axis(axis, ndim):
     """
     if axis is None:
         return tuple(range(ndim))
-    if isinstance(axis, int):
-        axis = (axis,)
+    if isinstance(axis, (int, np.integer)) and not isinstance(axis, (bool, np.bool_)):
+        axis = (int(axis),)
     out = []
     for a in axis:
-        if not isinstance(a, int) or isinstance(a, bool):
+        if not isinstance(a, (int, np.integer)) or isinstance(a, (bool, np.bool_)):
             raise ValueError(f"axis entries must be ints, got {axis!r}.")
         if not -ndim <= a < ndim:
             raise ValueError(f"axis {a} is out of range for a rank-{ndim} tensor.")
@@ -74,7 +75,8 @@ def row_l1_norms(x, axis):
         axis: axes summed per row (see module docstring); `()` gives `|x|`.
 
     Returns:
-        Tensor broadcastable against `x`.
+        Tensor broadcastable against `x` (float32 for 16-bit `x`: a 16-bit
+        sum of thousands of elements loses whole units).
 
     Example:
 
@@ -85,6 +87,7 @@ def row_l1_norms(x, axis):
     >>> ops.convert_to_numpy(sops.row_l1_norms(x, (0,))).tolist()   # rows = columns of a Dense kernel
     [[4.0, 6.0]]
     """
+    x = _widened(x)
     if len(axis) == 0:
         return ops.abs(x)
     return ops.sum(ops.abs(x), axis=axis, keepdims=True)
@@ -119,7 +122,8 @@ def frobenius_norm(x):
         x: tensor.
 
     Returns:
-        Scalar tensor.
+        Scalar tensor (float32 for 16-bit `x`, whose squares underflow or
+        overflow in 16 bits).
 
     Example:
 
@@ -129,7 +133,7 @@ def frobenius_norm(x):
     >>> float(sops.frobenius_norm(ops.convert_to_tensor(np.array([[3.0, 0.0], [0.0, 4.0]]))))
     5.0
     """
-    sq = ops.square(x)
+    sq = ops.square(_widened(x))
     if len(x.shape) > 1:
         # Two stages (over all axes but the last, then the rest): one pass at
         # the memory floor on XLA GPU, where a single full reduction of every
@@ -233,9 +237,10 @@ def scale_to_l1_ball(t, radius, axis, norms=None):
     >>> ops.convert_to_numpy(sops.scale_to_l1_ball(t, 2.0, (0,))).round(3).tolist()   # column 0 scaled by 1/2
     [[1.5, 0.1], [0.5, 0.1]]
     """
+    dtype, t = t.dtype, _widened(t)   # 16-bit: computed in float32, rounded once
     if norms is None:
         norms = row_l1_norms(t, axis)
-    return t * _shrink_factor(norms, radius)
+    return ops.cast(t * _shrink_factor(norms, radius), dtype)
 
 
 def scale_to_frobenius_ball(t, radius, norm=None):
@@ -264,9 +269,10 @@ def scale_to_frobenius_ball(t, radius, norm=None):
     >>> ops.convert_to_numpy(sops.scale_to_frobenius_ball(t, 1.0)).round(3).tolist()
     [0.6, 0.8]
     """
+    dtype, t = t.dtype, _widened(t)   # 16-bit: computed in float32, rounded once
     if norm is None:
         norm = frobenius_norm(t)
-    return t / at_least(norm / radius, 1.0)
+    return ops.cast(t / at_least(norm / radius, 1.0), dtype)
 
 
 def _l1_threshold(a, radius, axis, s=None):

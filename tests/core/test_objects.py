@@ -261,3 +261,23 @@ def test_16_bit_kernels_are_projected_in_float32_and_rounded_once():
     expected = a32 + t * np.minimum(1.0, 0.5 / np.abs(t).sum(axis=0, keepdims=True))
     rounded = to_np(ops.cast(ops.convert_to_tensor(expected.astype("float32")), "bfloat16")).astype(np.float64)
     assert np.mean(got == rounded) > 0.9 and np.abs(got - rounded).max() <= np.abs(rounded).max() * 2.0 ** -7
+
+
+def test_16bit_distances_and_relative_radii_are_exact_in_float32():
+    import keras_spft
+
+    rng = np.random.default_rng(0)
+    a = (rng.normal(size=(256, 256)) * 0.01).astype("float16")
+    w = a + rng.choice([-1e-4, 1e-4], a.shape).astype("float16")
+    d = (w.astype("float64") - a.astype("float64"))
+    c = keras_spft.FrobeniusDistance(a, 1.0)
+    assert float(to_np(c.distance(w))) == pytest.approx(np.sqrt((d ** 2).sum()), rel=1e-5)   # was 0.0
+    m = keras_spft.MARSDistance(a, 1.0, axis=np.int64(0))
+    assert float(to_np(m.distance(w))) == pytest.approx(np.abs(d).sum(axis=0).max(), rel=1e-5)
+    big = rng.normal(size=(512, 512)).astype("float16")
+    rel = keras_spft.FrobeniusDistance(big, 0.01, relative=True)        # was "radius ... got inf"
+    want = 0.01 * np.sqrt((big.astype("float64") ** 2).sum())
+    assert float(to_np(rel.radius)) == pytest.approx(want, rel=1e-5)
+    conv = np.full((3, 3, 512, 2), 0.04, "float16")
+    rel = keras_spft.MARSDistance(conv, 0.1, axis=(0, 1, 2), relative=True)   # was 13.5% off on TF
+    np.testing.assert_allclose(to_np(rel.radius), 0.1 * 4608 * float(np.float16(0.04)), rtol=1e-6)

@@ -148,3 +148,24 @@ def test_python_number_bounds_keep_float64_and_16bit_rows_stay_finite():
     big = ops.convert_to_tensor(np.full((2000, 2), 60.0), dtype="float16")
     rows = np.abs(np.asarray(ops.convert_to_numpy(sops.project_l1_ball(big, 10.0, (0,))), "float64")).sum(0)
     np.testing.assert_allclose(rows, 10.0, rtol=2e-3)
+
+
+def test_16bit_norms_and_scalings_are_worked_out_in_float32():
+    # A float16 sum of 4608 elements lost whole units (128 for 184.4 on TF),
+    # squares of small offsets underflowed (a distance of 0) or large ones
+    # overflowed (a relative radius of inf), and a scaled point left its ball.
+    x = np.full((4608, 3), 0.04, "float16")
+    exact = 4608 * float(np.float16(0.04))
+    got = to_np(sops.row_l1_norms(ops.convert_to_tensor(x), (0,)))
+    np.testing.assert_allclose(got, exact, rtol=1e-6)
+    for scale, n in ((1e-4, 256), (8.0, 512)):   # squares below / above float16's range
+        y = np.full((n, n), scale, "float16")
+        want = float(np.float16(scale)) * n
+        assert float(to_np(sops.frobenius_norm(ops.convert_to_tensor(y)))) == pytest.approx(want, rel=1e-6)
+    t = ops.convert_to_tensor(np.full((64, 64), 1e-4, "float16"))
+    out = to_np(sops.scale_to_frobenius_ball(t, 1e-3))
+    assert out.dtype == np.float16 and np.sqrt((out.astype("float64") ** 2).sum()) <= 1e-3 * (1 + 2 ** -10)
+    out = to_np(sops.scale_to_l1_ball(ops.convert_to_tensor(x), 1.0, (0,)))
+    assert out.dtype == np.float16
+    assert np.abs(out.astype("float64")).sum(axis=0).max() <= 1.0 * (1 + 2 ** -10)
+    assert sops.normalize_axis(np.int64(-1), 3) == (2,)
