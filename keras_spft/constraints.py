@@ -289,7 +289,24 @@ class MARSDistance(_DistanceConstraint):
     def _axis_for(self, w):
         if self.axis is not None:
             return self.axis
-        return spft_ops.normalize_axis(self._axis_arg, len(w.shape))
+        axis = spft_ops.normalize_axis(self._axis_arg, len(w.shape))
+        if len(self._scale.shape):
+            # Per-row radii without an anchor (a head): checked against the
+            # rows once a kernel shows them (they broadcast silently).
+            rows = self._row_shape_of(w.shape, axis)
+            try:
+                fits = np.broadcast_shapes(tuple(self._scale.shape), rows) == rows
+            except ValueError:
+                fits = False
+            if not fits:
+                raise ValueError(
+                    f"{self._owner()}: `radius` of shape {tuple(self._scale.shape)} does not broadcast "
+                    f"to the per-row shape {rows} of a kernel of shape {tuple(w.shape)}.")
+        return axis
+
+    @staticmethod
+    def _row_shape_of(shape, axis):
+        return tuple(1 if i in axis else int(d) for i, d in enumerate(shape))
 
     def _project(self, t, radius, distances=None):
         axis = self._axis_for(t)

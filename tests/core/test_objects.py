@@ -281,3 +281,15 @@ def test_16bit_distances_and_relative_radii_are_exact_in_float32():
     conv = np.full((3, 3, 512, 2), 0.04, "float16")
     rel = keras_spft.MARSDistance(conv, 0.1, axis=(0, 1, 2), relative=True)   # was 13.5% off on TF
     np.testing.assert_allclose(to_np(rel.radius), 0.1 * 4608 * float(np.float16(0.04)), rtol=1e-6)
+
+
+def test_per_row_radii_of_a_head_are_checked_against_its_rows():
+    import keras_spft
+
+    c = keras_spft.MARSDistance(None, radius=np.array([[1.0], [2.0], [3.0]], "float32"), axis=0)
+    with pytest.raises(ValueError, match=r"`radius` of shape \(3, 1\) does not broadcast to the per-row shape "
+                                         r"\(1, 3\) of a kernel of shape \(3, 3\)"):
+        c(ops.ones((3, 3)))          # silently gave every column the norm 2
+    c = keras_spft.MARSDistance(None, radius=np.array([1.0, 2.0, 3.0], "float32"), axis=0)
+    out = to_np(c(ops.ones((4, 3)) * 2.0))
+    np.testing.assert_allclose(np.abs(out).sum(axis=0), [1.0, 2.0, 3.0], rtol=1e-6)
