@@ -531,9 +531,28 @@ def train_one(session, method, values, seed, stage, epochs=None):
         "wall_s": round(wall, 2),
         "settings": session.settings(stage, method, epochs),
         "keras_backend": keras.backend.backend(),
+        "versions": _versions(),
         "distribute": args.distribute,
         "replicas": session.replicas,
     }
+
+
+def _versions():
+    """The versions a run was made with (recorded, not compared for reuse)."""
+    from importlib import metadata
+
+    import keras
+
+    import keras_spft
+
+    out = {"keras_spft": keras_spft.__version__, "keras": keras.__version__}
+    lib = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}.get(keras.backend.backend())
+    if lib:
+        try:
+            out[lib] = metadata.version(lib)
+        except metadata.PackageNotFoundError:
+            out[lib] = None
+    return out
 
 
 def run_seeds(session, method, values, seeds, stage="final"):

@@ -165,6 +165,11 @@ def test_cli_subprocess_real_mobilenet(tmp_path):
     run = json.load(open(out / "runs" / "mars-pgm" / "seed0.json"))
     assert run["settings"]["model"] == "MobileNet" and run["settings"]["alpha"] == 0.25
     assert run["values"]["radius"] == 3.0 and run["keras_backend"]
+    import keras
+
+    import keras_spft
+    assert run["versions"]["keras_spft"] == keras_spft.__version__ and run["versions"]["keras"] == keras.__version__
+    assert run["versions"][{"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}[keras.backend.backend()]]
 
 
 def test_console_entry_point_returns_exit_status_zero(tiny):
