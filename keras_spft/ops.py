@@ -53,7 +53,9 @@ def normalize_axis(axis, ndim):
     """
     if axis is None:
         return tuple(range(ndim))
-    if isinstance(axis, (int, np.integer)) and not isinstance(axis, (bool, np.bool_)):
+    if isinstance(axis, (bool, np.bool_)):
+        raise ValueError(f"axis entries must be ints, got {axis!r}.")
+    if isinstance(axis, (int, np.integer)):
         axis = (int(axis),)
     out = []
     for a in axis:
@@ -61,7 +63,7 @@ def normalize_axis(axis, ndim):
             raise ValueError(f"axis entries must be ints, got {axis!r}.")
         if not -ndim <= a < ndim:
             raise ValueError(f"axis {a} is out of range for a rank-{ndim} tensor.")
-        out.append(a % ndim)
+        out.append(int(a) % ndim)
     if len(set(out)) != len(out):
         raise ValueError(f"axis {axis!r} repeats an axis.")
     return tuple(sorted(out))
@@ -204,6 +206,14 @@ def _widened(t):
     return ops.cast(t, "float32") if keras.backend.standardize_dtype(t.dtype) in ("float16", "bfloat16") else t
 
 
+def _widened_all(*values):
+    """`_widened` of each tensor among `values` (16-bit tensors to float32);
+    Python numbers and `None` as they are. TensorFlow does not promote
+    float32 * bfloat16: a 16-bit radius or norms passed beside a widened
+    offset would fail."""
+    return tuple(_widened(v) if hasattr(v, "dtype") and hasattr(v, "shape") else v for v in values)
+
+
 def _shrink_factor(norm, radius):
     # min(1, radius / norm) written as 1 / max(1, norm / radius): exactly 1 for
     # rows inside the ball, no division by zero for zero rows, and no NaN for
@@ -237,7 +247,8 @@ def scale_to_l1_ball(t, radius, axis, norms=None):
     >>> ops.convert_to_numpy(sops.scale_to_l1_ball(t, 2.0, (0,))).round(3).tolist()   # column 0 scaled by 1/2
     [[1.5, 0.1], [0.5, 0.1]]
     """
-    dtype, t = t.dtype, _widened(t)   # 16-bit: computed in float32, rounded once
+    dtype = t.dtype
+    t, radius, norms = _widened_all(t, radius, norms)   # 16-bit: computed in float32, rounded once
     if norms is None:
         norms = row_l1_norms(t, axis)
     return ops.cast(t * _shrink_factor(norms, radius), dtype)
@@ -269,7 +280,8 @@ def scale_to_frobenius_ball(t, radius, norm=None):
     >>> ops.convert_to_numpy(sops.scale_to_frobenius_ball(t, 1.0)).round(3).tolist()
     [0.6, 0.8]
     """
-    dtype, t = t.dtype, _widened(t)   # 16-bit: computed in float32, rounded once
+    dtype = t.dtype
+    t, radius, norm = _widened_all(t, radius, norm)   # 16-bit: computed in float32, rounded once
     if norm is None:
         norm = frobenius_norm(t)
     return ops.cast(t / at_least(norm / radius, 1.0), dtype)
@@ -399,6 +411,7 @@ def l1_radius_gradient(grad, t, radius, axis, projection="scale", rtol=1e-3, sla
     """
     # Per-row reductions only (siblings of the row norms, one pass when
     # fused); the row mask is applied to the small per-row results.
+    t, grad, radius = _widened_all(t, grad, radius)
     norms = row_l1_norms(t, axis)
     if projection == "exact":
         if len(axis):
@@ -438,5 +451,6 @@ def frobenius_radius_gradient(grad, t, radius, rtol=1e-3, slack=0.0):
     >>> float(sops.frobenius_radius_gradient(ops.convert_to_tensor(np.array([1.0, 1.0])), t, 1.0))
     1.4
     """
+    t, grad, radius = _widened_all(t, grad, radius)
     on = _at_bound(frobenius_norm(t), radius, rtol, slack)
     return on * ops.sum(grad * t) / radius

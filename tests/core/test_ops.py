@@ -168,4 +168,15 @@ def test_16bit_norms_and_scalings_are_worked_out_in_float32():
     out = to_np(sops.scale_to_l1_ball(ops.convert_to_tensor(x), 1.0, (0,)))
     assert out.dtype == np.float16
     assert np.abs(out.astype("float64")).sum(axis=0).max() <= 1.0 * (1 + 2 ** -10)
-    assert sops.normalize_axis(np.int64(-1), 3) == (2,)
+    assert sops.normalize_axis(np.int64(-1), 3) == (2,) and type(sops.normalize_axis([np.int64(0)], 2)[0]) is int
+    with pytest.raises(ValueError, match="axis entries must be ints, got True"):
+        sops.normalize_axis(True, 2)
+    # 16-bit radii, norms and gradients beside the widened offsets (TensorFlow
+    # does not promote float32 * bfloat16).
+    t16, r16 = ops.cast(ops.convert_to_tensor(x[:, :2]), "bfloat16"), ops.cast(ops.convert_to_tensor(1.0), "bfloat16")
+    n16 = ops.cast(sops.row_l1_norms(t16, (0,)), "bfloat16")
+    assert keras.backend.standardize_dtype(sops.scale_to_l1_ball(t16, r16, (0,), norms=n16).dtype) == "bfloat16"
+    assert keras.backend.standardize_dtype(sops.scale_to_frobenius_ball(t16, r16, norm=r16 * 50.0).dtype) == "bfloat16"
+    want = float(np.sum(to_np(ops.cast(t16, "float32")) ** 2)) / 2.0
+    assert float(to_np(sops.l1_radius_gradient(t16, t16, 2.0, (0,), rtol=1e9))) == pytest.approx(want, rel=1e-5)
+    assert float(to_np(sops.frobenius_radius_gradient(t16, t16, 2.0, rtol=1e9))) == pytest.approx(want, rel=1e-5)
