@@ -220,26 +220,31 @@ def _data_key(data):
     """`--data` as recorded in the settings: an image folder by its absolute
     path (`syn/`, `./syn` and `/abs/syn` are one folder; the same relative
     path from another directory is another)."""
-    return data if data.startswith("tfds:") else os.path.abspath(data)
+    return data if data.startswith("tfds:") else os.path.realpath(os.path.expanduser(data))
 
 
 def _data_files(data):
-    """What an image folder holds, as recorded in the settings: its number of
-    files, their bytes, and a digest of their paths and sizes (another folder
-    at the same path, or files added, removed or replaced, differ); None for
-    TFDS, whose name (and version, `tfds:NAME:1.2.0`) says it."""
-    if data.startswith("tfds:") or not os.path.isdir(data):
+    """What an image folder holds, as recorded in the settings: the number of
+    images the loader reads (`keras_spft.data.scan_image_folder`: hidden and
+    non-image files are not among them), their bytes, and a digest of their
+    paths, labels and sizes (another folder at the same path, or images
+    added, removed or replaced, differ); None for TFDS, whose name (and
+    version, `tfds:NAME:1.2.0`) says it, and for a folder the loader refuses
+    (its error comes when the data is loaded)."""
+    if data.startswith("tfds:"):
+        return None
+    from keras_spft.data import scan_image_folder
+
+    root = _data_key(data)
+    try:
+        _, files = scan_image_folder(root, check_images=False)
+    except ValueError:
         return None
     digest, count, size = hashlib.sha1(), 0, 0
-    for root, dirs, files in os.walk(data, followlinks=True):
-        dirs.sort()
-        for name in sorted(files):
-            path = os.path.join(root, name)
-            try:
-                n = os.path.getsize(path)
-            except OSError:
-                continue
-            digest.update(f"{os.path.relpath(path, data)}\0{n}\0".encode())
+    for split in sorted(files):
+        for path, label in sorted(files[split]):
+            n = os.path.getsize(path)
+            digest.update(f"{os.path.relpath(path, root)}\0{label}\0{n}\0".encode())
             count, size = count + 1, size + n
     return f"{count} files, {size} bytes, {digest.hexdigest()[:12]}"
 
@@ -550,8 +555,8 @@ def _versions():
     if lib:
         try:
             out[lib] = metadata.version(lib)
-        except metadata.PackageNotFoundError:
-            out[lib] = None
+        except metadata.PackageNotFoundError:   # tensorflow-cpu, tf-nightly, ...
+            out[lib] = getattr(sys.modules.get(lib), "__version__", None)
     return out
 
 

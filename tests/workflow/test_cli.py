@@ -247,6 +247,9 @@ def test_runs_are_reused_only_for_the_same_data_folder_and_files(tiny, monkeypat
     assert json.load(open(out / "runs" / "l2-pgm" / "seed0.json"))["settings"]["data_files"].startswith("21 files, ")
     monkeypatch.setattr(cli, "train_one", lambda *a, **k: pytest.fail("re-ran a finished run"))
     cli.run(["finetune"] + _args(str(tmp_path / "data") + os.sep, out, *run))   # the same folder: reused
+    (tmp_path / "data" / "train" / ".DS_Store").write_bytes(b"x")                 # not data: still reused
+    os.symlink(tmp_path / "data", tmp_path / "link")
+    cli.run(["finetune"] + _args(str(tmp_path / "link"), out, *run))              # the same folder via a link
     monkeypatch.chdir(tmp_path / "elsewhere")
     with pytest.raises(SystemExit, match=r"data: '\S+/data' on disk vs '\S+/elsewhere/data' now"):
         cli.run(["finetune"] + _args("data", out, *run))
