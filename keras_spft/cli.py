@@ -217,9 +217,9 @@ def _methods_list():
 
 
 def _data_key(data):
-    """`--data` as recorded in the settings: an image folder by its absolute
-    path (`syn/`, `./syn` and `/abs/syn` are one folder; the same relative
-    path from another directory is another)."""
+    """`--data` as recorded in the settings: an image folder by its real path
+    (`syn/`, `./syn`, `/abs/syn` and a link to it are one folder; the same
+    relative path from another directory is another)."""
     return data if data.startswith("tfds:") else os.path.realpath(os.path.expanduser(data))
 
 
@@ -551,8 +551,8 @@ def _versions():
     import keras_spft
 
     out = {"keras_spft": keras_spft.__version__, "keras": keras.__version__}
-    lib = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}.get(keras.backend.backend())
-    if lib:
+    lib = keras.backend.backend()   # the backends' names are their packages' names
+    if lib in ("tensorflow", "jax", "torch"):
         try:
             out[lib] = metadata.version(lib)
         except metadata.PackageNotFoundError:   # tensorflow-cpu, tf-nightly, ...

@@ -64,7 +64,7 @@ class _DistanceConstraint(Anchored, keras.constraints.Constraint):
     def _project(self, t, radius, distances=None):
         raise NotImplementedError
 
-    def _row_shape(self, shape):
+    def _row_shape(self, shape, axis=None):
         raise NotImplementedError
 
     def _distances(self, t):
@@ -283,8 +283,9 @@ class MARSDistance(_DistanceConstraint):
         self._check_learned_scalar()
         self._set_min_radius()
 
-    def _row_shape(self, shape):
-        return tuple(1 if i in self.axis else d for i, d in enumerate(shape))
+    def _row_shape(self, shape, axis=None):
+        axis = self.axis if axis is None else axis
+        return tuple(1 if i in axis else int(d) for i, d in enumerate(shape))
 
     def _axis_for(self, w):
         if self.axis is not None:
@@ -292,8 +293,9 @@ class MARSDistance(_DistanceConstraint):
         axis = spft_ops.normalize_axis(self._axis_arg, len(w.shape))
         if len(self._scale.shape):
             # Per-row radii without an anchor (a head): checked against the
-            # rows once a kernel shows them (they broadcast silently).
-            rows = self._row_shape_of(w.shape, axis)
+            # rows of the kernel at hand (a shape test in Python; they would
+            # broadcast silently).
+            rows = self._row_shape(w.shape, axis)
             try:
                 fits = np.broadcast_shapes(tuple(self._scale.shape), rows) == rows
             except ValueError:
@@ -303,10 +305,6 @@ class MARSDistance(_DistanceConstraint):
                     f"{self._owner()}: `radius` of shape {tuple(self._scale.shape)} does not broadcast "
                     f"to the per-row shape {rows} of a kernel of shape {tuple(w.shape)}.")
         return axis
-
-    @staticmethod
-    def _row_shape_of(shape, axis):
-        return tuple(1 if i in axis else int(d) for i, d in enumerate(shape))
 
     def _project(self, t, radius, distances=None):
         axis = self._axis_for(t)

@@ -350,9 +350,8 @@ def wrap_pretrained(
             would leave free (or treat as head) a weight that an earlier call
             anchored and that has moved from its anchor since, as the anchor
             would be lost and a later call would anchor it at its fine-tuned
-            value; `True` lets it go, forgetting
-            the anchor. `method="none"` removes every object and anchor
-            without it.
+            value; `True` lets it go, forgetting the anchor. `method="none"`
+            removes every object and anchor without it.
 
     Returns:
         A `WrapReport`; `print(report)` shows every wrapped weight (kind,
@@ -514,7 +513,7 @@ def wrap_pretrained(
             # After a call, the model's keras-spft objects are exactly those
             # in the report: clear any left by an earlier call here.
             attachments.extend((layer, spec, None, None) for spec in specs)
-            dropped.extend((f"{path}/{spec.weight}", reason) for spec in specs if _anchor_of(spec.variable))
+            dropped.extend((f"{path}/{spec.weight}", reason) for spec in specs if _moved_from_anchor(spec.variable))
             continue
         is_head = id(layer) in head_ids
         if method != "none":
@@ -547,7 +546,7 @@ def wrap_pretrained(
         if is_head:
             value = (_resolve(head_value, layer, path, "head_strength" if sp else "head_radius", others[id(layer)])
                      if head_value is not None else None)
-            if _anchor_of(var):
+            if _moved_from_anchor(var):
                 dropped.append((f"{path}/{spec.weight}", "now head, bounded around zero"
                                 if value is not None else "head left free"))
             if value is None:
@@ -561,7 +560,7 @@ def wrap_pretrained(
             if value is None:
                 report.skipped.append(SkippedLayer(path, spec.kind, "the radius callable returned None"))
                 attachments.append((layer, spec, None, None))
-                if _anchor_of(var):
+                if _moved_from_anchor(var):
                     dropped.append((f"{path}/{spec.weight}", "the radius callable returned None"))
                 continue
             existing = _existing(var, path)
@@ -663,7 +662,7 @@ def _forget_compiled_steps(models):
                 setattr(m, attr, None)
 
 
-def _anchor_of(var):
+def _moved_from_anchor(var):
     """Whether `var` carries a keras-spft object with a loaded anchor that it
     has moved from: removing that object would lose the anchor (one the
     weight still equals comes back the same from a later call)."""
