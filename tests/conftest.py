@@ -13,7 +13,7 @@ def _backend_runs_module(session):
 def pytest_collection_modifyitems(session, config, items):
     # When tests/test_backends.py runs tests/core on the current backend too
     # (a whole-suite run), the in-process copy of tests/core is left out: the
-    # three backends' core runs then go side by side in subprocesses, beside
+    # three backends' core runs then go in subprocesses (test_backends._lanes), beside
     # the rest of the suite, instead of the current one lengthening it.
     if os.environ.get("KERAS_SPFT_SUBRUN") or config.option.collectonly:
         return
