@@ -63,6 +63,6 @@ keras_spft.wrap_pretrained(model, method="mars-pgm", radius=result.best["radius"
                            head_radius=result.best["head_radius"])
 recipe.compile_model(model, args.lr)
 model.fit(final.train, epochs=args.epochs, verbose=2, callbacks=[recipe.lr_schedule(args.lr, args.epochs)])
-loss, acc = model.evaluate(final.eval, verbose=0)
+acc = model.evaluate(final.eval, verbose=0, return_dict=True)["accuracy"]
 print(f"best radius {result.best['radius']:.3g}, head radius {result.best['head_radius']:.3g}: "
       f"test accuracy {acc:.4f}")

@@ -195,7 +195,10 @@ def compile_model(model, lr=DEFAULT_LR, radius_lr=DEFAULT_RADIUS_LR):
         radius_lr: step size of learned radii (`RadiusOptimizer`).
 
     Returns:
-        `model`, compiled (with accuracy as a metric).
+        `model`, compiled with two metrics: `accuracy`, and `cross_entropy`,
+        the loss without the penalties that L2-SP and MARS-SP add to Keras'
+        `loss` (whose size depends on the strength: not comparable between
+        strengths).
 
     Example:
 
@@ -214,7 +217,7 @@ def compile_model(model, lr=DEFAULT_LR, radius_lr=DEFAULT_RADIUS_LR):
     model.compile(
         optimizer=optimizer,
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=["accuracy"],
+        metrics=["accuracy", keras.metrics.SparseCategoricalCrossentropy(from_logits=True, name="cross_entropy")],
     )
     return model
 

@@ -29,7 +29,12 @@ TUNERS = {
     "hyperband": keras_tuner.Hyperband,
     "grid": keras_tuner.GridSearch,
 }
-OBJECTIVES = {"val_accuracy": "max", "val_loss": "min"}
+#: Objective names `search` takes -> (the metric KerasTuner scores, direction).
+#: "val_loss" scores the validation cross-entropy (`recipe.compile_model`'s
+#: `cross_entropy` metric): Keras' `val_loss` adds the L2-SP / MARS-SP
+#: penalties, whose size depends on the very strength searched.
+OBJECTIVES = {"val_accuracy": ("val_accuracy", "max"), "val_loss": ("val_cross_entropy", "min"),
+              "val_cross_entropy": ("val_cross_entropy", "min")}
 
 
 def _checked_seed(seed, highest, highest_text):
@@ -78,7 +83,8 @@ class SPFTHyperModel(keras_tuner.HyperModel):
         seed: `keras.utils.set_random_seed(seed)` before each trial builds
             its model, so every trial starts from the same new head and
             draws the same dropout (and, with NumPy inputs, the same data
-            order). A `tf.data` pipeline shuffled with
+            order); with `executions_per_trial=k`, execution `i` of each
+            trial is seeded `seed + i`. A `tf.data` pipeline shuffled with
             `reshuffle_each_iteration` keeps its own sequence: each trial
             gets the next epochs' orders, which depend on the trials run
             before it in the process. `None`: not seeded.
@@ -108,6 +114,7 @@ class SPFTHyperModel(keras_tuner.HyperModel):
         self.grid_points = None if grid_points is None else int(grid_points)
         self.wrap_options = dict(wrap_options or {})
         self.seed = _checked_seed(seed, 2**32 - 1, "2**32 - 1")
+        self._last_hp, self._execution, self._built_before = None, 0, {}
         allowed = set(recipe.hyperparameter_names(method)) | {"lr"}
         self.ranges = dict(recipe.default_ranges(method))
         for key, value in (ranges or {}).items():
@@ -140,15 +147,41 @@ class SPFTHyperModel(keras_tuner.HyperModel):
 
     def build(self, hp):
         values = self.values(hp)
+        # KerasTuner builds once per execution of a trial (`executions_per_trial`),
+        # with the trial's own `hp`: execution k is seeded `seed + k`, so the
+        # executions averaged are independent draws, not copies.
+        self._execution = self._execution + 1 if hp is self._last_hp else 0
+        self._last_hp = hp
         if self.seed is not None:
             import keras
 
-            keras.utils.set_random_seed(self.seed)
+            keras.utils.set_random_seed((self.seed + self._execution) % 2**32)
         model = self.build_model()
+        self._refuse_reused(model)
         wrapped = recipe.wrap(model, self.method, values, **self.wrap_options)
         if self.method in recipe.DELTA_METHODS:
             model = wrapped   # the DeltaModel is trained (and scored: inference runs `.model` only)
         return recipe.compile_model(model, values.get("lr", self.lr), radius_lr=self.radius_lr)
+
+    def _refuse_reused(self, model):
+        """A `build_model` returning weights it returned before (one backbone
+        kept in a closure) would start each trial from the last one's
+        fine-tuned weights."""
+        import weakref
+
+        variables = getattr(model, "variables", None)
+        if variables is None:
+            raise ValueError(f"`build_model` must return a Keras model, got {type(model).__name__}.")
+        shared = [v.path for v in variables
+                  if (ref := self._built_before.get(id(v))) is not None and ref() is v]
+        if shared:
+            raise ValueError(
+                f"`build_model` returned weights it returned before ({', '.join(shared[:3])}"
+                f"{', ...' if len(shared) > 3 else ''}): each trial would start from the previous "
+                "one's fine-tuned weights. Build the backbone inside `build_model` (e.g. "
+                "`keras_spft.backbones.build_model`) so that every call returns a new model."
+            )
+        self._built_before = {id(v): weakref.ref(v) for v in variables}
 
     def fit(self, hp, model, *args, epochs=1, callbacks=None, **kwargs):
         lr = hp.values.get("lr", self.lr)
@@ -280,9 +313,13 @@ def _check_resumed(project, settings):
     if os.path.isfile(path):
         with open(path) as f:
             stored = json.load(f)
-        if stored != settings:
-            diff = ", ".join(f"{k}: {stored.get(k)!r} stored vs {settings.get(k)!r} now"
-                             for k in sorted(set(stored) | set(settings)) if stored.get(k) != settings.get(k))
+        # A key the file lacks was not recorded by the version that wrote it.
+        differ = [k for k in sorted(set(stored) | set(settings)) if k in stored and stored[k] != settings.get(k)]
+        if differ:
+            diff = ", ".join(f"{k}: {_short(stored.get(k))} stored vs {_short(settings.get(k))} now" for k in differ)
+            if "grid_points" in differ:
+                diff += ("; with tuner='grid', `max_trials` sets the points per range, "
+                         "so a grid search cannot grow")
             raise ValueError(
                 f"'{project}' holds a search made with other settings ({diff}); resuming would mix its "
                 "trials with these. Pass overwrite=True, another project_name or another directory."
@@ -291,6 +328,11 @@ def _check_resumed(project, settings):
             "KERASTUNER_TUNER_ID", "chief") == "chief":   # a worker may start before the chief writes it
         warnings.warn(f"'{project}' holds a search whose settings were not recorded; resuming it "
                       "as if they were these.", RuntimeWarning, stacklevel=3)
+
+
+def _short(value):
+    text = repr(value)
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def _store_settings(project, settings):
@@ -349,6 +391,7 @@ def search(
     overwrite=False,
     seed=0,
     verbose=1,
+    batch_size=None,
     **tuner_kwargs,
 ):
     """Searches a method's radii (or strengths) on train -> val with KerasTuner.
@@ -356,8 +399,11 @@ def search(
     Args:
         build_model: function with no arguments returning a new pre-trained
             model with its head (see `SPFTHyperModel`).
-        train: training data, e.g. `load_data(..., stage="tune").train`.
-        val: validation data, e.g. `load_data(..., stage="tune").eval`.
+        train: training data, e.g. `load_data(..., stage="tune").train`
+            (a `tf.data.Dataset`, a `keras.utils.PyDataset`...), or NumPy
+            arrays as a tuple `(x, y)`.
+        val: validation data, e.g. `load_data(..., stage="tune").eval`,
+            or `(x_val, y_val)`.
         method: a `wrap_pretrained` method name or `"delta"`.
         epochs: epochs per trial.
         tuner: `"bayesian"` (default), `"random"`, `"hyperband"`, `"grid"`,
@@ -369,8 +415,11 @@ def search(
         max_trials: trials to run (20 as in the paper). Not used by
             `"hyperband"`, whose budget is `max_epochs` (default: `epochs`)
             and `factor` (pass them as `**tuner_kwargs`).
-        objective: `"val_accuracy"` (default) or `"val_loss"`, or a
-            `keras_tuner.Objective`.
+        objective: `"val_accuracy"` (default) or `"val_loss"`, which scores
+            the validation cross-entropy (`"val_cross_entropy"`, also taken):
+            Keras' own `val_loss` adds the penalties of L2-SP and MARS-SP,
+            whose size depends on the strength searched. Or a
+            `keras_tuner.Objective` (of a metric the trials log).
         ranges: overrides of the search ranges, see `SPFTHyperModel`.
         lr: learning rate when it is not searched.
         radius_lr: step size of the learned radii (methods `*-learned`).
@@ -378,10 +427,11 @@ def search(
         directory: where KerasTuner keeps its trials; a search started again
             with the same directory and project name resumes (finished trials
             are not redone) unless `overwrite=True`. The search's settings
-            (method, objective, tuner, ranges, epochs, lr, radius_lr,
-            wrap_options) are stored there, and resuming with other ones is
-            an error (`max_trials` may grow; the data is yours to keep the
-            same). Default: a temporary folder (no resume).
+            (build_model by its code and closure, seed, method, objective,
+            tuner, ranges, epochs, lr, radius_lr, wrap_options) are stored
+            there, and resuming with other ones is an error (`max_trials` may
+            grow, except for `"grid"`, whose grid it sets; the data is yours
+            to keep the same). Default: a temporary folder (no resume).
         project_name: sub-folder name (default `spft_<method>`).
         overwrite: start afresh.
         seed: fixes the search: the tuner's choices (KerasTuner gets
@@ -389,6 +439,7 @@ def search(
             (see `SPFTHyperModel`), from 0 to 2**32 - 2. `None`: neither is
             seeded.
         verbose: passed to `fit`.
+        batch_size: passed to `fit` for array data (Keras' default: 32).
         **tuner_kwargs: further arguments of the tuner class.
 
     Returns:
@@ -412,7 +463,7 @@ def search(
             hint = (" (a search scores the validation data, not the training data)"
                     if "val_" + objective in OBJECTIVES else "")
             raise ValueError(f"unknown objective {objective!r}; expected one of {sorted(OBJECTIVES)}{hint}.")
-        objective = keras_tuner.Objective(objective, OBJECTIVES[objective])
+        objective = keras_tuner.Objective(*OBJECTIVES[objective])
     if isinstance(tuner, keras_tuner.Tuner):
         instance = tuner
         method = getattr(instance.hypermodel, "method", method)
@@ -454,6 +505,7 @@ def search(
         else:
             kwargs["max_trials"] = max_trials
         settings = _fingerprint({
+            "build_model": build_model, "seed": seed,
             "method": method, "objective": [objective.name, objective.direction], "tuner": cls.__name__,
             "ranges": hypermodel.ranges, "grid_points": hypermodel.grid_points, "epochs": epochs,
             "lr": hypermodel.lr, "radius_lr": hypermodel.radius_lr, "wrap_options": hypermodel.wrap_options,
@@ -467,5 +519,9 @@ def search(
         instance = cls(**kwargs, **tuner_kwargs)
         _store_settings(project, settings)
     _without_tensorboard(instance)
-    instance.search(train, validation_data=val, epochs=epochs, verbose=verbose)
+    # Arrays come as `(x, y)`; `fit` takes them as two arguments.
+    arrays = isinstance(train, tuple) and len(train) == 2
+    fit_kwargs = {} if batch_size is None else {"batch_size": int(batch_size)}
+    instance.search(*(train if arrays else (train,)), validation_data=val, epochs=epochs, verbose=verbose,
+                    **fit_kwargs)
     return _result(instance, method, instance.oracle.objective.name)

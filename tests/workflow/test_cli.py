@@ -44,6 +44,7 @@ def test_compare_writes_table_and_resumes_without_rerunning(tiny, monkeypatch, c
             assert run["method"] == m and run["seed"] == s and run["eval_split"] == "test"
             assert run["train_images"] == 15 and run["eval_images"] == 6     # train+val -> test
             assert 0 <= run["accuracy"] <= 1 and len(run["history"]["loss"]) == 1
+            assert run["cross_entropy"] == pytest.approx(run["loss"], rel=1e-4)   # no penalty: the same
         best = json.load(open(out / "search" / m / "best.json"))
         assert len(best["trials"]) == 2
     r = json.load(open(out / "search" / "mars-pgm" / "best.json"))["best"]
@@ -84,7 +85,7 @@ def test_compare_writes_table_and_resumes_without_rerunning(tiny, monkeypatch, c
     redo = []
     monkeypatch.setattr(cli, "train_one", lambda s, m, v, seed, stage, epochs=None: redo.append((m, seed)) or {
         "method": m, "seed": seed, "values": v, "eval_split": "test", "accuracy": 0.5, "loss": 1.0,
-        "history": {}, "train_images": 15, "eval_images": 6, "wall_s": 0.0,
+        "cross_entropy": 1.0, "history": {}, "train_images": 15, "eval_images": 6, "wall_s": 0.0,
         "settings": s.settings(stage, m), "keras_backend": "x"})
     cli.run(argv)
     assert redo == [("mars-pgm", 1)]

@@ -61,3 +61,6 @@ def test_compare_killed_after_first_run_resumes_without_retraining(tmp_path):
     first_acc = json.loads(finished[runs[0]][1])["accuracy"] * 100
     assert summary["rows"][0]["accuracy"][0] == first_acc
     assert summary["diagnostics"] == ["distances.png", "gradient_norms.png"]
+    # Keras' test loss adds L2-SP's penalty; the cross-entropy is the loss without it.
+    sp = json.load(open(runs[2]))
+    assert sp["loss"] > sp["cross_entropy"] + 1e-4 and 0 < sp["cross_entropy"]

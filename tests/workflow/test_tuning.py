@@ -206,7 +206,7 @@ def test_resuming_with_other_settings_is_an_error(tmp_path):
     x, y = _data()
     first = _run(tiny_model, x, y, tmp_path, tuner="random", objective="val_loss")
     with pytest.raises(ValueError, match=r"holds a search made with other settings \(objective: "
-                                         r"\['val_loss', 'min'\] stored vs \['val_accuracy', 'max'\] now\)"):
+                                         r"\['val_cross_entropy', 'min'\] stored vs \['val_accuracy', 'max'\] now\)"):
         _run(tiny_model, x, y, tmp_path, tuner="random", objective="val_accuracy")
     with pytest.raises(ValueError, match=r"epochs: 1 stored vs 2 now.*lr: 0.0001 stored vs 0.001 now"):
         _run(tiny_model, x, y, tmp_path, tuner="random", objective="val_loss", lr=1e-3, epochs=2)
@@ -255,3 +255,74 @@ def test_settings_fingerprints_tell_functions_partials_and_classes_apart():
     import json
     assert json.loads(json.dumps(_fingerprint({"f": f}))) == _fingerprint({"f": f})   # stored and compared as JSON
     assert "0x" not in json.dumps(_fingerprint(radius_of))                         # the same in every process
+
+
+def test_val_loss_objective_scores_the_cross_entropy_without_the_penalty(tmp_path):
+    # Keras' val_loss adds the L2-SP penalty (head_strength * ||V||^2), which
+    # grows with the strength searched: the search scored the penalty.
+    x, y = _data()
+    result = _run(tiny_model, x, y, tmp_path, method="l2-sp", objective="val_loss", tuner="random",
+                  ranges={"strength": 0.3, "head_strength": (0.1, 0.5)})
+    assert result.objective == "val_cross_entropy"
+    for row in result.trials:
+        metrics = result.tuner.oracle.get_trial(row["trial_id"]).metrics
+        ce, loss = metrics.get_last_value("val_cross_entropy"), metrics.get_last_value("val_loss")
+        assert row["score"] == pytest.approx(ce)
+        assert loss > ce + 1e-3, "the penalty is in val_loss, not in the score"
+
+
+def test_executions_of_a_trial_are_seeded_apart_and_arrays_are_searched(tmp_path):
+    # With executions_per_trial=2 both executions were seeded alike: the same
+    # head, the same order (copies averaged). Arrays are passed as (x, y).
+    x, y = _data()
+    spy, built = Spy(), []
+
+    def build():
+        built.append(spy().get_layer("head").kernel.numpy().copy())   # as built, before training
+        return spy.models[-1]
+
+    search(build, (x, y), (x, y), "mars-pgm", tuner="random", max_trials=1, epochs=1, verbose=0,
+           directory=str(tmp_path), executions_per_trial=2, batch_size=4,
+           ranges={"radius": (2.0, 4.0), "head_radius": (5.0, 9.0)})
+    # built: the tuner's probe build, then the two executions
+    assert len(built) == 3
+    assert not np.array_equal(built[1], built[2]), "both executions started from the same head"
+    np.testing.assert_array_equal(built[0], built[1])   # execution 0: the seed itself
+    assert all(m.optimizer.iterations == 3 for m in spy.models[1:])   # 12 examples, batch_size 4
+
+
+def test_a_build_model_returning_the_same_weights_again_is_refused():
+    # A backbone kept in a closure: every trial started from the previous
+    # one's fine-tuned weights, silently.
+    model = tiny_model()
+    hm = SPFTHyperModel(lambda: model, "mars-pgm")
+    hm.build(keras_tuner.HyperParameters())
+    with pytest.raises(ValueError, match=r"`build_model` returned weights it returned before \(.*c1/kernel"):
+        hm.build(keras_tuner.HyperParameters())
+    with pytest.raises(ValueError, match=r"`build_model` must return a Keras model, got str"):
+        SPFTHyperModel(lambda: "model", "mars-pgm").build(keras_tuner.HyperParameters())
+
+
+def test_resuming_checks_build_model_and_seed_and_explains_a_grid(tmp_path):
+    import json
+    import os
+
+    from tests.workflow.conftest import tiny_model as other_model
+
+    x, y = _data()
+    _run(tiny_model, x, y, tmp_path, tuner="random", max_trials=1)
+    with pytest.raises(ValueError, match=r"other settings \(build_model: .* stored vs .* now\)"):
+        _run(lambda: other_model(size=16), x, y, tmp_path, tuner="random", max_trials=1)
+    with pytest.raises(ValueError, match=r"other settings \(seed: 0 stored vs 7 now\)"):
+        _run(tiny_model, x, y, tmp_path, tuner="random", max_trials=1, seed=7)
+    # A settings file of an earlier version, without these keys, still resumes.
+    path = os.path.join(tmp_path, "spft_mars-pgm", "keras_spft_search.json")
+    with open(path) as f:
+        stored = json.load(f)
+    with open(path, "w") as f:
+        json.dump({k: v for k, v in stored.items() if k not in ("build_model", "seed")}, f)
+    assert len(_run(tiny_model, x, y, tmp_path, tuner="random", max_trials=1, seed=7).trials) == 1
+    # A grid's points follow max_trials: the message says why it cannot grow.
+    _run(tiny_model, x, y, tmp_path / "g", tuner="grid", max_trials=4)
+    with pytest.raises(ValueError, match=r"grid_points: 2 stored vs 3 now; with tuner='grid', `max_trials` sets"):
+        _run(tiny_model, x, y, tmp_path / "g", tuner="grid", max_trials=9)
