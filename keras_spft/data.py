@@ -61,7 +61,8 @@ class DataSplits:
         with another seed; the cached images are shared, not reloaded.
 
         Args:
-            seed: the new seed, e.g. the run's seed.
+            seed: the new seed, e.g. the run's seed (with TensorFlow's
+                global seed, see `load_data`).
 
         Returns:
             A new `DataSplits`.
@@ -273,9 +274,16 @@ def _tfds_sources(name, data_dir, val_fraction, download):
         # Carve val out of train: tune on the first part, final runs use all of train.
         if not 0 < val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}.")
-        cut = int(round(100 * (1 - val_fraction)))
+        # By examples, not TFDS' whole percents (0.125 would give 12 %, 0.004 none).
+        n = info.splits["train"].num_examples
+        cut = int(round(n * (1 - val_fraction)))
+        if not 0 < cut < n:
+            raise ValueError(
+                f"val_fraction={val_fraction} of the {n} training examples of '{name}' leaves "
+                f"{'no validation' if cut >= n else 'no training'} example."
+            )
         test = "test" if "test" in available else val_name
-        mapping = {"train": f"train[:{cut}%]", "val": f"train[{cut}%:]", "test": test, "train_full": "train"}
+        mapping = {"train": f"train[:{cut}]", "val": f"train[{cut}:]", "test": test, "train_full": "train"}
     counts = {k: info.splits[v].num_examples for k, v in mapping.items()}
     return builder, info, mapping, counts
 
@@ -383,6 +391,11 @@ def load_data(
         shuffle: shuffle the training pipeline every epoch (seeded).
         seed: seed of shuffling and augmentation; `splits.reseeded(seed)`
             gives the pipeline of another seed over the same cached images.
+            `tf.data` combines it with TensorFlow's global seed when the
+            pipeline is made (`keras.utils.set_random_seed`, which a seeded
+            search sets before every trial): for the same order in every
+            run, set that first, e.g. `keras.utils.set_random_seed(seed)`
+            then `splits.reseeded(seed)`, as the CLI does.
         data_dir: TFDS only: its data directory (default: TFDS's).
         val_fraction: TFDS only, see above (default 0.1).
         download: TFDS only: download and prepare the data set if needed.

@@ -194,6 +194,21 @@ def test_tfds_without_validation_split_carves_it_from_train(tmp_path):
         assert final.eval_split == "test"
 
 
+def test_tfds_val_fraction_is_split_by_examples(tmp_path):
+    # TFDS slices in whole percents: 0.125 of 1000 gave 120 examples, 0.004
+    # none (an empty val), 0.996 a shuffle of nothing.
+    tfds = _tfds_metadata(tmp_path, "oxford_iiit_pet", {"train": 1000, "test": 8})
+    with tfds.testing.mock_data(num_examples=6, data_dir=str(tmp_path)):
+        tune = load_data("tfds:oxford_iiit_pet", image_size=8, batch_size=8, stage="tune",
+                         val_fraction=0.125, data_dir=str(tmp_path))
+        assert (tune.counts["train"], tune.counts["val"]) == (875, 125)
+        for fraction, what in ((0.0004, "no validation"), (0.9996, "no training")):
+            with pytest.raises(ValueError, match=rf"val_fraction={fraction} of the 1000 training examples "
+                                                 rf"of 'oxford_iiit_pet' leaves {what} example"):
+                load_data("tfds:oxford_iiit_pet", image_size=8, stage="tune", val_fraction=fraction,
+                          data_dir=str(tmp_path))
+
+
 def test_tfds_empty_name():
     with pytest.raises(ValueError, match="empty TFDS name"):
         load_data("tfds:")
