@@ -37,7 +37,9 @@ position sees the whole kernel); its Frobenius norm is
 adjoint of a convolution over its inputs, `P` counts its input positions).
 A Dense or EinsumDense kernel applied at several positions (a Dense on a
 sequence) is one block per position: the MARS norm is the kernel's, the
-Frobenius norm `sqrt(P) * ||K||_F` again. The theorems hold for any upper
+Frobenius norm `sqrt(P) * ||K||_F` again; an EinsumDense that sums its
+kernel over `T` input positions (`"abc,cd->ad"`) has `T` times the kernel's
+MARS norm. The theorems hold for any upper
 bounds `B_j`, `D_j`, `B_V`, and the bound increases with each of them, so
 upper bounds keep it valid.
 """
@@ -50,7 +52,7 @@ import keras
 
 from keras_spft.constraints import FrobeniusDistance, MARSDistance
 from keras_spft.diagnostics import _np, _row_l1, anchor_value, tracked_kernels
-from keras_spft.kernels import walk_layers
+from keras_spft.kernels import UnsupportedLayerError, kernel_specs, walk_layers
 from keras_spft.wrap import _named_layers, _selected
 
 __all__ = ["theorem2_bound", "theorem3_bound", "BoundTerms", "LayerTerm"]
@@ -173,6 +175,34 @@ def _positions(layer):
     return int(np.prod(dims)) if dims else 1
 
 
+def _summed_positions(layer):
+    """How many input positions an EinsumDense sums its kernel over (axes of
+    its input that neither the kernel nor the output has, but the batch):
+    its map's MARS norm is that many times the kernel's largest row L1 norm
+    (1 for a Dense, or for positions kept in the output: one block each)."""
+    if not isinstance(layer, keras.layers.EinsumDense):
+        return 1
+    inputs, out_axes = layer.equation.replace(" ", "").split("->")
+    in_axes, kernel_axes = inputs.split(",")
+    ellipsis = in_axes.startswith("...")
+    in_axes = in_axes[3:] if ellipsis else in_axes
+    summed = [i for i, a in enumerate(in_axes)
+              if a not in kernel_axes and a not in out_axes and (ellipsis or i > 0)]
+    if not summed:
+        return 1
+    try:
+        in_shape, _ = _shapes(layer)
+    except (AttributeError, ValueError, TypeError) as e:
+        raise ValueError(f"the MARS bound needs the input shape of EinsumDense {layer.name!r}, which sums "
+                         f"its kernel over input positions; Keras cannot give it ({e}).") from None
+    sizes = [in_shape[len(in_shape) - len(in_axes) + i] for i in summed]
+    if any(d is None for d in sizes):
+        raise ValueError(f"the MARS bound needs the number of input positions EinsumDense {layer.name!r} "
+                         f"sums over, whose input shape {in_shape} has unknown sizes; build the model on a "
+                         "fixed input size.")
+    return int(np.prod(sizes))
+
+
 def _terms(model, norm, distances, head, layer_bounds, head_bound, conv_positions):
     if distances not in ("current", "radius"):
         raise ValueError(f"unknown distances={distances!r}; expected 'current' or 'radius'.")
@@ -180,6 +210,16 @@ def _terms(model, norm, distances, head, layer_bounds, head_bound, conv_position
     # 2 B_j to the product, with D_j = 0.
     kernels = tracked_kernels(model, head, include_frozen=True)
     walked = list(_walk_paths(model))
+    unread = []
+    for path, layer in walked:
+        try:
+            kernel_specs(layer)
+        except UnsupportedLayerError as e:
+            unread.append(f"'{path}' ({e})")
+    if unread:
+        # Left out, its factor 2 B_j would be missing from the product: a bound too small.
+        raise ValueError("the bound needs every kernel layer of the chain, and cannot read "
+                         + "; ".join(unread))
     if head is not None:
         # V is the kernel of the layer named; other kernels wrapped as heads
         # (around the origin) are layers of the chain like any other.
@@ -202,7 +242,7 @@ def _terms(model, norm, distances, head, layer_bounds, head_bound, conv_position
 
     def mat_norm(t, k):
         if norm == "mars":
-            return float(_row_l1(t, k.axis).max())
+            return _summed_positions(layers[k.path]) * float(_row_l1(t, k.axis).max())
         scale = math.sqrt(_positions(layers[k.path])) if isinstance(layers[k.path], scaled) else 1.0
         return scale * float(np.sqrt((t ** 2).sum()))
 
@@ -227,9 +267,15 @@ def _terms(model, norm, distances, head, layer_bounds, head_bound, conv_position
         d = float(_np(k.obj.radius).max())
         if norm == "frobenius" and isinstance(layers[k.path], scaled):
             d *= math.sqrt(_positions(layers[k.path]))
+        elif norm == "mars":
+            d *= _summed_positions(layers[k.path])
         return w0, d
 
     out = []
+    unknown = sorted(set(layer_bounds or ()) - {k.name for k in body})
+    if unknown:
+        raise ValueError(f"layer_bounds names {unknown}, which are no backbone kernels of the chain "
+                         f"(kernel names: {', '.join(k.name for k in body[:6])}{', ...' if len(body) > 6 else ''}).")
     for k in body:
         w = _np(k.variable)
         # A frozen kernel never moves (D_j = 0) but is still a layer of the

@@ -8,6 +8,7 @@ loss). Both are `keras.callbacks.Callback`s that write into `logs`, so
 `History`, `TensorBoard` and `CSVLogger` record them, on every backend.
 """
 
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,9 +16,11 @@ import keras
 from keras import ops
 
 from keras_spft.anchors import Anchored
-from keras_spft.constraints import FrobeniusDistance, MARSDistance
+from keras_spft import ops as spft_ops
+from keras_spft.constraints import _UNIT_ROUNDOFF, FrobeniusDistance, MARSDistance
 from keras_spft.kernels import UnsupportedLayerError, kernel_specs
 from keras_spft.kernels import walk_layers
+from keras_spft.regularizers import MARSSP
 from keras_spft.wrap import _default_head, _named_layers, _selected
 
 __all__ = ["DistanceMonitor", "GradientNormMonitor", "gradient_norms"]
@@ -31,7 +34,8 @@ class TrackedKernel:
         path: layer path, e.g. `"resnet50/conv1_conv"`.
         weight: the weight's role in the layer (`"kernel"`, ...).
         variable: the `keras.Variable`.
-        axis: axes summed per row (MARS).
+        axis: axes summed per row (MARS): its MARS object's, else the
+            layer type's (`keras_spft.kernels`).
         role: `"backbone"` or `"head"`.
         obj: the keras-spft constraint/regularizer on it, or `None`.
         frozen: the weight or its layer is not trainable (listed only with
@@ -61,8 +65,9 @@ def tracked_kernels(model, head=None, include_frozen=False):
     """The trainable kernels of `model` with their row axes and roles.
 
     A kernel is `"head"` when its keras-spft object is centred at the origin,
-    when its layer is in `head`, or (no keras-spft objects, `head=None`) when
-    `wrap_pretrained` would take it as the head. BatchNorm gamma is not
+    when its layer is in `head`, or (no keras-spft object, `head=None`) when
+    it is in the head `wrap_pretrained` took (a head left free), or would
+    take for a model it has not wrapped. BatchNorm gamma is not
     tracked. For a `DeltaModel` the wrapped model is used (not its frozen copy).
 
     Args:
@@ -104,20 +109,29 @@ def tracked_kernels(model, head=None, include_frozen=False):
             if obj is not None:
                 role = "head" if obj.anchor is None else "backbone"
             else:
-                role = "head" if in_head(path) else "backbone"
-            out.append(TrackedKernel(path, spec.weight, var, tuple(spec.axis), role, obj, frozen))
+                role = "head" if in_head(path, layer) else "backbone"
+            axis = tuple(spec.axis)
+            if isinstance(obj, (MARSDistance, MARSSP)):
+                # Rows as the object itself sums them (one attached by hand may
+                # take other axes than the layer's default).
+                axis = tuple(spft_ops.normalize_axis(obj._axis_arg, len(var.shape)))
+            out.append(TrackedKernel(path, spec.weight, var, axis, role, obj, frozen))
     return out
 
 
 def _head_test(model, layers, head):
-    """A function telling whether a layer path is in the head: the layers
-    in `head` (names or paths, and what they enclose), else the head
-    `wrap_pretrained` would take (worked out only when first asked: a model
-    whose kernels all carry keras-spft objects needs none)."""
+    """A function telling whether a layer (path, layer) is in the head: the
+    layers in `head` (names or paths, and what they enclose), else the head
+    `wrap_pretrained` took when it wrapped `model`, else the one it would
+    take (worked out only when first asked: a model whose kernels all carry
+    keras-spft objects needs none)."""
     names = None if head is None else _named_layers(model, layers, head, "head")
+    taken = getattr(model, "_keras_spft_head", None)
+    if names is None and taken is not None:
+        return lambda path, layer: id(layer) in taken
     default = []
 
-    def in_head(path):
+    def in_head(path, layer):
         if names is None and not default:
             default.append(set(_default_head(model, layers)))
         return _selected(names if names is not None else default[0], path)
@@ -156,7 +170,9 @@ def kernel_distances(kernel, value, anchor, tol=1e-3):
         value: the kernel's current value (numpy).
         anchor: its anchor (numpy; zeros for a head centred at the origin).
         tol: a row is *at the bound* when its distance is at least
-            `(1 - tol) * radius`.
+            `(1 - tol) * radius`, less the rounding of the kernel's dtype
+            (its unit roundoff times the row's L1 norm: 16-bit kernels are
+            stored rounded).
 
     Returns:
         Dict with `mars` (largest row L1 distance), `frobenius`, `rows` (the
@@ -164,18 +180,23 @@ def kernel_distances(kernel, value, anchor, tol=1e-3):
         `at_bound` (fraction of rows at the bound; for L2-PGM 0 or 1) and
         `radius` (largest radius).
     """
-    t = np.asarray(value, "float64") - np.asarray(anchor, "float64")
+    value = np.asarray(value, "float64")
+    t = value - np.asarray(anchor, "float64")
     rows = _row_l1(t, kernel.axis)
     out = {"mars": float(rows.max()), "frobenius": float(np.sqrt((t ** 2).sum())),
            "rows": rows.reshape(-1)}
     obj = kernel.obj
+    # A projected kernel is stored rounded to its dtype: a row at the bound
+    # may land below it by up to the unit roundoff times the row's L1 norm
+    # (a few percent in 16 bits), so that much counts as at the bound.
+    u = _UNIT_ROUNDOFF.get(keras.backend.standardize_dtype(kernel.variable.dtype), 0.0)
     if isinstance(obj, MARSDistance):
         r = np.broadcast_to(_np(obj.radius), rows.shape)
-        out["at_bound"] = float((rows >= (1.0 - tol) * r).mean())
+        out["at_bound"] = float((rows + u * _row_l1(value, kernel.axis) >= (1.0 - tol) * r).mean())
         out["radius"] = float(r.max())
     elif isinstance(obj, FrobeniusDistance):
         r = float(_np(obj.radius))
-        out["at_bound"] = float(out["frobenius"] >= (1.0 - tol) * r)
+        out["at_bound"] = float(out["frobenius"] + u * np.sqrt((value ** 2).sum()) >= (1.0 - tol) * r)
         out["radius"] = r
     return out
 
@@ -241,7 +262,8 @@ class DistanceMonitor(_EpochSchedule):
     logging, so a kernel wrapped between two `fit` calls is measured from its
     anchor), the origin for a head wrapped around zero, and otherwise a
     snapshot taken at the first `on_train_begin` (so unwrapped and DELTA runs
-    get the same numbers). Cost: one host copy of every kernel (and anchor)
+    get the same numbers; a monitor passed on to another model's `fit`
+    snapshots that model, and its history goes on). Cost: one host copy of every kernel (and anchor)
     per logged epoch. With `every > 1` it also logs the first epoch of each
     `fit`, so `CSVLogger`, which fixes its columns then, has them (and writes
     "NA" on the epochs skipped).
@@ -278,17 +300,23 @@ class DistanceMonitor(_EpochSchedule):
         self.head = head
         self.history = []
         self._anchors = None
+        self._snapshot_of = lambda: None   # a weak reference to the model snapshot
+
+    def _snapshot(self, model):
+        # Once per model: later `fit` calls of the same model (two-stage
+        # fine-tuning) measure from the first start; another model from its own.
+        if self._anchors is None or self._snapshot_of() is not model:
+            self._anchors = snapshot_anchors(model, self.head)
+            self._snapshot_of = weakref.ref(model)
 
     def on_train_begin(self, logs=None):
         super().on_train_begin(logs)
-        if self._anchors is None:
-            self._anchors = snapshot_anchors(self.model, self.head)
+        self._snapshot(self.model)
 
     def compute(self):
         """Distances now, as a flat dict of log entries plus `"_rows"`."""
         model = self.model  # on JAX this syncs the variables
-        if self._anchors is None:
-            self._anchors = snapshot_anchors(model, self.head)
+        self._snapshot(model)
         out, rows = {}, {}
         mars, fro, radii = [], [], []
         at, n_rows = 0.0, 0
@@ -344,6 +372,8 @@ class DistanceMonitor(_EpochSchedule):
 
 # -- gradients ------------------------------------------------------------------
 def _as_tensor(x):
+    if x is None:   # y of a model trained with add_loss alone
+        return None
     if isinstance(x, (list, tuple)):
         return type(x)(_as_tensor(v) for v in x)
     if isinstance(x, dict):
@@ -413,7 +443,8 @@ def gradient_norms(model, x, y, sample_weight=None, training=True, head=None):
 
     Args:
         model: a compiled model.
-        x, y: one batch (arrays).
+        x, y: one batch (arrays; `y=None` for a model whose loss is added
+            with `add_loss` alone).
         sample_weight: optional per-example weights.
         training: run the forward pass in training mode.
         head: head layer names for unwrapped models (see `tracked_kernels`).
@@ -487,6 +518,7 @@ class GradientNormMonitor(_EpochSchedule):
         self.prefix = prefix
         self.head = head
         self.history = []
+        self._measured = lambda: None   # a weak reference to the model measured at epoch -1
 
     def _measure(self, epoch):
         norms = gradient_norms(self.model, self.x, self.y, self.sample_weight,
@@ -497,8 +529,9 @@ class GradientNormMonitor(_EpochSchedule):
 
     def on_train_begin(self, logs=None):
         super().on_train_begin(logs)
-        if not self.history:
+        if self._measured() is not self.model:   # the start of each model it is given
             self._measure(-1)
+            self._measured = weakref.ref(self.model)
 
     def on_epoch_end(self, epoch, logs=None):
         if not self._due(epoch):

@@ -18,12 +18,12 @@ def _history_dict(run):
     if hasattr(run, "history") and isinstance(getattr(run, "history"), dict):
         return run.history  # keras History
     if hasattr(run, "history") and isinstance(getattr(run, "history"), list):
-        keys = {}
-        for entry in run.history:  # monitor: list of dicts
-            for k, v in entry.items():
-                if isinstance(v, (int, float)):
-                    keys.setdefault(k, []).append(v)
-        return keys
+        # A monitor: one dict per logged epoch. Every key gets a value (NaN
+        # where that entry lacks it, e.g. a backbone frozen in a first stage),
+        # so index i is the same logged epoch for every key.
+        keys = [k for entry in run.history for k, v in entry.items() if isinstance(v, (int, float))]
+        keys = list(dict.fromkeys(keys))
+        return {k: [e.get(k, float("nan")) for e in run.history] for k in keys}
     if isinstance(run, dict):
         return {k: (v if isinstance(v, (list, tuple)) else [v]) for k, v in run.items()}
     raise TypeError(f"cannot read diagnostics from {type(run).__name__}.")

@@ -635,6 +635,9 @@ def wrap_pretrained(
                 for kind, paths in kinds.items())
             + " (all in report.skipped). Pass exclude=[...] to say they are meant to train freely.",
             UserWarning, stacklevel=2)
+    # The head taken, for the diagnostics: a head left free (no head_radius /
+    # head_strength) carries no object that tells it from the backbone.
+    object.__setattr__(model, "_keras_spft_head", frozenset(head_ids))
     _forget_compiled_steps([model] + [l for _, l in layers if isinstance(l, keras.Model)])
     _rebind_radius_optimizer(model)
     return report

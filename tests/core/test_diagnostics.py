@@ -120,3 +120,93 @@ def test_gradient_norms_leave_batchnorm_statistics_alone():
     assert out["global"] > 0
     for a, v in zip(state + weights, model.non_trainable_variables + model.trainable_variables):
         np.testing.assert_array_equal(a, to_np(v))
+
+
+def test_a_free_head_of_several_layers_is_measured_as_the_head_wrap_took():
+    # With head_radius=None the head carries no keras-spft object: the
+    # diagnostics guessed again (the last kernel layer), took 'fc' for an
+    # unanchored backbone layer, and a nested head stopped `fit`.
+    keras.utils.set_random_seed(0)
+    flat = keras.Sequential([keras.Input((4,)), L.Dense(8, name="c1"), L.Dense(8, name="fc"), L.Dense(3, name="out")])
+    keras_spft.wrap_pretrained(flat, radius=0.1, head=["fc", "out"])
+    roles = {k.path: k.role for k in keras_spft.diagnostics.tracked_kernels(flat)}
+    assert roles == {"c1": "backbone", "fc": "head", "out": "head"}
+    x, y = np.random.default_rng(0).random((16, 4)).astype("float32"), np.arange(16) % 3
+    flat.compile(optimizer=keras.optimizers.SGD(0.5), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    monitor = keras_spft.DistanceMonitor()
+    logs = flat.fit(x, y, epochs=1, batch_size=4, verbose=0, callbacks=[monitor]).history
+    assert logs["spft/mars_max"][0] <= 0.1 * (1 + 1e-5)     # the backbone only: c1, bounded
+    assert logs["spft/head/fc/mars"][0] > 0.1                # the free head moved beyond it
+
+    keras.utils.set_random_seed(0)
+    base = keras.Sequential([keras.Input((4,)), L.Dense(8, name="c1")], name="base")
+    nested = keras.Sequential([keras.Input((4,)), base,
+                               keras.Sequential([L.Dense(8, name="fc"), L.Dense(3, name="out")], name="top")])
+    keras_spft.wrap_pretrained(nested, radius=0.1, head=["top"])
+    nested.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    logs = nested.fit(x, y, epochs=1, verbose=0, callbacks=[keras_spft.DistanceMonitor()]).history
+    assert "spft/head/top/out/mars" in logs and "spft/base/c1/mars" in logs
+    assert set(keras_spft.gradient_norms(nested, x[:4], y[:4])) >= {"global", "base/c1", "head/top/fc"}
+
+
+def test_a_monitor_passed_to_another_model_measures_it_from_its_own_start():
+    x, y = data()
+    monitor, grads = keras_spft.DistanceMonitor(), keras_spft.GradientNormMonitor(x[:4], y[:4])
+    for seed in (0, 1):
+        model = cnn(seed)    # not wrapped: measured from the snapshot at the start
+        model.compile(optimizer=keras.optimizers.SGD(0.0), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        logs = model.fit(x, y, epochs=1, verbose=0, callbacks=[monitor, grads]).history
+        assert logs["spft/base/c1/mars"][0] == 0.0, f"model {seed} measured from another model's weights"
+    assert [h["epoch"] for h in grads.history] == [-1, 0, -1, 0]   # each model's start
+
+
+def test_monitor_rows_follow_the_constraint_axis_and_16_bit_rows_at_the_radius_count_as_at_bound():
+    keras.utils.set_random_seed(0)
+    # A MARSDistance attached by hand with rows over axes (0, 1) of a conv
+    # kernel (the layer's own rows sum axes 0, 1, 2): 3 x 4 rows, per-row radii.
+    model = keras.Sequential([keras.Input((5, 5, 3)), L.Conv2D(4, 2, name="c")])
+    var = model.get_layer("c").kernel
+    w0 = to_np(var)
+    radii = np.linspace(0.05, 0.1, 12).reshape(1, 1, 3, 4).astype("float32")
+    var.constraint = keras_spft.MARSDistance(w0, radii, axis=[0, 1])
+    var.assign(var.constraint(w0 + 1.0))
+    kernel = keras_spft.diagnostics.tracked_kernels(model)[0]
+    assert kernel.axis == (0, 1)
+    d = keras_spft.diagnostics.kernel_distances(kernel, to_np(var), w0)
+    np.testing.assert_allclose(d["rows"], np.abs(to_np(var) - w0).sum(axis=(0, 1)).reshape(-1), rtol=1e-6)
+    assert d["mars"] == pytest.approx(0.1, rel=1e-5) and d["at_bound"] == 1.0
+
+    # 16-bit kernels are stored rounded: every row projected onto the radius is at the bound.
+    for dtype in ("float16", "bfloat16"):
+        dense = keras.Sequential([keras.Input((64,)), L.Dense(32, name="d", dtype=dtype)])
+        kvar = dense.get_layer("d").kernel
+        a = to_np(kvar)
+        kvar.constraint = keras_spft.MARSDistance(a.astype(dtype), 0.05)
+        kvar.assign(kvar.constraint(keras.ops.cast(a + 1.0, dtype)))
+        k = keras_spft.diagnostics.tracked_kernels(dense)[0]
+        got = keras_spft.diagnostics.kernel_distances(k, to_np(kvar), to_np(kvar.constraint.anchor))
+        assert got["at_bound"] == 1.0, (dtype, got["rows"].min())
+
+
+def test_gradient_norms_of_a_model_trained_with_add_loss_alone():
+    class Penalised(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.d = L.Dense(2, name="d")
+
+        def call(self, x):
+            out = self.d(x)
+            self.add_loss(keras.ops.sum(out ** 2))
+            return out
+
+    keras.utils.set_random_seed(0)
+    model = Penalised()
+    x = np.ones((3, 4), "float32")
+    model(x)
+    model.compile(optimizer="sgd")
+    norms = keras_spft.gradient_norms(model, x, None)
+    w, b = to_np(model.d.kernel), to_np(model.d.bias)
+    out = x @ w + b
+    grad_w, grad_b = x.T @ (2 * out), (2 * out).sum(axis=0)      # of sum((xW + b)^2)
+    assert norms["loss"] == pytest.approx(float((out ** 2).sum()), rel=1e-5)
+    assert norms["global"] == pytest.approx(float(np.sqrt((grad_w ** 2).sum() + (grad_b ** 2).sum())), rel=1e-5)

@@ -294,3 +294,52 @@ def test_positions_of_layers_without_a_graph_and_of_an_einsum_summing_a_position
     linear_map = np.concatenate([k] * 3, axis=0)     # x (3*4) -> sum_b x_b K
     t = bounds.theorem3_bound(model, num_examples=4, num_classes=2, input_bound=1.0)
     assert t.layers[0].bound == pytest.approx(np.linalg.norm(linear_map), rel=1e-6)
+
+
+def test_mars_norm_of_an_einsum_summing_positions_is_that_of_its_linear_map():
+    # Theorem 2 took the kernel's row L1 norm: T = 3 times too small for an
+    # EinsumDense summing its kernel over 3 input positions.
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((3, 4))
+    summed = L.EinsumDense("abc,cd->ad", output_shape=(5,), name="e")(inputs)
+    model = keras.Model(inputs, L.Dense(2, use_bias=False, name="v")(summed))
+    w0 = model.get_layer("e").kernel.numpy().astype("float64")
+    keras_spft.wrap_pretrained(model, radius=0.5, head=["v"])
+    model.get_layer("e").kernel.assign(w0 + 0.01)
+    linear_map = lambda k: np.concatenate([k] * 3, axis=0)   # noqa: E731  x (3*4) -> sum_b x_b K
+    mars = lambda m: np.abs(m).sum(axis=0).max()             # noqa: E731  largest row (output unit) L1
+    t = bounds.theorem2_bound(model, num_examples=4, num_classes=2, input_dim=12, input_bound=1.0)
+    w = model.get_layer("e").kernel.numpy().astype("float64")
+    assert t.layers[0].distance == pytest.approx(mars(linear_map(w - w0)), rel=1e-6)
+    assert t.layers[0].bound == pytest.approx(max(mars(linear_map(w)), mars(linear_map(w0))), rel=1e-6)
+    r = bounds.theorem2_bound(model, num_examples=4, num_classes=2, input_dim=12, input_bound=1.0,
+                              distances="radius")
+    assert r.layers[0].distance == pytest.approx(3 * 0.5)
+
+
+def test_a_layer_the_bound_cannot_read_and_an_unknown_layer_bound_are_errors():
+    # A LoRA layer was left out of the chain (its factor 2 B_j missing: a bound
+    # too small); a misspelt layer_bounds name was ignored.
+    model = keras.Sequential([keras.Input((4,)), L.Dense(8, name="c1"), L.Dense(8, name="c2"), L.Dense(3, name="out")])
+    keras_spft.wrap_pretrained(model, radius=1.0, head=["out"], exclude=["c2"])
+    kw = dict(num_examples=4, num_classes=3, input_dim=4, input_bound=1.0)
+    with pytest.raises(ValueError, match=r"layer_bounds names \['c1 '\], which are no backbone kernels .*c1, c2"):
+        bounds.theorem2_bound(model, layer_bounds={"c1 ": 100.0}, **kw)
+    model.get_layer("c2").enable_lora(2)
+    with pytest.raises(ValueError, match=r"every kernel layer of the chain, and cannot read 'c2' \(layer 'c2' has LoRA"):
+        bounds.theorem2_bound(model, **kw)
+
+
+def test_layer_distances_of_a_monitor_take_one_logged_epoch_for_every_layer():
+    # A monitor's entries lack the frozen backbone in a first stage: its
+    # per-key lists were ragged, so epoch=0 took the backbone's value of a later epoch.
+    import types
+
+    run = types.SimpleNamespace(history=[
+        {"spft/head/h/mars": 0.4, "epoch": 0},
+        {"spft/head/h/mars": 0.5, "epoch": 1},
+        {"spft/head/h/mars": 0.7, "spft/base/c1/mars": 1.5, "epoch": 0},
+    ])
+    assert plots.layer_distances(run, epoch=0, head=True) == {"head/h": 0.4}
+    assert plots.layer_distances(run, epoch=2, head=True) == {"head/h": 0.7, "base/c1": 1.5}
+    assert plots.layer_distances(run) == {"base/c1": 1.5}
