@@ -637,7 +637,10 @@ def wrap_pretrained(
             UserWarning, stacklevel=2)
     # The head taken, for the diagnostics: a head left free (no head_radius /
     # head_strength) carries no object that tells it from the backbone.
-    object.__setattr__(model, "_keras_spft_head", frozenset(head_ids))
+    if method == "none":   # objects removed: the diagnostics work the head out again
+        model.__dict__.pop("_keras_spft_head", None)
+    else:
+        object.__setattr__(model, "_keras_spft_head", frozenset(head_ids))
     _forget_compiled_steps([model] + [l for _, l in layers if isinstance(l, keras.Model)])
     _rebind_radius_optimizer(model)
     return report
