@@ -215,12 +215,13 @@ def build_model(
             **kwargs,
         )
     except Exception as e:
-        if weights not in (None, "imagenet") and isinstance(e, ValueError) and "mismatch" in str(e).lower():
+        if weights not in (None, "imagenet") and isinstance(e, ValueError) and any(
+                m in str(e).lower() for m in ("mismatch", "could not be loaded", "must match")):
             what = f"alpha={kwargs['alpha']:g}" if "alpha" in kwargs else (
                 "alpha unset (1.0)" if backbone.has_alpha else "this architecture")
             raise ValueError(
                 f"weights file '{weights}' does not fit {backbone.name} with {what} at "
-                f"{size[0]}x{size[1]} without its top ({e}); check --weights/weights=, and "
+                f"{size[0]}x{size[1]} without its top ({_first_line(e)}); check --weights/weights=, and "
                 f"--alpha/alpha= for a width multiplier.") from None
         if weights != "imagenet" or "URL fetch failure" not in str(e):
             raise
@@ -237,3 +238,9 @@ def build_model(
         x = keras.layers.Dropout(dropout, name="head_dropout")(x)
     outputs = keras.layers.Dense(int(num_classes), name="head")(x)
     return keras.Model(inputs, outputs, name=f"{base.name}_finetune")
+
+
+def _first_line(error, limit=300):
+    """An error's first line, cut: Keras' own loader prints whole weight arrays."""
+    text = (str(error).strip().splitlines() or [""])[0]
+    return text if len(text) <= limit else text[:limit - 3] + "..."

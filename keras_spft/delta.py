@@ -25,6 +25,7 @@ losses are means; Li et al.'s code sums over the batch, so their `alpha`
 corresponds to `alpha / batch_size` here).
 """
 
+import itertools
 import json
 import os
 import re
@@ -34,7 +35,7 @@ import numpy as np
 import keras
 from keras import ops
 
-from keras_spft.kernels import walk_layers
+from keras_spft.kernels import UnsupportedLayerError, kernel_specs, walk_layers
 
 __all__ = [
     "DeltaModel",
@@ -277,13 +278,20 @@ def _default_head(model):
 
 
 def _head_kernels(model, head):
+    """The kernels of the head layers, and of the layers inside a head
+    layer that is a model (`Sequential([base, Sequential([Dense, Dense])])`)."""
     by = {l.name: l for l in model.layers}
     out = []
     for n in head:
         if n not in by:
             raise ValueError(f"head layer '{n}' is not a top-level layer of the model.")
-        if getattr(by[n], "kernel", None) is not None:
-            out.append(by[n].kernel)
+        for layer in [by[n]] + [l for _, l in walk_layers(by[n])]:
+            try:
+                specs = kernel_specs(layer)
+            except UnsupportedLayerError:
+                continue
+            out.extend(spec.variable for spec in specs
+                       if not any(spec.variable is k for k in out))
     return out
 
 
@@ -358,6 +366,11 @@ class DeltaModel(keras.Model):
             feature_layers = [feature_layers]
         self.feature_layers = _find(model, list(feature_layers))
         self.head = _head_names(model, head)
+        if self.beta > 0 and not _head_kernels(model, self.head):
+            warnings.warn(
+                f"DELTA: beta={self.beta:g} has no head kernel to act on (head: {self.head}); "
+                "name the new head's layers with head=[...] (a nested head model by its name).",
+                UserWarning, stacklevel=2)
         tap, n_out, found = _rebuild(model, set(self.feature_layers), lambda p, t: t)
         order = [found.index(p) for p in self.feature_layers]
         self._n_out = n_out
@@ -460,11 +473,11 @@ class DeltaModel(keras.Model):
             spatial = tuple(range(1, len(d.shape) - 1))
             if self.variant == "li2019":
                 c = d.shape[-1]
-                hw = 1
+                hw = 1   # positions: from the traced shape (TensorFlow: unknown for any-size inputs)
                 for a in spatial:
-                    hw *= d.shape[a]
+                    hw = hw * ops.shape(d)[a]
                 per_channel = ops.sum(d, axis=spatial) if spatial else d  # (B, C)
-                term = 0.5 * (c / hw) * ops.sum(per_channel * w, axis=-1)
+                term = 0.5 * (c / ops.cast(hw, "float32")) * ops.sum(per_channel * w, axis=-1)
                 total = total + ops.mean(term)
             else:
                 total = total + ops.mean(d * w)
@@ -536,22 +549,23 @@ def _batches(x, y, batch_size, steps):
     else:
         x, y = np.asarray(x), np.asarray(y)
         it = ((x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(x), batch_size))
-    out = []
-    for i, (bx, by) in enumerate(it):
-        if steps is not None and i >= steps:
-            break
-        out.append((np.asarray(bx), np.asarray(by)))
+    out = [(np.asarray(bx), np.asarray(by)) for bx, by in itertools.islice(it, steps)]
     if not out:
         raise ValueError("compute_attention: no data.")
     return out
 
 
+def _sparse_labels(labels):
+    """Integer labels from sparse ones, `(N,)` or `(N, 1)`, or one-hot `(N, C)`."""
+    labels = np.asarray(labels)
+    if labels.ndim > 1 and labels.shape[-1] > 1:   # one-hot
+        labels = labels.argmax(-1)
+    return labels.reshape(-1).astype(int)
+
+
 def _cross_entropy(pred, labels, from_logits):
     pred = np.asarray(pred, "float64")
-    labels = np.asarray(labels)
-    if labels.ndim == pred.ndim:  # one-hot
-        labels = labels.argmax(-1)
-    labels = labels.reshape(-1).astype(int)
+    labels = _sparse_labels(labels)
     if from_logits:
         z = pred - pred.max(-1, keepdims=True)
         logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
@@ -560,8 +574,29 @@ def _cross_entropy(pred, labels, from_logits):
     return -logp[np.arange(len(labels)), labels]
 
 
+def _output_layer(model):
+    """The layer that makes `model`'s (first) output, inside nested models."""
+    layer = model
+    while isinstance(layer, keras.Model) and layer.layers:
+        try:
+            inner = layer.outputs[0]._keras_history.operation
+        except (AttributeError, IndexError, TypeError, ValueError):
+            inner = layer.layers[-1]
+        if inner is layer:
+            break
+        layer = inner
+    return layer
+
+
+def _output_units(model):
+    try:
+        return int(model.outputs[0].shape[-1])
+    except (AttributeError, IndexError, TypeError, ValueError):
+        return None
+
+
 def _ends_in_softmax(model):
-    last = model.layers[-1]
+    last = _output_layer(model)
     act = getattr(last, "activation", None)
     return getattr(act, "__name__", "") == "softmax" or isinstance(last, keras.layers.Softmax)
 
@@ -589,8 +624,10 @@ def compute_attention(model, x, y=None, *, feature_layers=None, variant="li2019"
 
     Args:
         model: the model to fine-tune (pre-trained backbone + new head).
-        x, y: arrays of inputs and integer (or one-hot) labels; or `x` an
-            iterable of `(inputs, labels)` batches and `y=None`.
+        x, y: arrays of inputs and integer labels (`(N,)` or `(N, 1)`) or
+            one-hot ones; or `x` a finite iterable of `(inputs, labels)`
+            batches and `y=None` (read once into memory for the head
+            training; with `head_epochs=0` only its first `steps` batches).
         feature_layers: names/paths; default `default_feature_layers`.
         variant: `"li2019"` or `"last-layer"`.
         head: top-level head layer names (default as in `DeltaModel`).
@@ -638,10 +675,17 @@ def compute_attention(model, x, y=None, *, feature_layers=None, variant="li2019"
                 return att
         if loaded is not None:
             warnings.warn(f"DELTA: attention cache {cache} does not match; recomputing.", stacklevel=2)
+    units = _output_units(model)
+    if units == 1:
+        raise ValueError(
+            "compute_attention: the model has one output unit (a sigmoid or binary logit); the channel "
+            "importances are cross-entropies over classes: give the head 2 units (sparse labels 0/1).")
     if from_logits is None:
         from_logits = not _ends_in_softmax(model)
     head = _head_names(model, head)
-    data = _batches(x, y, batch_size, None)
+    # Head training goes over all of the data, once per epoch (an iterable is
+    # read once, so it must be finite); the ablation needs `steps` batches only.
+    data = _batches(x, y, batch_size, None if head_epochs > 0 else steps)
 
     # 1. a copy with a frozen backbone and a trained head
     probe = keras.models.clone_model(model, clone_function=_plain_clone, recursive=True)
@@ -655,8 +699,7 @@ def compute_attention(model, x, y=None, *, feature_layers=None, variant="li2019"
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=from_logits))
         for _ in range(head_epochs):
             for bx, by in data:
-                by = by.argmax(-1) if by.ndim > 1 else by
-                probe.train_on_batch(bx, by)
+                probe.train_on_batch(bx, _sparse_labels(by))
     data = data[:steps] if steps is not None else data
 
     # 2. ablation, one feature layer at a time

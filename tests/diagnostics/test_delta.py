@@ -346,3 +346,79 @@ def test_default_feature_maps_of_mobilenet_and_efficientnet_are_the_documented_o
     # nested in a model with a head: paths through the base
     model = keras.Sequential([keras.Input((64, 64, 3)), mobilenet, L.GlobalAveragePooling2D(), L.Dense(2)])
     assert D.default_feature_layers(model)[0] == f"{mobilenet.name}/conv_pw_3_relu"
+
+
+def test_labels_of_shape_n_by_1_are_sparse_not_one_hot():
+    # (N, 1) labels (keras.datasets.cifar10) were read as one-hot: every label 0.
+    model = small_cnn()
+    x, y = data()
+    att = []
+    for labels in (y, y[:, None], np.eye(3)[y]):
+        keras.utils.set_random_seed(0)
+        att.append(D.compute_attention(model, x, labels, feature_layers=["r2"], batch_size=8, steps=2,
+                                       head_epochs=1)[0])
+    np.testing.assert_allclose(att[1], att[0], rtol=1e-5)
+    np.testing.assert_allclose(att[2], att[0], rtol=1e-5)
+
+
+def test_a_nested_head_gets_the_beta_penalty_and_a_head_without_kernels_warns():
+    keras.utils.set_random_seed(0)
+    base = keras.Sequential([keras.Input((6, 6, 3)), L.Conv2D(4, 3, name="c1"), L.ReLU(name="r1"),
+                             L.GlobalAveragePooling2D()], name="base")
+    top = keras.Sequential([L.Dense(5, name="fc"), L.Dense(3, name="out")], name="top")
+    model = keras.Sequential([keras.Input((6, 6, 3)), base, top])
+    x, _ = data(4)
+    dm = D.DeltaModel(model, feature_layers=["r1"], alpha=0.0, beta=0.2, head=["top"])
+    dm(x, training=True)
+    expected = 0.1 * sum((to_np(top.get_layer(n).kernel) ** 2).sum() for n in ("fc", "out"))
+    assert sum(float(to_np(l)) for l in dm.losses) == pytest.approx(expected, rel=1e-5)
+    with pytest.warns(UserWarning, match=r"beta=0.2 has no head kernel to act on \(head: \[\]\)"):
+        D.DeltaModel(model, feature_layers=["r1"], alpha=0.0, beta=0.2)   # DELTA's default head: none here
+
+
+def test_the_li2019_term_on_maps_of_a_size_unknown_when_traced():
+    # TensorFlow traced hw *= None for a model built on any image size.
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((None, None, 3))
+    f = L.Conv2D(2, 1, name="c1")(inp)
+    model = keras.Model(inp, L.Dense(3, name="head")(L.GlobalAveragePooling2D()(f)))
+    dm = D.DeltaModel(model, feature_layers=["c1"])
+    model.get_layer("c1").kernel.assign(to_np(model.get_layer("c1").kernel) + 0.3)
+    traced = tf.function(dm.delta_loss, input_signature=[tf.TensorSpec((None, None, None, 3))])
+    for size in (4, 6):
+        x = np.random.default_rng(size).random((2, size, size, 3)).astype("float32")
+        assert float(traced(x)) == pytest.approx(float(to_np(dm.delta_loss(x))), rel=1e-6)
+
+
+def test_compute_attention_reads_only_the_batches_it_uses_and_names_a_one_unit_output():
+    model = small_cnn()
+    x, y = data()
+    read = []
+
+    def batches():   # as long as ds.repeat() for what it reads (capped: old code read it all)
+        for _ in range(50):
+            read.append(1)
+            yield x[:8], y[:8]
+
+    D.compute_attention(model, batches(), feature_layers=["r2"], steps=2, head_epochs=0)
+    assert len(read) == 2
+    keras.utils.set_random_seed(0)
+    binary = keras.Sequential([keras.Input((6, 6, 3)), L.Conv2D(2, 3, name="c1"), L.ReLU(name="r1"),
+                               L.GlobalAveragePooling2D(), L.Dense(1, name="head")])
+    with pytest.raises(ValueError, match=r"one output unit.*give the head 2 units"):
+        D.compute_attention(binary, x, y % 2, feature_layers=["r1"])
+
+
+def test_a_softmax_at_the_end_of_a_nested_head_is_read_as_probabilities():
+    keras.utils.set_random_seed(0)
+    base = keras.Sequential([keras.Input((6, 6, 3)), L.Conv2D(4, 3, name="c1"), L.ReLU(name="r1"),
+                             L.GlobalAveragePooling2D()], name="base")
+    top = keras.Sequential([L.Dense(5, name="fc"), L.Dense(3, activation="softmax", name="out")], name="top")
+    model = keras.Sequential([keras.Input((6, 6, 3)), base, top])
+    assert D._ends_in_softmax(model)
+    x, y = data()
+    kw = dict(feature_layers=["r1"], head=["top"], head_epochs=0, batch_size=8, steps=2)
+    np.testing.assert_allclose(D.compute_attention(model, x, y, **kw),
+                               D.compute_attention(model, x, y, from_logits=False, **kw), rtol=1e-6)

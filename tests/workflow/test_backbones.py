@@ -88,6 +88,15 @@ def test_local_weights_file_is_loaded():
         build_model("mobilenet", 17, weights=WEIGHTS, image_size=96)
 
 
+def test_a_keras_3_weights_file_of_another_width_is_named(tmp_path):
+    # Keras 3's loader says "could not be loaded" where h5 files said "mismatch":
+    # the hint about alpha was lost.
+    path = str(tmp_path / "m.weights.h5")
+    keras.applications.MobileNet(alpha=0.25, weights=None, include_top=False, input_shape=(32, 32, 3)).save_weights(path)
+    with pytest.raises(ValueError, match=r"weights file '.*m.weights.h5' does not fit MobileNet with alpha=0.5.*--alpha"):
+        build_model("mobilenet", 3, weights=path, image_size=32, alpha=0.5)
+
+
 def test_core_backbones_and_recipe_import_without_tensorflow():
     """`import keras_spft` (and the TF-free workflow modules) never pulls in TensorFlow."""
     import subprocess
