@@ -21,6 +21,11 @@ import keras_tuner
 from keras_spft import recipe
 from keras_spft.recipe import METHODS
 
+try:   # KerasTuner's per-trial checkpoint (not public API)
+    from keras_tuner.src.engine.tuner_utils import SaveBestEpoch as _SaveBestEpoch
+except ImportError:   # another layout: its best-epoch checkpoints stay
+    _SaveBestEpoch = type("_NoSaveBestEpoch", (), {})
+
 __all__ = ["SPFTHyperModel", "SearchResult", "search"]
 
 TUNERS = {
@@ -185,12 +190,41 @@ class SPFTHyperModel(keras_tuner.HyperModel):
 
     def fit(self, hp, model, *args, epochs=1, callbacks=None, **kwargs):
         lr = hp.values.get("lr", self.lr)
-        callbacks = list(callbacks or []) + [recipe.lr_schedule(lr, epochs)]
+        # KerasTuner checkpoints each trial's best epoch (what `get_best_models`
+        # and Hyperband's promoted trials load); a trial scores its final
+        # epoch here, so the checkpoint is the final epoch too.
+        callbacks = [_SaveFinalEpoch(c) if isinstance(c, _SaveBestEpoch) else c for c in callbacks or []]
+        callbacks = callbacks + [recipe.lr_schedule(lr, epochs)]
         if args and hasattr(args[0], "element_spec"):
             kwargs.setdefault("shuffle", False)  # a tf.data pipeline shuffles itself
         history = model.fit(*args, epochs=epochs, callbacks=callbacks, **kwargs)
         # Score the final epoch, as the paper does (KerasTuner would take the best).
         return {k: float(v[-1]) for k, v in history.history.items() if k != "learning_rate"}
+
+
+class _SaveFinalEpoch(_SaveBestEpoch):
+    """KerasTuner's checkpoint of a trial, taken at the end of `fit` (the
+    final epoch) instead of at its best epoch; across the executions of a
+    trial, the one whose final value is best (as KerasTuner's own)."""
+
+    def __init__(self, best_epoch):
+        super().__init__(best_epoch.objective, best_epoch.filepath)
+        self._shared = best_epoch   # one per trial: holds the best value over its executions
+        self._logs = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._logs = dict(logs or {})
+
+    def on_train_end(self, logs=None):
+        if self._logs is None:
+            return
+        if not self.objective.has_value(self._logs):
+            self._save_model()
+            return
+        value = self.objective.get_value(self._logs)
+        if self.objective.better_than(value, self._shared.best_value):
+            self._shared.best_value = value
+            self._save_model()
 
 
 @dataclass

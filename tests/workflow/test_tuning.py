@@ -326,3 +326,18 @@ def test_resuming_checks_build_model_and_seed_and_explains_a_grid(tmp_path):
     _run(tiny_model, x, y, tmp_path / "g", tuner="grid", max_trials=4)
     with pytest.raises(ValueError, match=r"grid_points: 2 stored vs 3 now; with tuner='grid', `max_trials` sets"):
         _run(tiny_model, x, y, tmp_path / "g", tuner="grid", max_trials=9)
+
+
+def test_the_trial_checkpoint_is_the_final_epoch_it_scores(tmp_path):
+    # KerasTuner saved each trial's best epoch: get_best_models() (and a
+    # Hyperband round's continuation) loaded other weights than those scored.
+    x, y = _data()
+    spy = Spy()
+    result = _run(spy, x, y, tmp_path, tuner="random", max_trials=1, epochs=4, lr=0.3, objective="val_loss")
+    trained = spy.models[-1]
+    scores = trained.history.history["val_cross_entropy"]
+    assert result.trials[0]["score"] == pytest.approx(scores[-1])
+    assert min(scores) < scores[-1], "the final epoch is the best one here: the test would not tell"
+    best = result.tuner.get_best_models(1)[0]
+    for a, b in zip(best.weights, trained.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
