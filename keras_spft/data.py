@@ -433,6 +433,9 @@ def load_data(
             raise ValueError("empty TFDS name: use e.g. 'tfds:oxford_flowers102'.")
         builder, info, mapping, counts = _tfds_sources(
             name, data_dir, 0.1 if val_fraction is None else val_fraction, download)
+        if val_fraction is not None and "train_full" not in mapping:
+            warnings.warn(f"val_fraction={val_fraction} is not used: TFDS data set '{name}' has its own "
+                          f"validation split ('{mapping['val']}').", UserWarning, stacklevel=2)
         class_names = list(info.features["label"].names)
         if stage == "tune":
             train_parts, eval_split = ("train",), "val"

@@ -116,7 +116,9 @@ def method_values(method, values=None):
     Args:
         method: a `wrap_pretrained` method name or `"delta"`.
         values: dict of given values (`None` entries are replaced by the
-            defaults; keys other than the method's are ignored, except `lr`).
+            defaults; other methods' keys are ignored, `lr` is kept, and a
+            key that is no hyper-parameter at all, e.g. `"head-radius"`, is
+            a `ValueError`).
 
     Returns:
         A dict with exactly the method's hyper-parameters (and `lr` if given).
@@ -127,6 +129,10 @@ def method_values(method, values=None):
     ('radius', 2.0)
     """
     values = dict(values or {})
+    unknown = sorted(set(values) - set(DEFAULTS) - {"lr"}, key=str)
+    if unknown:
+        raise ValueError(f"unknown hyper-parameter(s) {unknown} for method {method!r}; "
+                         f"expected some of {sorted(hyperparameter_names(method)) + ['lr']}.")
     out = {}
     for name in hyperparameter_names(method):
         v = values.get(name)

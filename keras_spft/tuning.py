@@ -258,7 +258,7 @@ class SearchResult:
         keys = [k for k in self.trials[0] if k not in ("trial_id", "score")]
         head = ["trial"] + keys + [self.objective]
         rows = [head] + [
-            [t["trial_id"]] + [f"{t[k]:.4g}" for k in keys] + [f"{t['score']:.4f}"] for t in self.trials
+            [t["trial_id"]] + [_fmt(t.get(k)) for k in keys] + [f"{t['score']:.4f}"] for t in self.trials
         ]
         widths = [max(len(str(r[i])) for r in rows) for i in range(len(head))]
         fmt = "  ".join("{:>%d}" % w for w in widths)
@@ -267,7 +267,7 @@ class SearchResult:
         return "\n".join(lines)
 
     def __str__(self):
-        best = ", ".join(f"{k}={v:.4g}" for k, v in self.best.items())
+        best = ", ".join(f"{k}={_fmt(v)}" for k, v in self.best.items())
         return (
             f"{self.method}: best {best} ({self.objective} {self.best_score:.4f}, "
             f"{len(self.trials)} trials{f', {len(self.failed)} failed' if self.failed else ''})\n{self.table()}"
@@ -379,6 +379,21 @@ def _store_settings(project, settings):
     os.replace(tmp, os.path.join(project, SETTINGS_FILE))
 
 
+def _require_val(val):
+    if val is None:   # KerasTuner would fail each trial only after training it
+        raise ValueError("search needs validation data `val` (the objective is scored on it), got None.")
+
+
+def _number(value):
+    """A numeric hyper-parameter as a float; a string or bool one (an
+    `hp.Choice` of the tuner's own `hyperparameters=`) as it is."""
+    return float(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) else value
+
+
+def _fmt(value):
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 def _result(tuner, method, objective):
     trials = [
         t for t in tuner.oracle.get_best_trials(num_trials=10**6)
@@ -388,7 +403,7 @@ def _result(tuner, method, objective):
     # ...) to each trial's values: not hyper-parameters of the method.
     rows = [
         {"trial_id": t.trial_id,
-         **{k: float(v) for k, v in t.hyperparameters.values.items() if not k.startswith("tuner/")},
+         **{k: _number(v) for k, v in t.hyperparameters.values.items() if not k.startswith("tuner/")},
          "score": float(t.score)}
         for t in trials
     ]
@@ -501,6 +516,7 @@ def search(
     if isinstance(tuner, keras_tuner.Tuner):
         instance = tuner
         method = getattr(instance.hypermodel, "method", method)
+        _require_val(val)
     else:
         if isinstance(tuner, str):
             if tuner not in TUNERS:
@@ -521,6 +537,7 @@ def search(
             # so 20 trials of a 10 x 10 grid would hardly move the first
             # hyper-parameter: as many values per range as the trials allow.
             hypermodel.grid_points = max(2, int(math.floor(max_trials ** (1.0 / searched) + 1e-9)))
+        _require_val(val)
         if directory is None:
             import tempfile
 

@@ -328,3 +328,11 @@ def test_camera_jpegs_webp_numpy_crop_fractions_and_dangling_links(image_folder)
     splits = load_data(image_folder, image_size=8, crop_fraction=np.float32(0.8), augment=True)
     assert splits.counts["train"] == 8   # 6 + the two; not the dangling link
     assert len(_collect(splits.train)[1]) == 8
+
+
+def test_tfds_val_fraction_unused_by_a_data_set_with_its_own_validation_split_warns(tmp_path):
+    tfds = _tfds_metadata(tmp_path, "oxford_flowers102", {"train": 10, "validation": 5, "test": 7})
+    with tfds.testing.mock_data(num_examples=4, data_dir=str(tmp_path)):
+        with pytest.warns(UserWarning, match=r"val_fraction=0.2 is not used: TFDS data set 'oxford_flowers102' "
+                                             r"has its own validation split \('validation'\)"):
+            load_data("tfds:oxford_flowers102", image_size=8, stage="tune", val_fraction=0.2, data_dir=str(tmp_path))

@@ -341,3 +341,36 @@ def test_the_trial_checkpoint_is_the_final_epoch_it_scores(tmp_path):
     best = result.tuner.get_best_models(1)[0]
     for a, b in zip(best.weights, trained.weights):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_search_without_validation_data_and_a_misspelt_value_are_named_up_front(tmp_path):
+    x, y = _data()
+    import tensorflow as tf
+
+    train = tf.data.Dataset.from_tensor_slices((x, y)).batch(6)
+    with pytest.raises(ValueError, match=r"search needs validation data `val`"):
+        search(tiny_model, train, None, tuner="random", max_trials=1, epochs=1, directory=str(tmp_path))
+    assert not (tmp_path / "spft_mars-pgm").exists()   # nothing trained, nothing stored
+    with pytest.raises(ValueError, match=r"unknown hyper-parameter\(s\) \['head-radius'\] for method 'mars-pgm'"):
+        recipe.wrap(tiny_model(), "mars-pgm", {"radius": 2.0, "head-radius": 5.0})
+    assert recipe.method_values("l2-sp", {"radius": 3.0, "strength": 0.1})["strength"] == 0.1   # another method's key
+
+
+def test_a_string_choice_of_the_tuners_own_hyperparameters_is_reported():
+    # float() of every value crashed after the whole search had run.
+    x, y = _data()
+
+    class Hyper(keras_tuner.HyperModel):
+        def build(self, hp):
+            hp.Choice("optimizer", ["adam", "sgd"])
+            model = tiny_model()
+            model.compile(optimizer=hp.get("optimizer"), loss="sparse_categorical_crossentropy",
+                          metrics=["accuracy"])
+            return model
+
+    import tempfile
+
+    tuner = keras_tuner.RandomSearch(Hyper(), objective="val_accuracy", max_trials=1,
+                                     directory=tempfile.mkdtemp(), seed=1)
+    result = search(None, (x, y), (x, y), tuner=tuner, epochs=1, verbose=0)
+    assert result.best["optimizer"] in ("adam", "sgd") and "optimizer=" in str(result)
