@@ -89,7 +89,9 @@ def default_feature_layers(model, variant="li2019", max_maps=4):
     map with a warning (pass `feature_layers=` explicitly). EfficientNet and
     MobileNet maps are told apart by their spatial size: a base built without
     `input_shape` (sizes `None`) is a `ValueError`.
-    `"last-layer"`: the last layer with a spatial (rank >= 3) output.
+    `"last-layer"`: the last layer with a 2-D or 3-D map as output (rank 4
+    or more with the batch axis; a 1-D model's layers need
+    `feature_layers=`).
 
     Args:
         model: a built model, possibly with the backbone nested inside.
@@ -321,7 +323,8 @@ class DeltaModel(keras.Model):
             possibly nested, and a new head), with its pre-trained weights.
         feature_layers: names or paths of the layers whose outputs are
             compared; `None` uses `default_feature_layers(model, variant)`.
-        alpha: strength of the feature-map term (Li et al.: 0.01).
+        alpha: strength of the feature-map term (a batch mean here; Li et
+            al.'s 0.01 is on a batch sum, i.e. `0.01 * batch_size` here).
         beta: strength of the L2 penalty `beta / 2 * ||V||^2` on the head
             kernels (Li et al.: 0.01; `0` disables it).
         variant: `"li2019"` (attention softmax(zscore / 5), several maps) or
