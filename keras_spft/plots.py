@@ -118,7 +118,9 @@ def plot_distance_histograms(results, path, metric="mars", radius=None, bins=20,
     data = {m: np.array(list(v.values())) for m, v in by_layer.items()}
     data = {m: v for m, v in data.items() if v.size}
     if not data:
-        raise ValueError(f"no '{prefix}/<layer>/{metric}' values in the results: was DistanceMonitor used?")
+        raise ValueError(f"no '{prefix}/<layer>/{metric}' values in the results: was DistanceMonitor used "
+                         "(with per_layer=False a History holds the aggregates only: pass the monitor "
+                         "itself, whose history keeps every layer)?")
     radii = radius if isinstance(radius, dict) else {m: radius for m in data}
     hi = max(max(v.max() for v in data.values()),
              max((r for r in radii.values() if r is not None), default=0.0))

@@ -343,3 +343,13 @@ def test_layer_distances_of_a_monitor_take_one_logged_epoch_for_every_layer():
     assert plots.layer_distances(run, epoch=0, head=True) == {"head/h": 0.4}
     assert plots.layer_distances(run, epoch=2, head=True) == {"head/h": 0.7, "base/c1": 1.5}
     assert plots.layer_distances(run) == {"base/c1": 1.5}
+
+
+def test_a_history_of_aggregates_only_points_at_the_monitor(tmp_path):
+    model = two_layer_net()
+    model.compile(optimizer="sgd", loss="mse")
+    monitor = keras_spft.DistanceMonitor(per_layer=False)
+    history = model.fit(np.ones((4, 2)), np.ones((4, 2)), epochs=1, verbose=0, callbacks=[monitor])
+    with pytest.raises(ValueError, match=r"with per_layer=False a History holds the aggregates only: pass the monitor"):
+        plots.plot_distance_histograms({"mars-pgm": history}, str(tmp_path / "h.png"))
+    assert plots.plot_distance_histograms({"mars-pgm": monitor}, str(tmp_path / "m.png")).endswith("m.png")
