@@ -687,6 +687,10 @@ def tune_method(session, method):
         if stored == as_stored:
             _log(f"[{method}] search done already: {_fmt_values(done['best'])} "
                  f"({done['objective']} {done['best_score']:.4f}, {best_path})")
+            if done.get("objective") == "val_loss" and method in recipe.SP_METHODS:
+                _log(f"[{method}] note: that search scored Keras' val_loss, which adds the {method} penalty "
+                     "(keras-spft before 2026-11-28), so it favoured weak strengths; remove "
+                     f"'{folder}' to search again on the cross-entropy.")
             return done["best"], done
         raise UsageError(
             f"'{best_path}' is a finished search with other settings "

@@ -172,7 +172,7 @@ def kernel_distances(kernel, value, anchor, tol=1e-3):
         tol: a row is *at the bound* when its distance is at least
             `(1 - tol) * radius`, less the rounding of the kernel's dtype
             (its unit roundoff times the row's L1 norm: 16-bit kernels are
-            stored rounded).
+            stored rounded), and at least half the radius.
 
     Returns:
         Dict with `mars` (largest row L1 distance), `frobenius`, `rows` (the
@@ -188,15 +188,19 @@ def kernel_distances(kernel, value, anchor, tol=1e-3):
     obj = kernel.obj
     # A projected kernel is stored rounded to its dtype: a row at the bound
     # may land below it by up to the unit roundoff times the row's L1 norm
-    # (a few percent in 16 bits), so that much counts as at the bound.
+    # (a few percent in 16 bits), so that much counts as at the bound; but
+    # never less than half the radius (a row that has hardly moved is not at
+    # a bound smaller than the rounding).
     u = _UNIT_ROUNDOFF.get(keras.backend.standardize_dtype(kernel.variable.dtype), 0.0)
     if isinstance(obj, MARSDistance):
         r = np.broadcast_to(_np(obj.radius), rows.shape)
-        out["at_bound"] = float((rows + u * _row_l1(value, kernel.axis) >= (1.0 - tol) * r).mean())
+        threshold = np.maximum((1.0 - tol) * r - u * _row_l1(value, kernel.axis), 0.5 * r)
+        out["at_bound"] = float((rows >= threshold).mean())
         out["radius"] = float(r.max())
     elif isinstance(obj, FrobeniusDistance):
         r = float(_np(obj.radius))
-        out["at_bound"] = float(out["frobenius"] + u * np.sqrt((value ** 2).sum()) >= (1.0 - tol) * r)
+        threshold = max((1.0 - tol) * r - u * float(np.sqrt((value ** 2).sum())), 0.5 * r)
+        out["at_bound"] = float(out["frobenius"] >= threshold)
         out["radius"] = r
     return out
 
@@ -305,9 +309,10 @@ class DistanceMonitor(_EpochSchedule):
     def _snapshot(self, model):
         # Once per model: later `fit` calls of the same model (two-stage
         # fine-tuning) measure from the first start; another model from its own.
-        if self._anchors is None or self._snapshot_of() is not model:
+        inner = _unwrap(model)   # a DeltaModel and its .model are one network
+        if self._anchors is None or self._snapshot_of() is not inner:
             self._anchors = snapshot_anchors(model, self.head)
-            self._snapshot_of = weakref.ref(model)
+            self._snapshot_of = weakref.ref(inner)
 
     def on_train_begin(self, logs=None):
         super().on_train_begin(logs)
@@ -529,9 +534,10 @@ class GradientNormMonitor(_EpochSchedule):
 
     def on_train_begin(self, logs=None):
         super().on_train_begin(logs)
-        if self._measured() is not self.model:   # the start of each model it is given
+        inner = _unwrap(self.model)   # the start of each network it is given
+        if self._measured() is not inner:
             self._measure(-1)
-            self._measured = weakref.ref(self.model)
+            self._measured = weakref.ref(inner)
 
     def on_epoch_end(self, epoch, logs=None):
         if not self._due(epoch):

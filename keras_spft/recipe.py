@@ -215,6 +215,11 @@ def compile_model(model, lr=DEFAULT_LR, radius_lr=DEFAULT_RADIUS_LR):
     """
     from keras_spft.learned import RadiusOptimizer, distance_constraints, learned_constraints
 
+    outputs = getattr(model, "outputs", None) or ()
+    if len(outputs) > 1:   # Keras would read the two metrics as one per output
+        raise ValueError(
+            f"compile_model compiles a classifier with one output; '{model.name}' has {len(outputs)}: "
+            "compile it yourself, with a loss and metrics per output.")
     optimizer = keras.optimizers.Adam(learning_rate=lr, amsgrad=True)
     variables = model.trainable_variables
     on_jax = keras.backend.backend() == "jax"

@@ -154,15 +154,21 @@ class SPFTHyperModel(keras_tuner.HyperModel):
         values = self.values(hp)
         # KerasTuner builds once per execution of a trial (`executions_per_trial`),
         # with the trial's own `hp`: execution k is seeded `seed + k`, so the
-        # executions averaged are independent draws, not copies.
-        self._execution = self._execution + 1 if hp is self._last_hp else 0
-        self._last_hp = hp
-        if self.seed is not None:
-            import keras
+        # executions averaged are independent draws, not copies. k counts the
+        # executions trained since the trial started; a failure resets it, as
+        # KerasTuner retries a failed trial from its first execution.
+        if hp is not self._last_hp:
+            self._last_hp, self._execution = hp, 0
+        try:
+            if self.seed is not None:
+                import keras
 
-            keras.utils.set_random_seed((self.seed + self._execution) % 2**32)
-        model = self.build_model()
-        self._refuse_reused(model)
+                keras.utils.set_random_seed((self.seed + self._execution) % 2**32)
+            model = self.build_model()
+            self._refuse_reused(model)
+        except BaseException:
+            self._execution = 0
+            raise
         wrapped = recipe.wrap(model, self.method, values, **self.wrap_options)
         if self.method in recipe.DELTA_METHODS:
             model = wrapped   # the DeltaModel is trained (and scored: inference runs `.model` only)
@@ -197,7 +203,13 @@ class SPFTHyperModel(keras_tuner.HyperModel):
         callbacks = callbacks + [recipe.lr_schedule(lr, epochs)]
         if args and hasattr(args[0], "element_spec"):
             kwargs.setdefault("shuffle", False)  # a tf.data pipeline shuffles itself
-        history = model.fit(*args, epochs=epochs, callbacks=callbacks, **kwargs)
+        try:
+            history = model.fit(*args, epochs=epochs, callbacks=callbacks, **kwargs)
+        except BaseException:
+            self._execution = 0
+            raise
+        if hp is self._last_hp:
+            self._execution += 1
         # Score the final epoch, as the paper does (KerasTuner would take the best).
         return {k: float(v[-1]) for k, v in history.history.items() if k != "learning_rate"}
 
@@ -327,8 +339,17 @@ def _fingerprint(value):
     if code is not None:   # a function or lambda: its name, code, constants and closure
         import hashlib
 
-        def digest(c):   # nested code objects by content (their repr holds an address)
-            consts = [digest(k) if hasattr(k, "co_code") else repr(k) for k in c.co_consts]
+        def const(k):
+            if hasattr(k, "co_code"):   # nested code objects by content (their repr holds an address)
+                return digest(k)
+            if isinstance(k, frozenset):   # a set literal: its repr's order follows the hash seed
+                return "frozenset" + repr(sorted(const(e) for e in k))
+            if isinstance(k, tuple):
+                return "tuple" + repr([const(e) for e in k])
+            return repr(k)
+
+        def digest(c):
+            consts = [const(k) for k in c.co_consts]
             return hashlib.sha1(c.co_code + repr(consts).encode()).hexdigest()
 
         body = digest(code)
@@ -347,16 +368,25 @@ def _check_resumed(project, settings):
     if os.path.isfile(path):
         with open(path) as f:
             stored = json.load(f)
+        if stored.get("objective") == ["val_loss", "min"] and settings.get("objective") == ["val_cross_entropy", "min"] \
+                and settings.get("method") not in recipe.SP_METHODS:
+            # Earlier versions scored Keras' val_loss, which is the cross-entropy
+            # for methods without a penalty: the same search.
+            stored = dict(stored, objective=settings["objective"])
         # A key the file lacks was not recorded by the version that wrote it.
         differ = [k for k in sorted(set(stored) | set(settings)) if k in stored and stored[k] != settings.get(k)]
         if differ:
             diff = ", ".join(f"{k}: {_short(stored.get(k))} stored vs {_short(settings.get(k))} now" for k in differ)
+            if stored.get("objective") == ["val_loss", "min"] and "objective" in differ:
+                diff += ("; keras-spft before 2026-11-28 scored 'val_loss', which adds the "
+                         f"{settings.get('method')} penalty, so those trials do not compare with these")
             if "grid_points" in differ:
                 diff += ("; with tuner='grid', `max_trials` sets the points per range, "
                          "so a grid search cannot grow")
             raise ValueError(
                 f"'{project}' holds a search made with other settings ({diff}); resuming would mix its "
-                "trials with these. Pass overwrite=True, another project_name or another directory."
+                "trials with these. Pass overwrite=True, another project_name or another directory "
+                "(on the command line: another --out, or remove that folder)."
             )
     elif os.path.isfile(os.path.join(project, "oracle.json")) and os.environ.get(
             "KERASTUNER_TUNER_ID", "chief") == "chief":   # a worker may start before the chief writes it
@@ -450,7 +480,7 @@ def search(
             model with its head (see `SPFTHyperModel`).
         train: training data, e.g. `load_data(..., stage="tune").train`
             (a `tf.data.Dataset`, a `keras.utils.PyDataset`...), or NumPy
-            arrays as a tuple `(x, y)`.
+            arrays as a tuple `(x, y)` or `(x, y, sample_weight)`.
         val: validation data, e.g. `load_data(..., stage="tune").eval`,
             or `(x_val, y_val)`.
         method: a `wrap_pretrained` method name or `"delta"`.
@@ -570,9 +600,11 @@ def search(
         instance = cls(**kwargs, **tuner_kwargs)
         _store_settings(project, settings)
     _without_tensorboard(instance)
-    # Arrays come as `(x, y)`; `fit` takes them as two arguments.
-    arrays = isinstance(train, tuple) and len(train) == 2
+    # Arrays come as `(x, y)` or `(x, y, sample_weight)`; `fit` takes them apart.
+    arrays = isinstance(train, tuple) and len(train) in (2, 3)
     fit_kwargs = {} if batch_size is None else {"batch_size": int(batch_size)}
-    instance.search(*(train if arrays else (train,)), validation_data=val, epochs=epochs, verbose=verbose,
+    if arrays and len(train) == 3:
+        fit_kwargs["sample_weight"] = train[2]
+    instance.search(*(train[:2] if arrays else (train,)), validation_data=val, epochs=epochs, verbose=verbose,
                     **fit_kwargs)
     return _result(instance, method, instance.oracle.objective.name)

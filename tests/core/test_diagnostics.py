@@ -159,6 +159,16 @@ def test_a_monitor_passed_to_another_model_measures_it_from_its_own_start():
         assert logs["spft/base/c1/mars"][0] == 0.0, f"model {seed} measured from another model's weights"
     assert [h["epoch"] for h in grads.history] == [-1, 0, -1, 0]   # each model's start
 
+    # A DeltaModel and its .model are one network: a second stage on the plain
+    # model is measured from the same start as the first.
+    model = cnn(2)
+    delta = keras_spft.add_delta(model, feature_layers=["base/c1"], beta=0.0)
+    delta.compile(optimizer=keras.optimizers.SGD(0.1), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    delta.fit(x, y, epochs=1, verbose=0, callbacks=[monitor])
+    model.compile(optimizer=keras.optimizers.SGD(0.0), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    logs = model.fit(x, y, epochs=1, verbose=0, callbacks=[monitor]).history
+    assert logs["spft/base/c1/mars"][0] > 0.0, "the second stage was measured from the first stage's end"
+
 
 def test_monitor_rows_follow_the_constraint_axis_and_16_bit_rows_at_the_radius_count_as_at_bound():
     keras.utils.set_random_seed(0)
@@ -176,15 +186,22 @@ def test_monitor_rows_follow_the_constraint_axis_and_16_bit_rows_at_the_radius_c
     np.testing.assert_allclose(d["rows"], np.abs(to_np(var) - w0).sum(axis=(0, 1)).reshape(-1), rtol=1e-6)
     assert d["mars"] == pytest.approx(0.1, rel=1e-5) and d["at_bound"] == 1.0
 
-    # 16-bit kernels are stored rounded: every row projected onto the radius is at the bound.
+    # 16-bit kernels are stored rounded: every row projected onto the radius
+    # is at the bound (rows of L1 norm ~6.6: bfloat16 rounds them by ~0.05),
+    # and a row that has not moved is not, even below the rounding.
     for dtype in ("float16", "bfloat16"):
         dense = keras.Sequential([keras.Input((64,)), L.Dense(32, name="d", dtype=dtype)])
         kvar = dense.get_layer("d").kernel
         a = to_np(kvar)
-        kvar.constraint = keras_spft.MARSDistance(a.astype(dtype), 0.05)
-        kvar.assign(kvar.constraint(keras.ops.cast(a + 1.0, dtype)))
+        kvar.constraint = keras_spft.MARSDistance(a.astype(dtype), 0.5)
         k = keras_spft.diagnostics.tracked_kernels(dense)[0]
-        got = keras_spft.diagnostics.kernel_distances(k, to_np(kvar), to_np(kvar.constraint.anchor))
+        anchor = to_np(kvar.constraint.anchor)
+        assert keras_spft.diagnostics.kernel_distances(k, to_np(kvar), anchor)["at_bound"] == 0.0
+        kvar.constraint.radius.assign(0.02)   # below bfloat16's rounding of these rows
+        assert keras_spft.diagnostics.kernel_distances(k, to_np(kvar), anchor)["at_bound"] == 0.0
+        kvar.constraint.radius.assign(0.5)
+        kvar.assign(kvar.constraint(keras.ops.cast(a + 1.0, dtype)))
+        got = keras_spft.diagnostics.kernel_distances(k, to_np(kvar), anchor)
         assert got["at_bound"] == 1.0, (dtype, got["rows"].min())
 
 

@@ -484,3 +484,17 @@ def test_the_default_width_multiplier_is_the_same_setting_as_alpha_given(tiny, m
     path.write_text(json.dumps({**json.loads(path.read_text()),
                                 "settings": {**json.loads(path.read_text())["settings"], "alpha": None}}))
     cli.run(["finetune"] + _args(data, out, "--method", "l2-pgm", "--radius", "2", "--alpha", "1.0"))
+
+
+def test_a_finished_penalty_search_scored_on_val_loss_by_an_earlier_version_is_noted(tiny, capsys):
+    data, out, _ = tiny
+    argv = ["tune"] + _args(data, out, "--method", "l2-sp", "--trials", "1", "--tuner", "random",
+                            "--objective", "val_loss")
+    cli.run(argv)
+    best = out / "search" / "l2-sp" / "best.json"
+    record = json.load(open(best))
+    assert record["objective"] == "val_cross_entropy"
+    json.dump(dict(record, objective="val_loss"), open(best, "w"))   # as written before 2026-11-28
+    capsys.readouterr()
+    cli.run(argv)
+    assert "note: that search scored Keras' val_loss, which adds the l2-sp penalty" in capsys.readouterr().out

@@ -374,3 +374,78 @@ def test_a_string_choice_of_the_tuners_own_hyperparameters_is_reported():
                                      directory=tempfile.mkdtemp(), seed=1)
     result = search(None, (x, y), (x, y), tuner=tuner, epochs=1, verbose=0)
     assert result.best["optimizer"] in ("adam", "sgd") and "optimizer=" in str(result)
+
+
+def test_fingerprints_of_set_literals_do_not_follow_the_hash_seed():
+    # repr of a frozenset constant follows PYTHONHASHSEED: a resumed search was
+    # refused in about half of new processes.
+    import subprocess
+    import sys
+
+    code = ("from keras_spft.tuning import _fingerprint\n"
+            "def build():\n    return 'resnet' in {'tiny', 'small', 'resnet', 'mobilenet', 'efficientnet'}\n"
+            "print(_fingerprint(build)['code'])")
+    out = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          env={**__import__("os").environ, "PYTHONHASHSEED": str(seed)}).stdout
+           for seed in (1, 2, 3, 4)}
+    assert len(out) == 1, out
+
+
+def test_a_val_loss_search_of_an_earlier_version(tmp_path):
+    # Earlier versions scored Keras' val_loss: the same as the cross-entropy
+    # without a penalty (resumes), not with L2-SP's (refused, saying why).
+    import json
+    import os
+
+    x, y = _data()
+    for method, ranges in (("mars-pgm", None), ("l2-sp", {"strength": (0.01, 0.1), "head_strength": 0.1})):
+        _run(tiny_model, x, y, tmp_path / method, method=method, ranges=ranges, tuner="random", max_trials=1,
+             objective="val_loss")
+        path = os.path.join(tmp_path, method, f"spft_{method}", "keras_spft_search.json")
+        with open(path) as f:
+            stored = json.load(f)
+        with open(path, "w") as f:
+            json.dump(dict(stored, objective=["val_loss", "min"]), f)
+        again = lambda: _run(tiny_model, x, y, tmp_path / method, method=method, ranges=ranges,  # noqa: E731
+                             tuner="random", max_trials=1, objective="val_loss")
+        if method == "mars-pgm":
+            assert len(again().trials) == 1
+        else:
+            with pytest.raises(ValueError, match=r"before 2026-11-28 scored 'val_loss', which adds the l2-sp "
+                                                 r"penalty.*on the command line: another --out"):
+                again()
+
+
+def test_a_retried_trial_starts_again_from_the_first_executions_seed(tmp_path):
+    x, y = _data()
+    heads, failed = [], []
+
+    def build():
+        model = tiny_model()
+        heads.append(model.get_layer("head").kernel.numpy().copy())
+        if len(heads) == 2 and not failed:   # the trial's first try fails once
+            failed.append(1)
+            raise RuntimeError("flaky")
+        return model
+
+    _run(build, x, y, tmp_path, tuner="random", max_trials=1, max_retries_per_trial=1)
+    assert len(heads) == 3    # probe, the failed try, the retry
+    np.testing.assert_array_equal(heads[2], heads[0])   # seeded `seed`, not `seed + 1`
+
+
+def test_sample_weights_reach_fit_and_compile_model_refuses_two_outputs(tmp_path):
+    import keras
+
+    x, y = _data()
+    spy = Spy()
+    start = []
+    search(lambda: start.append(spy().get_layer("base").get_layer("c1").kernel.numpy().copy()) or spy.models[-1],
+           (x, y, np.zeros(len(y), "float32")), (x, y), "mars-pgm", tuner="random", max_trials=1, epochs=1,
+           verbose=0, directory=str(tmp_path), ranges={"radius": (2.0, 4.0), "head_radius": (5.0, 9.0)})
+    # Zero weights, zero loss, zero gradients: the trained kernel did not move.
+    np.testing.assert_array_equal(spy.models[-1].get_layer("base").get_layer("c1").kernel.numpy(), start[-1])
+
+    inputs = keras.Input((4,))
+    two = keras.Model(inputs, [keras.layers.Dense(3)(inputs), keras.layers.Dense(5)(inputs)], name="two")
+    with pytest.raises(ValueError, match=r"compile_model compiles a classifier with one output; 'two' has 2"):
+        recipe.compile_model(two)
