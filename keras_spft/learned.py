@@ -58,7 +58,7 @@ def learned_radii(model):
     """
     return {
         c.name or v.path: float(ops.convert_to_numpy(c.radius.value))
-        for v, c in learned_constraints(model.trainable_variables)
+        for v, c in learned_constraints(model.weights)   # frozen layers' radii too
     }
 
 
@@ -83,12 +83,15 @@ class RadiusOptimizer(keras.optimizers.Optimizer):
     with the new radii. A radius stays in `[1e-4, largest row distance]`, so
     the bound always holds with the current radius.
 
-    It also carries the anchors of every keras-spft constraint it optimizes
-    as optimizer state. On JAX this matters with fixed radii too: a plain
-    optimizer's compiled step closes over the anchors as constants, which
-    held two extra copies of them (measured with XLA's memory analysis);
-    carried as state they are inputs of the step, one copy in all. The
-    anchors are saved by their constraints, not again with the optimizer.
+    On JAX it also carries the anchors and fixed radii of every keras-spft
+    constraint it optimizes as optimizer state, which matters with fixed
+    radii too: a plain optimizer's compiled step closes over the anchors as
+    constants, which held two extra copies of them (measured with XLA's
+    memory analysis); carried as state they are inputs of the step, one copy
+    in all. The anchors are saved by their constraints, not again with the
+    optimizer (except under `mixed_float16` on JAX, where Keras'
+    `LossScaleOptimizer` saves all state it holds). TensorFlow and PyTorch
+    steps read the variables themselves.
 
     Args:
         inner_optimizer: the `keras.optimizers.Optimizer` that trains the
@@ -171,6 +174,8 @@ class RadiusOptimizer(keras.optimizers.Optimizer):
 
     @tracking.no_automatic_dependency_tracking
     def build(self, var_list):
+        if self.built:   # as Keras' optimizers: a second call (e.g. before load_weights) keeps the state
+            return
         self._bind_constraints(var_list)
         self.inner_optimizer.build(var_list)
         super().build(var_list)
@@ -215,21 +220,23 @@ class RadiusOptimizer(keras.optimizers.Optimizer):
             n = len(learned)
             self._radius_m = self.add_variable(shape=(n,), dtype="float32", initializer="zeros", name="radius_m")
             self._radius_v = self.add_variable(shape=(n,), dtype="float32", initializer="zeros", name="radius_v")
+        # Only JAX steps are stateless: there the optimizer's state carries
+        # the constraints' own radius variables (so a radius assigned or
+        # loaded later is the one in force, instead of a constant compiled
+        # into the step) and the anchors (inputs of the step instead of
+        # constants, which held two extra copies of them). TensorFlow and
+        # PyTorch read the variables themselves; tracked there, Keras'
+        # LossScaleOptimizer (mixed_float16) saved every anchor again. Neither
+        # is written by `save_own_variables` (their constraints save them).
+        as_state = keras.backend.backend() == "jax"
         for _, c in constrained:
-            # The constraint's own radius variable, shared: the optimizer's
-            # state carries it through compiled (stateless) steps, so a
-            # radius assigned or loaded later is the one in force (fixed
-            # radii too; a JAX step would otherwise compile them in).
-            self._track_variable(c.radius)
-        self._fixed_radii = [c.radius for _, c in constrained if not c.learn_radius]
-        # The anchors too: as optimizer state they are inputs of a compiled
-        # JAX step instead of constants compiled into it (which held two
-        # extra copies of them). They are not written by `save_own_variables`
-        # (their constraints save them).
+            if as_state or c.learn_radius:
+                self._track_variable(c.radius)
+        self._fixed_radii = [c.radius for _, c in constrained if not c.learn_radius and as_state]
         self._anchors = []
         seen = set()
         for _, c in constrained:
-            if c.anchor is not None and id(c.anchor) not in seen:
+            if as_state and c.anchor is not None and id(c.anchor) not in seen:
                 seen.add(id(c.anchor))
                 self._track_variable(c.anchor)
                 self._anchors.append(c.anchor)
@@ -257,8 +264,11 @@ class RadiusOptimizer(keras.optimizers.Optimizer):
         g = ops.stack(rg)
         g = ops.where(g > 0, g * self.shrink_factor, g)
         b1, b2 = self.beta_1, self.beta_2
-        m = b1 * self._radius_m.value + (1.0 - b1) * g
-        v = b2 * self._radius_v.value + (1.0 - b2) * ops.square(g)
+        # A radius not stepped (its layer frozen) keeps its moments, as the
+        # inner optimizer keeps those of its kernel.
+        stepped = ops.convert_to_tensor(np.asarray(has, "float32")) > 0
+        m = ops.where(stepped, b1 * self._radius_m.value + (1.0 - b1) * g, self._radius_m.value)
+        v = ops.where(stepped, b2 * self._radius_v.value + (1.0 - b2) * ops.square(g), self._radius_v.value)
         self._radius_m.assign(m)
         self._radius_v.assign(v)
         m_hat = m / (1.0 - ops.power(b1, step))
@@ -270,11 +280,25 @@ class RadiusOptimizer(keras.optimizers.Optimizer):
 
     def apply(self, grads, trainable_variables=None):
         _refuse_tf_distribution()
+        if trainable_variables is not None:
+            trainable_variables = list(trainable_variables)   # an iterator is read once
         if not self.built:
+            if trainable_variables is None:
+                raise ValueError(
+                    "When passing `grads` without `variables`, the optimizer must already be built on a "
+                    "list of variables. Call `optimizer.build(trainable_variables)` first.")
             with keras.name_scope(self.name, caller=self):
                 self.build(trainable_variables)
             self.built = True
-        tvs = self._trainable_variables if trainable_variables is None else list(trainable_variables)
+        tvs = self._trainable_variables if trainable_variables is None else trainable_variables
+        known = {id(v) for v in self._trainable_variables}
+        unknown = [v.path for v in tvs if id(v) not in known]
+        if unknown:
+            raise ValueError(
+                f"RadiusOptimizer: it was built for other variables than {', '.join(unknown[:3])}"
+                f"{', ...' if len(unknown) > 3 else ''} (layers frozen when it was built, unfrozen since?). "
+                "Compile the model again with a new RadiusOptimizer, e.g. "
+                "`model.compile(optimizer=keras_spft.RadiusOptimizer(...), ...)`.")
         # Each variable stepped must carry the constraint it was bound with
         # (or none, as then); a subset of the variables (a layer frozen since)
         # is fine: its radii simply do not move.
