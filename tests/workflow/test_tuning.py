@@ -262,7 +262,7 @@ def test_val_loss_objective_scores_the_cross_entropy_without_the_penalty(tmp_pat
     # grows with the strength searched: the search scored the penalty.
     x, y = _data()
     result = _run(tiny_model, x, y, tmp_path, method="l2-sp", objective="val_loss", tuner="random",
-                  ranges={"strength": 0.3, "head_strength": (0.1, 0.5)})
+                  ranges={"strength": 0.3, "head_strength": (0.1, 0.5)}, max_trials=1)
     assert result.objective == "val_cross_entropy"
     for row in result.trials:
         metrics = result.tuner.oracle.get_trial(row["trial_id"]).metrics
@@ -323,9 +323,10 @@ def test_resuming_checks_build_model_and_seed_and_explains_a_grid(tmp_path):
         json.dump({k: v for k, v in stored.items() if k not in ("build_model", "seed")}, f)
     assert len(_run(tiny_model, x, y, tmp_path, tuner="random", max_trials=1, seed=7).trials) == 1
     # A grid's points follow max_trials: the message says why it cannot grow.
-    _run(tiny_model, x, y, tmp_path / "g", tuner="grid", max_trials=4)
+    one_range = {"radius": (2.0, 4.0), "head_radius": 7.0}
+    _run(tiny_model, x, y, tmp_path / "g", tuner="grid", max_trials=2, ranges=one_range)
     with pytest.raises(ValueError, match=r"grid_points: 2 stored vs 3 now; with tuner='grid', `max_trials` sets"):
-        _run(tiny_model, x, y, tmp_path / "g", tuner="grid", max_trials=9)
+        _run(tiny_model, x, y, tmp_path / "g", tuner="grid", max_trials=3, ranges=one_range)
 
 
 def test_the_trial_checkpoint_is_the_final_epoch_it_scores(tmp_path):
@@ -385,9 +386,10 @@ def test_fingerprints_of_set_literals_do_not_follow_the_hash_seed():
     code = ("from keras_spft.tuning import _fingerprint\n"
             "def build():\n    return 'resnet' in {'tiny', 'small', 'resnet', 'mobilenet', 'efficientnet'}\n"
             "print(_fingerprint(build)['code'])")
+    env = {**__import__("os").environ, "KERAS_BACKEND": "jax"}   # the quickest import
     out = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                          env={**__import__("os").environ, "PYTHONHASHSEED": str(seed)}).stdout
-           for seed in (1, 2, 3, 4)}
+                          env={**env, "PYTHONHASHSEED": str(seed)}).stdout
+           for seed in (2, 3)}   # two orders of that set (the digests differed before)
     assert len(out) == 1, out
 
 
