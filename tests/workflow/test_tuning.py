@@ -181,12 +181,12 @@ def test_seed_zero_fixes_the_search_and_each_trials_start(tmp_path):
     # every run), and trials were unseeded (a value scored differently in
     # another search).
     x, y = _data()
-    runs = [_run(tiny_model, x, y, tmp_path / str(i), tuner="random", seed=0) for i in range(2)]
+    runs = [_run(tiny_model, x, y, tmp_path / str(i), tuner="random", seed=0, max_trials=1) for i in range(2)]
     rows = [[(t["radius"], t["head_radius"], t["score"]) for t in sorted(r.trials, key=lambda t: t["trial_id"])]
             for r in runs]
     assert [r[:2] for r in rows[0]] == [r[:2] for r in rows[1]]
     np.testing.assert_allclose([r[2] for r in rows[0]], [r[2] for r in rows[1]], rtol=1e-6)
-    other = _run(tiny_model, x, y, tmp_path / "other", tuner="random", seed=1)
+    other = _run(tiny_model, x, y, tmp_path / "other", tuner="random", seed=1, max_trials=1)
     assert {t["radius"] for t in other.trials}.isdisjoint({r[0] for r in rows[0]})
 
     # Every trial builds its model after the same seed: the same new head.
@@ -226,8 +226,8 @@ def test_resuming_with_other_settings_is_an_error(tmp_path):
     more = _run(tiny_model, x, y, tmp_path, tuner="random", objective="val_loss", max_trials=3)
     assert len(more.trials) == 3 and {t["trial_id"] for t in first.trials} < {t["trial_id"] for t in more.trials}
     # overwrite=True starts afresh with the new settings, which are then stored.
-    fresh = _run(tiny_model, x, y, tmp_path, tuner="random", objective="val_accuracy", overwrite=True)
-    assert fresh.objective == "val_accuracy" and len(fresh.trials) == 2
+    fresh = _run(tiny_model, x, y, tmp_path, tuner="random", objective="val_accuracy", overwrite=True, max_trials=1)
+    assert fresh.objective == "val_accuracy" and len(fresh.trials) == 1
     _run(tiny_model, x, y, tmp_path, tuner="random", objective="val_accuracy")
 
 
@@ -273,22 +273,26 @@ def test_val_loss_objective_scores_the_cross_entropy_without_the_penalty(tmp_pat
 
 def test_executions_of_a_trial_are_seeded_apart_and_arrays_are_searched(tmp_path):
     # With executions_per_trial=2 both executions were seeded alike: the same
-    # head, the same order (copies averaged). Arrays are passed as (x, y).
+    # head, the same order (copies averaged); a retried trial started at the
+    # next execution's seed. Arrays are passed as (x, y).
     x, y = _data()
+    # The trial's first try fails once: KerasTuner retries it from execution 0.
     spy, built = Spy(), []
 
     def build():
         built.append(spy().get_layer("head").kernel.numpy().copy())   # as built, before training
+        if len(built) == 2:
+            raise RuntimeError("flaky")
         return spy.models[-1]
 
     search(build, (x, y), (x, y), "mars-pgm", tuner="random", max_trials=1, epochs=1, verbose=0,
-           directory=str(tmp_path), executions_per_trial=2, batch_size=4,
+           directory=str(tmp_path), executions_per_trial=2, batch_size=4, max_retries_per_trial=1,
            ranges={"radius": (2.0, 4.0), "head_radius": (5.0, 9.0)})
-    # built: the tuner's probe build, then the two executions
-    assert len(built) == 3
-    assert not np.array_equal(built[1], built[2]), "both executions started from the same head"
-    np.testing.assert_array_equal(built[0], built[1])   # execution 0: the seed itself
-    assert all(m.optimizer.iterations == 3 for m in spy.models[1:])   # 12 examples, batch_size 4
+    # built: the tuner's probe build, the failed try, then the retry's two executions
+    assert len(built) == 4
+    assert not np.array_equal(built[2], built[3]), "both executions started from the same head"
+    np.testing.assert_array_equal(built[0], built[2])   # execution 0 (of the retry too): the seed itself
+    assert all(m.optimizer.iterations == 3 for m in spy.models[2:])   # 12 examples, batch_size 4
 
 
 def test_a_build_model_returning_the_same_weights_again_is_refused():
@@ -396,44 +400,18 @@ def test_fingerprints_of_set_literals_do_not_follow_the_hash_seed():
 def test_a_val_loss_search_of_an_earlier_version(tmp_path):
     # Earlier versions scored Keras' val_loss: the same as the cross-entropy
     # without a penalty (resumes), not with L2-SP's (refused, saying why).
-    import json
-    import os
+    from keras_spft.tuning import _check_resumed, _store_settings
 
-    x, y = _data()
-    for method, ranges in (("mars-pgm", None), ("l2-sp", {"strength": (0.01, 0.1), "head_strength": 0.1})):
-        _run(tiny_model, x, y, tmp_path / method, method=method, ranges=ranges, tuner="random", max_trials=1,
-             objective="val_loss")
-        path = os.path.join(tmp_path, method, f"spft_{method}", "keras_spft_search.json")
-        with open(path) as f:
-            stored = json.load(f)
-        with open(path, "w") as f:
-            json.dump(dict(stored, objective=["val_loss", "min"]), f)
-        again = lambda: _run(tiny_model, x, y, tmp_path / method, method=method, ranges=ranges,  # noqa: E731
-                             tuner="random", max_trials=1, objective="val_loss")
+    for method in ("mars-pgm", "l2-sp"):
+        now = {"method": method, "objective": ["val_cross_entropy", "min"], "epochs": 1}
+        project = str(tmp_path / method)
+        _store_settings(project, dict(now, objective=["val_loss", "min"]))
         if method == "mars-pgm":
-            assert len(again().trials) == 1
+            _check_resumed(project, now)
         else:
             with pytest.raises(ValueError, match=r"before 2026-11-28 scored 'val_loss', which adds the l2-sp "
                                                  r"penalty.*on the command line: another --out"):
-                again()
-
-
-def test_a_retried_trial_starts_again_from_the_first_executions_seed(tmp_path):
-    x, y = _data()
-    heads, failed = [], []
-
-    def build():
-        model = tiny_model()
-        heads.append(model.get_layer("head").kernel.numpy().copy())
-        if len(heads) == 2 and not failed:   # the trial's first try fails once
-            failed.append(1)
-            raise RuntimeError("flaky")
-        return model
-
-    _run(build, x, y, tmp_path, tuner="random", max_trials=1, max_retries_per_trial=1)
-    assert len(heads) == 3    # probe, the failed try, the retry
-    np.testing.assert_array_equal(heads[2], heads[0])   # seeded `seed`, not `seed + 1`
-
+                _check_resumed(project, now)
 
 def test_sample_weights_reach_fit_and_compile_model_refuses_two_outputs(tmp_path):
     import keras
