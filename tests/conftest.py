@@ -3,11 +3,24 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
+_WAITS = ("test_core_suite_on_backend", "test_folder_beside")   # tests/test_backends.py
+
+
 def _backend_runs_module(session):
     for item in session.items:
-        if getattr(item, "originalname", None) == "test_core_suite_on_backend":
+        if getattr(item, "originalname", None) in _WAITS:
             return item.module
     return None
+
+
+def _leave_out(config, items, folder):
+    """Deselects the in-process copy of `tests/<folder>` (it runs beside)."""
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), folder) + os.sep
+    moved = [i for i in items if str(i.fspath).startswith(root)]
+    if moved:
+        items[:] = [i for i in items if not str(i.fspath).startswith(root)]
+        config.hook.pytest_deselected(items=moved)
+    return bool(moved)
 
 
 def pytest_collection_modifyitems(session, config, items):
@@ -20,18 +33,20 @@ def pytest_collection_modifyitems(session, config, items):
     # The tests that wait for the per-backend runs go last: waiting where
     # tests/test_backends.py sorts (before test_docs and workflow) kept this
     # process idle while the subprocesses ran, and then ran the rest alone.
-    waits = [i for i in items if getattr(i, "originalname", None) == "test_core_suite_on_backend"]
+    waits = [i for i in items if getattr(i, "originalname", None) in _WAITS]
     items[:] = [i for i in items if i not in waits] + waits
+    # tests/scale and tests/diagnostics (current backend) run beside too, in
+    # the same lane after the core runs, which leave it room: the main run
+    # was the longest (10 min; the lane 5.6).
+    config._spft_beside = {i.callspec.params["folder"] for i in waits if i.originalname == "test_folder_beside"}
+    config._spft_beside = {f for f in config._spft_beside if _leave_out(config, items, f)}
     import keras
 
     current = keras.backend.backend()
-    if not any(i.callspec.params.get("backend") == current for i in waits):
+    if not any(i.originalname == "test_core_suite_on_backend" and i.callspec.params.get("backend") == current
+               for i in waits):
         return
-    core = os.path.join(os.path.dirname(os.path.abspath(__file__)), "core") + os.sep
-    moved = [i for i in items if str(i.fspath).startswith(core)]
-    if moved:
-        items[:] = [i for i in items if not str(i.fspath).startswith(core)]
-        config.hook.pytest_deselected(items=moved)
+    if _leave_out(config, items, "core"):
         config._spft_core_in_subprocess = True
 
 

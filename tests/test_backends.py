@@ -1,11 +1,13 @@
-"""Runs the core suite on the Keras backends other than the current one.
+"""Runs the core suite on every Keras backend, beside the rest of the suite.
 
 Keras fixes its backend per process, so `tests/core` runs here in a
 subprocess per backend: TensorFlow, JAX and PyTorch, beside the rest of
 the suite (one after another on a 2-core machine, see `_lanes`). In a
 whole-suite run the current backend's copy runs here too, and the in-process
 one is left out (tests/conftest.py); `pytest tests/core` alone runs it
-in-process as usual.
+in-process as usual. `tests/scale` and `tests/diagnostics` (current backend)
+go last in the same lane, which has room left, instead of lengthening the
+main run.
 """
 
 import importlib.util
@@ -22,15 +24,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODULES = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}
 
 
-_RUNS = {}   # backend -> _Run, started at collection (conftest.py)
+_RUNS = {}   # run name (a backend, or a folder) -> _Run, started at collection (conftest.py)
 _STOP = threading.Event()
 # Slowest first, so that the last one to finish is a short one.
-ORDER = ["jax", "tensorflow", "torch"]
+ORDER = ["jax", "tensorflow", "torch", "scale", "diagnostics"]
+#: Folders run whole beside the main run on its backend (conftest.py leaves
+#: their in-process copies out).
+FOLDERS = ["scale", "diagnostics"]
 
 
 class _Run:
-    def __init__(self, backend):
-        self.backend = backend
+    def __init__(self, name, backend, path):
+        self.name, self.backend, self.path = name, backend, path
         self.proc = None
         self.out = tempfile.TemporaryFile(mode="w+")
         self.done = threading.Event()
@@ -54,7 +59,7 @@ def _run_lane(runs):
                        TF_NUM_INTRAOP_THREADS="1", TF_NUM_INTEROP_THREADS="1",
                        XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip())
             run.proc = subprocess.Popen(
-                [sys.executable, "-m", "pytest", "tests/core", "-q", "-p", "no:cacheprovider", "-p", "no:warnings"],
+                [sys.executable, "-m", "pytest", run.path, "-q", "-p", "no:cacheprovider", "-p", "no:warnings"],
                 cwd=ROOT, env=env, stdout=run.out, stderr=subprocess.STDOUT, text=True,
             )
             run.proc.wait()
@@ -68,10 +73,14 @@ def _start_runs(session):
     selected = {item.callspec.params["backend"] for item in session.items
                 if getattr(item, "originalname", None) == "test_core_suite_on_backend"}
     here = not getattr(session.config, "_spft_core_in_subprocess", False)
-    new = [_Run(b) for b in sorted(selected, key=ORDER.index)
+    new = [_Run(b, b, "tests/core") for b in selected
            if not ((here and b == keras.backend.backend()) or b in _RUNS
                    or not importlib.util.find_spec(MODULES[b]))]
-    _RUNS.update((run.backend, run) for run in new)
+    for folder in sorted(getattr(session.config, "_spft_beside", ())):
+        if folder not in _RUNS:
+            new.append(_Run(folder, keras.backend.backend(), f"tests/{folder}"))
+    new.sort(key=lambda run: ORDER.index(run.name))
+    _RUNS.update((run.name, run) for run in new)
     lanes = _lanes()
     for i in range(lanes):
         if new[i::lanes]:
@@ -99,14 +108,26 @@ def test_core_suite_on_backend(backend, request):
         f"{backend} is not installed: install the test extras, pip install -e '.[all,test]'"
     )
     _start_runs(request.session)  # normally started at collection (conftest.py)
-    run = _RUNS[backend]
+    _wait(_RUNS[backend])
+
+
+@pytest.mark.skipif(bool(os.environ.get("KERAS_SPFT_SUBRUN")), reason="already a run beside the main one")
+@pytest.mark.parametrize("folder", FOLDERS)
+def test_folder_beside(folder, request):
+    if folder not in getattr(request.config, "_spft_beside", ()):
+        pytest.skip(f"tests/{folder} ran in this process")
+    _start_runs(request.session)
+    _wait(_RUNS[folder])
+
+
+def _wait(run):
     if not run.done.wait(timeout=1200):
         _STOP.set()
         if run.proc is not None:
             run.proc.kill()
-        pytest.fail(f"tests/core on {backend} did not finish in 20 minutes")
+        pytest.fail(f"{run.path} on {run.backend} did not finish in 20 minutes")
     run.out.seek(0)
     lines = run.out.read().splitlines()
     tail = "\n".join(lines[-40:])
-    assert run.proc is not None and run.proc.returncode == 0, f"tests/core failed on {backend}:\n{tail}"
-    print(f"{backend}: {lines[-1]}")
+    assert run.proc is not None and run.proc.returncode == 0, f"{run.path} failed on {run.backend}:\n{tail}"
+    print(f"{run.path} on {run.backend}: {lines[-1]}")
