@@ -115,7 +115,7 @@ def test_core_suite_on_backend(backend, request):
 @pytest.mark.parametrize("folder", FOLDERS)
 def test_folder_beside(folder, request):
     if folder not in getattr(request.config, "_spft_beside", ()):
-        pytest.skip(f"tests/{folder} ran in this process")
+        pytest.skip(f"tests/{folder} ran in this process (or is not part of this run)")
     _start_runs(request.session)
     _wait(_RUNS[folder])
 
