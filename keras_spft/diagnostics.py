@@ -172,7 +172,8 @@ def kernel_distances(kernel, value, anchor, tol=1e-3):
         tol: a row is *at the bound* when its distance is at least
             `(1 - tol) * radius`, less the rounding of the kernel's dtype
             (its unit roundoff times the row's L1 norm: 16-bit kernels are
-            stored rounded), and at least half the radius.
+            stored rounded), if it has moved at all (where that rounding
+            exceeds the radius, any row that moved counts).
 
     Returns:
         Dict with `mars` (largest row L1 distance), `frobenius`, `rows` (the
@@ -188,19 +189,18 @@ def kernel_distances(kernel, value, anchor, tol=1e-3):
     obj = kernel.obj
     # A projected kernel is stored rounded to its dtype: a row at the bound
     # may land below it by up to the unit roundoff times the row's L1 norm
-    # (a few percent in 16 bits), so that much counts as at the bound; but
-    # never less than half the radius (a row that has hardly moved is not at
-    # a bound smaller than the rounding).
+    # (a few percent in 16 bits, more than a small radius in bfloat16), so
+    # that much counts as at the bound, if the row has moved at all.
     u = _UNIT_ROUNDOFF.get(keras.backend.standardize_dtype(kernel.variable.dtype), 0.0)
     if isinstance(obj, MARSDistance):
         r = np.broadcast_to(_np(obj.radius), rows.shape)
-        threshold = np.maximum((1.0 - tol) * r - u * _row_l1(value, kernel.axis), 0.5 * r)
-        out["at_bound"] = float((rows >= threshold).mean())
+        slack = u * _row_l1(value, kernel.axis)
+        out["at_bound"] = float(((rows >= (1.0 - tol) * r - slack) & (rows > 0)).mean())
         out["radius"] = float(r.max())
     elif isinstance(obj, FrobeniusDistance):
         r = float(_np(obj.radius))
-        threshold = max((1.0 - tol) * r - u * float(np.sqrt((value ** 2).sum())), 0.5 * r)
-        out["at_bound"] = float(out["frobenius"] >= threshold)
+        slack = u * float(np.sqrt((value ** 2).sum()))
+        out["at_bound"] = float(out["frobenius"] >= (1.0 - tol) * r - slack and out["frobenius"] > 0)
         out["radius"] = r
     return out
 

@@ -166,13 +166,13 @@ class SPFTHyperModel(keras_tuner.HyperModel):
                 keras.utils.set_random_seed((self.seed + self._execution) % 2**32)
             model = self.build_model()
             self._refuse_reused(model)
+            wrapped = recipe.wrap(model, self.method, values, **self.wrap_options)
+            if self.method in recipe.DELTA_METHODS:
+                model = wrapped   # the DeltaModel is trained (and scored: inference runs `.model` only)
+            return recipe.compile_model(model, values.get("lr", self.lr), radius_lr=self.radius_lr)
         except BaseException:
             self._execution = 0
             raise
-        wrapped = recipe.wrap(model, self.method, values, **self.wrap_options)
-        if self.method in recipe.DELTA_METHODS:
-            model = wrapped   # the DeltaModel is trained (and scored: inference runs `.model` only)
-        return recipe.compile_model(model, values.get("lr", self.lr), radius_lr=self.radius_lr)
 
     def _refuse_reused(self, model):
         """A `build_model` returning weights it returned before (one backbone

@@ -1,6 +1,14 @@
 import os
 
+import pytest
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+_DESELECTED = []   # by -k, -m, --deselect (before the hook below)
+
+
+def pytest_deselected(items):
+    _DESELECTED.extend(items)
 
 
 _WAITS = ("test_core_suite_on_backend", "test_folder_beside")   # tests/test_backends.py
@@ -14,15 +22,25 @@ def _backend_runs_module(session):
 
 
 def _leave_out(config, items, folder):
-    """Deselects the in-process copy of `tests/<folder>` (it runs beside)."""
+    """Deselects the in-process copy of `tests/<folder>` (it runs beside);
+    returns what the run beside takes: the folder, or the ids of the tests
+    selected in it when -k, -m or --deselect left some out; `None` if none."""
     root = os.path.join(os.path.dirname(os.path.abspath(__file__)), folder) + os.sep
     moved = [i for i in items if str(i.fspath).startswith(root)]
-    if moved:
-        items[:] = [i for i in items if not str(i.fspath).startswith(root)]
-        config.hook.pytest_deselected(items=moved)
-    return bool(moved)
+    if not moved:
+        return None
+    # The whole folder, unless -k & co. left tests out of it or the command
+    # line named only part of it (a file, a test id).
+    whole = any("::" not in a and os.path.abspath(root).startswith(os.path.abspath(a).rstrip(os.sep) + os.sep)
+                for a in config.args)
+    subset = not whole or any(str(i.fspath).startswith(root) for i in _DESELECTED)
+    items[:] = [i for i in items if not str(i.fspath).startswith(root)]
+    config.hook.pytest_deselected(items=moved)
+    return [i.nodeid for i in moved] if subset else [f"tests/{folder}"]
 
 
+# After -k / -m / --deselect (trylast): only waits they kept move their tests.
+@pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(session, config, items):
     # When tests/test_backends.py runs tests/core on the current backend too
     # (a whole-suite run), the in-process copy of tests/core is left out: the
@@ -38,16 +56,21 @@ def pytest_collection_modifyitems(session, config, items):
     # tests/scale and tests/diagnostics (current backend) run beside too, in
     # the same lane after the core runs, which leave it room: the main run
     # was the longest (10 min; the lane 5.6).
-    config._spft_beside = {i.callspec.params["folder"] for i in waits if i.originalname == "test_folder_beside"}
-    config._spft_beside = {f for f in config._spft_beside if _leave_out(config, items, f)}
+    config._spft_beside = {}   # folder -> what its run beside takes (tests/test_backends.py)
+    for folder in sorted({i.callspec.params["folder"] for i in waits if i.originalname == "test_folder_beside"}):
+        args = _leave_out(config, items, folder)
+        if args:
+            config._spft_beside[folder] = args
     import keras
 
     current = keras.backend.backend()
     if not any(i.originalname == "test_core_suite_on_backend" and i.callspec.params.get("backend") == current
                for i in waits):
         return
-    if _leave_out(config, items, "core"):
+    args = _leave_out(config, items, "core")
+    if args:
         config._spft_core_in_subprocess = True
+        config._spft_core_args = args
 
 
 def pytest_collection_finish(session):

@@ -34,8 +34,10 @@ FOLDERS = ["scale", "diagnostics"]
 
 
 class _Run:
-    def __init__(self, name, backend, path):
-        self.name, self.backend, self.path = name, backend, path
+    def __init__(self, name, backend, args):
+        # args: a folder, or the ids of the tests selected in it (-k, -m)
+        self.name, self.backend, self.args = name, backend, list(args)
+        self.path = args[0] if len(args) == 1 else f"tests/{name if name in FOLDERS else 'core'} (selected tests)"
         self.proc = None
         self.out = tempfile.TemporaryFile(mode="w+")
         self.done = threading.Event()
@@ -59,7 +61,8 @@ def _run_lane(runs):
                        TF_NUM_INTRAOP_THREADS="1", TF_NUM_INTEROP_THREADS="1",
                        XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip())
             run.proc = subprocess.Popen(
-                [sys.executable, "-m", "pytest", run.path, "-q", "-p", "no:cacheprovider", "-p", "no:warnings"],
+                # (pyproject's addopts has -q: one more would drop the summary line)
+                [sys.executable, "-m", "pytest", *run.args, "-p", "no:cacheprovider", "-p", "no:warnings"],
                 cwd=ROOT, env=env, stdout=run.out, stderr=subprocess.STDOUT, text=True,
             )
             run.proc.wait()
@@ -73,12 +76,13 @@ def _start_runs(session):
     selected = {item.callspec.params["backend"] for item in session.items
                 if getattr(item, "originalname", None) == "test_core_suite_on_backend"}
     here = not getattr(session.config, "_spft_core_in_subprocess", False)
-    new = [_Run(b, b, "tests/core") for b in selected
+    core = getattr(session.config, "_spft_core_args", ["tests/core"])
+    new = [_Run(b, b, core) for b in selected
            if not ((here and b == keras.backend.backend()) or b in _RUNS
                    or not importlib.util.find_spec(MODULES[b]))]
-    for folder in sorted(getattr(session.config, "_spft_beside", ())):
+    for folder, args in sorted(getattr(session.config, "_spft_beside", {}).items()):
         if folder not in _RUNS:
-            new.append(_Run(folder, keras.backend.backend(), f"tests/{folder}"))
+            new.append(_Run(folder, keras.backend.backend(), args))
     new.sort(key=lambda run: ORDER.index(run.name))
     _RUNS.update((run.name, run) for run in new)
     lanes = _lanes()
@@ -121,11 +125,15 @@ def test_folder_beside(folder, request):
 
 
 def _wait(run):
-    if not run.done.wait(timeout=1200):
+    # Before pytest-timeout's 900 s (addopts), so that the run's output is shown.
+    if not run.done.wait(timeout=840):
         _STOP.set()
         if run.proc is not None:
             run.proc.kill()
-        pytest.fail(f"{run.path} on {run.backend} did not finish in 20 minutes")
+        run.done.wait(timeout=30)
+        run.out.seek(0)
+        tail = "\n".join(run.out.read().splitlines()[-40:])
+        pytest.fail(f"{run.path} on {run.backend} did not finish in 14 minutes:\n{tail}")
     run.out.seek(0)
     lines = run.out.read().splitlines()
     tail = "\n".join(lines[-40:])

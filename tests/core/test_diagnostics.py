@@ -203,6 +203,16 @@ def test_monitor_rows_follow_the_constraint_axis_and_16_bit_rows_at_the_radius_c
         kvar.assign(kvar.constraint(keras.ops.cast(a + 1.0, dtype)))
         got = keras_spft.diagnostics.kernel_distances(k, to_np(kvar), anchor)
         assert got["at_bound"] == 1.0, (dtype, got["rows"].min())
+    # A radius below bfloat16's rounding of the rows (~0.1 here): the rows
+    # projected onto it are stored at 0.2-0.5 of it, and still at the bound.
+    dense = keras.Sequential([keras.Input((576,)), L.Dense(64, name="d", dtype="bfloat16")])
+    kvar = dense.get_layer("d").kernel
+    a = to_np(kvar)
+    kvar.constraint = keras_spft.MARSDistance(a.astype("bfloat16"), 0.02)
+    noise = np.random.default_rng(0).normal(scale=0.01, size=a.shape)
+    kvar.assign(kvar.constraint(keras.ops.cast(a + noise, "bfloat16")))
+    k = keras_spft.diagnostics.tracked_kernels(dense)[0]
+    assert keras_spft.diagnostics.kernel_distances(k, to_np(kvar), to_np(kvar.constraint.anchor))["at_bound"] == 1.0
 
 
 def test_gradient_norms_of_a_model_trained_with_add_loss_alone():
