@@ -518,7 +518,8 @@ def search(
             (see `SPFTHyperModel`), from 0 to 2**32 - 2. `None`: neither is
             seeded.
         verbose: passed to `fit`.
-        batch_size: passed to `fit` for array data (Keras' default: 32).
+        batch_size: passed to `fit` for array data (Keras' default: 32);
+            an error with a dataset, which is batched already.
         **tuner_kwargs: further arguments of the tuner class.
 
     Returns:
@@ -537,6 +538,8 @@ def search(
     print(result)
     ```
     """
+    if batch_size is not None and not (isinstance(train, tuple) and len(train) in (2, 3)):
+        raise ValueError("`batch_size` applies to array data `(x, y)`; a dataset or generator is batched already.")
     if isinstance(objective, str):
         if objective not in OBJECTIVES:
             hint = (" (a search scores the validation data, not the training data)"

@@ -355,6 +355,9 @@ def test_search_without_validation_data_and_a_misspelt_value_are_named_up_front(
     train = tf.data.Dataset.from_tensor_slices((x, y)).batch(6)
     with pytest.raises(ValueError, match=r"search needs validation data `val`"):
         search(tiny_model, train, None, tuner="random", max_trials=1, epochs=1, directory=str(tmp_path))
+    with pytest.raises(ValueError, match=r"`batch_size` applies to array data `\(x, y\)`; a dataset"):
+        search(tiny_model, train, train, tuner="random", max_trials=1, epochs=1, directory=str(tmp_path),
+               batch_size=4)
     assert not (tmp_path / "spft_mars-pgm").exists()   # nothing trained, nothing stored
     with pytest.raises(ValueError, match=r"unknown hyper-parameter\(s\) \['head-radius'\] for method 'mars-pgm'"):
         recipe.wrap(tiny_model(), "mars-pgm", {"radius": 2.0, "head-radius": 5.0})
