@@ -52,7 +52,7 @@ import keras
 
 from keras_spft.constraints import FrobeniusDistance, MARSDistance
 from keras_spft.diagnostics import _np, _row_l1, anchor_value, tracked_kernels
-from keras_spft.kernels import UnsupportedLayerError, kernel_specs, walk_layers
+from keras_spft.kernels import walk_layers
 from keras_spft.wrap import _named_layers, _selected
 
 __all__ = ["theorem2_bound", "theorem3_bound", "BoundTerms", "LayerTerm"]
@@ -130,6 +130,13 @@ def _shapes(layer):
     return shape, tuple(layer.compute_output_shape(shape))
 
 
+def _einsum_axes(layer):
+    """`(input axes, kernel axes, output axes)` of an EinsumDense's equation."""
+    inputs, out_axes = layer.equation.replace(" ", "").split("->")
+    in_axes, kernel_axes = inputs.split(",")
+    return in_axes, kernel_axes, out_axes
+
+
 def _positions(layer):
     """Number of positions P a kernel is applied at: output positions of a
     convolution (its Frobenius norm as a linear map is `sqrt(P) * ||K||_F`),
@@ -152,8 +159,7 @@ def _positions(layer):
         data_format = getattr(layer, "data_format", None) or keras.config.image_data_format()
         dims = shape[1:-1] if data_format == "channels_last" else shape[2:]
     elif isinstance(layer, keras.layers.EinsumDense):
-        inputs, out_axes = layer.equation.replace(" ", "").split("->")
-        in_axes, kernel_axes = inputs.split(",")
+        in_axes, kernel_axes, out_axes = _einsum_axes(layer)
         if "..." in layer.equation:
             if not (in_axes.startswith("...") and out_axes.startswith("...")):
                 raise ValueError(f"the Frobenius bound cannot count the positions of EinsumDense {layer.name!r} "
@@ -182,8 +188,7 @@ def _summed_positions(layer):
     (1 for a Dense, or for positions kept in the output: one block each)."""
     if not isinstance(layer, keras.layers.EinsumDense):
         return 1
-    inputs, out_axes = layer.equation.replace(" ", "").split("->")
-    in_axes, kernel_axes = inputs.split(",")
+    in_axes, kernel_axes, out_axes = _einsum_axes(layer)
     ellipsis = in_axes.startswith("...")
     in_axes = in_axes[3:] if ellipsis else in_axes
     summed = [i for i, a in enumerate(in_axes)
@@ -208,18 +213,13 @@ def _terms(model, norm, distances, head, layer_bounds, head_bound, conv_position
         raise ValueError(f"unknown distances={distances!r}; expected 'current' or 'radius'.")
     # Frozen layers are layers of the network too: they add their factor
     # 2 B_j to the product, with D_j = 0.
-    kernels = tracked_kernels(model, head, include_frozen=True)
-    walked = list(_walk_paths(model))
     unread = []
-    for path, layer in walked:
-        try:
-            kernel_specs(layer)
-        except UnsupportedLayerError as e:
-            unread.append(f"'{path}' ({e})")
+    kernels = tracked_kernels(model, head, include_frozen=True, unreadable=unread)
     if unread:
         # Left out, its factor 2 B_j would be missing from the product: a bound too small.
         raise ValueError("the bound needs every kernel layer of the chain, and cannot read "
-                         + "; ".join(unread))
+                         + "; ".join(f"'{path}' ({e})" for path, e in unread))
+    walked = list(_walk_paths(model))
     if head is not None:
         # V is the kernel of the layer named; other kernels wrapped as heads
         # (around the origin) are layers of the chain like any other.

@@ -369,7 +369,10 @@ class DeltaModel(keras.Model):
             feature_layers = [feature_layers]
         self.feature_layers = _find(model, list(feature_layers))
         self.head = _head_names(model, head)
-        if self.beta > 0 and not _head_kernels(model, self.head):
+        # Found once (not at every training step); kept out of tracking (the
+        # model's own variables).
+        object.__setattr__(self, "_head_vars", _head_kernels(model, self.head))
+        if self.beta > 0 and not self._head_vars:
             warnings.warn(
                 f"DELTA: beta={self.beta:g} has no head kernel to act on (head: {self.head}); "
                 "name the new head's layers with head=[...] (a nested head model by its name).",
@@ -462,7 +465,7 @@ class DeltaModel(keras.Model):
                 ref = ref if isinstance(ref, (list, tuple)) else [ref]
                 self.add_loss(self.alpha * self._feature_term(feats, ref))
             if self.beta > 0:
-                kernels = _head_kernels(self.model, self.head)
+                kernels = self._head_vars
                 if kernels:
                     self.add_loss(0.5 * self.beta * sum(
                         ops.sum(ops.square(ops.cast(k, "float32"))) for k in kernels))

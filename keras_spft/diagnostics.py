@@ -61,7 +61,7 @@ def _unwrap(model):
     return model.model if isinstance(model, DeltaModel) else model
 
 
-def tracked_kernels(model, head=None, include_frozen=False):
+def tracked_kernels(model, head=None, include_frozen=False, unreadable=None):
     """The trainable kernels of `model` with their row axes and roles.
 
     A kernel is `"head"` when its keras-spft object is centred at the origin,
@@ -77,6 +77,9 @@ def tracked_kernels(model, head=None, include_frozen=False):
         include_frozen: also list the kernels that are not trainable
             (`frozen=True`): they do not move, but they are still layers of
             the network (the bounds multiply over every layer).
+        unreadable: optional list to which `(path, error)` is appended for
+            every kernel layer whose kernels cannot be read (LoRA enabled,
+            quantized): left out of the result.
 
     Returns:
         List of `TrackedKernel`, in layer order.
@@ -94,7 +97,9 @@ def tracked_kernels(model, head=None, include_frozen=False):
         seen.add(id(layer))
         try:
             specs = kernel_specs(layer)
-        except UnsupportedLayerError:
+        except UnsupportedLayerError as e:
+            if unreadable is not None:
+                unreadable.append((path, e))
             continue
         for spec in specs:
             var = spec.variable

@@ -257,16 +257,16 @@ class RadiusOptimizer(keras.optimizers.Optimizer):
             i = index.get(id(var))
             if i is None or grads[i] is None:
                 rg.append(ops.zeros((), "float32"))
-                has.append(0.0)
+                has.append(False)
             else:
                 rg.append(ops.cast(c.radius_gradient(grads[i], var.value), "float32"))
-                has.append(1.0)
+                has.append(True)
         g = ops.stack(rg)
         g = ops.where(g > 0, g * self.shrink_factor, g)
         b1, b2 = self.beta_1, self.beta_2
         # A radius not stepped (its layer frozen) keeps its moments, as the
         # inner optimizer keeps those of its kernel.
-        stepped = ops.convert_to_tensor(np.asarray(has, "float32")) > 0
+        stepped = ops.convert_to_tensor(np.asarray(has))
         m = ops.where(stepped, b1 * self._radius_m.value + (1.0 - b1) * g, self._radius_m.value)
         v = ops.where(stepped, b2 * self._radius_v.value + (1.0 - b2) * ops.square(g), self._radius_v.value)
         self._radius_m.assign(m)
@@ -274,7 +274,7 @@ class RadiusOptimizer(keras.optimizers.Optimizer):
         m_hat = m / (1.0 - ops.power(b1, step))
         v_hat = v / (1.0 - ops.power(b2, step))
         delta = self.radius_learning_rate * m_hat / (ops.sqrt(v_hat) + self.epsilon)
-        delta = delta * ops.convert_to_tensor(np.asarray(has, "float32"))
+        delta = ops.where(stepped, delta, 0.0)
         for k, (_, c) in enumerate(self._learned):
             c.radius.assign(ops.maximum(c.radius.value - delta[k], c.min_radius))
 

@@ -368,7 +368,8 @@ def _check_resumed(project, settings):
     if os.path.isfile(path):
         with open(path) as f:
             stored = json.load(f)
-        if stored.get("objective") == ["val_loss", "min"] and settings.get("objective") == ["val_cross_entropy", "min"] \
+        legacy = stored.get("objective") == ["val_loss", "min"]   # scored by versions before 2026-11-28
+        if legacy and settings.get("objective") == ["val_cross_entropy", "min"] \
                 and settings.get("method") not in recipe.SP_METHODS:
             # Earlier versions scored Keras' val_loss, which is the cross-entropy
             # for methods without a penalty: the same search.
@@ -377,7 +378,7 @@ def _check_resumed(project, settings):
         differ = [k for k in sorted(set(stored) | set(settings)) if k in stored and stored[k] != settings.get(k)]
         if differ:
             diff = ", ".join(f"{k}: {_short(stored.get(k))} stored vs {_short(settings.get(k))} now" for k in differ)
-            if stored.get("objective") == ["val_loss", "min"] and "objective" in differ:
+            if legacy and "objective" in differ:
                 diff += ("; keras-spft before 2026-11-28 scored 'val_loss', which adds the "
                          f"{settings.get('method')} penalty, so those trials do not compare with these")
             if "grid_points" in differ:
@@ -538,7 +539,9 @@ def search(
     print(result)
     ```
     """
-    if batch_size is not None and not (isinstance(train, tuple) and len(train) in (2, 3)):
+    # Arrays come as `(x, y)` or `(x, y, sample_weight)`; `fit` takes them apart.
+    arrays = isinstance(train, tuple) and len(train) in (2, 3)
+    if batch_size is not None and not arrays:
         raise ValueError("`batch_size` applies to array data `(x, y)`; a dataset or generator is batched already.")
     if isinstance(objective, str):
         if objective not in OBJECTIVES:
@@ -603,8 +606,6 @@ def search(
         instance = cls(**kwargs, **tuner_kwargs)
         _store_settings(project, settings)
     _without_tensorboard(instance)
-    # Arrays come as `(x, y)` or `(x, y, sample_weight)`; `fit` takes them apart.
-    arrays = isinstance(train, tuple) and len(train) in (2, 3)
     fit_kwargs = {} if batch_size is None else {"batch_size": int(batch_size)}
     if arrays and len(train) == 3:
         fit_kwargs["sample_weight"] = train[2]

@@ -26,15 +26,15 @@ def _leave_out(config, items, folder):
     returns what the run beside takes: the folder, or the ids of the tests
     selected in it when -k, -m or --deselect left some out; `None` if none."""
     root = os.path.join(os.path.dirname(os.path.abspath(__file__)), folder) + os.sep
-    moved = [i for i in items if str(i.fspath).startswith(root)]
+    inside = lambda item: str(item.fspath).startswith(root)  # noqa: E731
+    moved = [i for i in items if inside(i)]
     if not moved:
         return None
     # The whole folder, unless -k & co. left tests out of it or the command
     # line named only part of it (a file, a test id).
-    whole = any("::" not in a and os.path.abspath(root).startswith(os.path.abspath(a).rstrip(os.sep) + os.sep)
-                for a in config.args)
-    subset = not whole or any(str(i.fspath).startswith(root) for i in _DESELECTED)
-    items[:] = [i for i in items if not str(i.fspath).startswith(root)]
+    whole = any("::" not in a and root.startswith(os.path.abspath(a).rstrip(os.sep) + os.sep) for a in config.args)
+    subset = not whole or any(inside(i) for i in _DESELECTED)
+    items[:] = [i for i in items if not inside(i)]
     config.hook.pytest_deselected(items=moved)
     return [i.nodeid for i in moved] if subset else [f"tests/{folder}"]
 

@@ -28,8 +28,8 @@ _RUNS = {}   # run name (a backend, or a folder) -> _Run, started at collection 
 _STOP = threading.Event()
 # Slowest first, so that the last one to finish is a short one.
 ORDER = ["jax", "tensorflow", "torch", "scale", "diagnostics"]
-#: Folders run whole beside the main run on its backend (conftest.py leaves
-#: their in-process copies out).
+#: Folders run beside the main run on its backend (their selected tests;
+#: conftest.py leaves their in-process copies out).
 FOLDERS = ["scale", "diagnostics"]
 
 
