@@ -376,6 +376,7 @@ def test_a_nested_head_gets_the_beta_penalty_and_a_head_without_kernels_warns():
         D.DeltaModel(model, feature_layers=["r1"], alpha=0.0, beta=0.2)   # DELTA's default head: none here
 
 
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="a tf.function trace (TensorFlow backend)")
 def test_the_li2019_term_on_maps_of_a_size_unknown_when_traced():
     # TensorFlow traced hw *= None for a model built on any image size.
     import tensorflow as tf
