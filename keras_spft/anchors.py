@@ -18,6 +18,10 @@ from keras.src.saving.keras_saveable import KerasSaveable
 __all__ = []   # internal: anchor storage for the constraints and regularizers
 
 
+#: Key saved beside an object's variables when they hold placeholders.
+_UNLOADED = "unloaded"
+
+
 def _spec(value):
     return {"shape": list(value.shape), "dtype": str(value.dtype)}
 
@@ -150,14 +154,12 @@ class Anchored(KerasSaveable):
         if (traced_with is not None and _is_jax_tracer(traced_with)
                 and not _in_stateless_mapping(self._scale)):
             self._captured_by_jit = True
+        self._check_ready()
         return ops.cast(self._scale.value, dtype)
 
-    def _anchor_value(self, dtype, traced_with=None):
-        if (traced_with is not None and _is_jax_tracer(traced_with)
-                and not _in_stateless_mapping(self._anchor)):
-            # The compiled JAX step now holds this anchor as a constant (an
-            # optimizer that carries it as state, RadiusOptimizer, avoids it).
-            self._captured_by_jit = True
+    def _check_ready(self):
+        """Raises while the anchor, or per-row radii (strengths) that a
+        config only described, hold placeholders instead of loaded values."""
         if not self._anchor_ready:
             raise RuntimeError(self._not_ready_because or (
                 f"{self._owner()} was rebuilt from a config but its anchor "
@@ -167,6 +169,22 @@ class Anchored(KerasSaveable):
                 "the anchors; cloning a wrapped model through its config, as "
                 "`keras.models.clone_model` does, loses them too)."
             ))
+        if self._scale_from_config:
+            raise RuntimeError(
+                f"{self._owner()} was rebuilt from a config but its per-row "
+                f"{self._scale_name} values were never loaded (a config records only "
+                "their shape): load them with `keras.models.load_model` or "
+                "`model.load_weights`, or give the object its values again "
+                "(`keras.models.clone_model` loses them)."
+            )
+
+    def _anchor_value(self, dtype, traced_with=None):
+        if (traced_with is not None and _is_jax_tracer(traced_with)
+                and not _in_stateless_mapping(self._anchor)):
+            # The compiled JAX step now holds this anchor as a constant (an
+            # optimizer that carries it as state, RadiusOptimizer, avoids it).
+            self._captured_by_jit = True
+        self._check_ready()
         return ops.cast(self._anchor.value, dtype)
 
     def _check_shape(self, w):
@@ -191,13 +209,30 @@ class Anchored(KerasSaveable):
             out["anchor"] = self._anchor
         return out
 
+    def _unloaded(self):
+        """`[anchor, scale]`: which of the two hold placeholders (never set
+        nor loaded, or left stale by a failed load)."""
+        return [not self._anchor_ready, bool(self._scale_from_config)]
+
     def save_own_variables(self, store):
         for key, var in self._own_variables().items():
             store[key] = var
+        if any(self._unloaded()):
+            # Placeholders (a clone's zero anchor) must not come back from
+            # the file as loaded values: the file says they are not.
+            store[_UNLOADED] = np.array(self._unloaded(), dtype="int8")
+
+    def _refuse(self, because):
+        """From now on, projecting or penalising raises `because`."""
+        self._anchor_ready = False
+        self._not_ready_because = because
+        return because
 
     def load_own_variables(self, store):
         own = self._own_variables()
         keys = set(store.keys())
+        unloaded = np.asarray(store[_UNLOADED]).tolist() if _UNLOADED in keys else None
+        keys.discard(_UNLOADED)
         if not keys:
             if self._anchor is None:
                 # A head bound around zero, free in the model that was saved:
@@ -209,33 +244,40 @@ class Anchored(KerasSaveable):
             # the kernel at wrap time. Projecting would pull the loaded
             # weights towards it, so this object refuses from now on (also
             # when skip_mismatch=True turns this error into a warning).
-            self._anchor_ready = False
             mine, other = (("constraint", "penalty (l2-sp, mars-sp)")
                            if isinstance(self, keras.constraints.Constraint)
                            else ("penalty", "constraint (l2-pgm, mars-pgm)"))
-            self._not_ready_because = (
+            raise ValueError(self._refuse(
                 f"{self._owner()}: the weights file has no keras-spft {mine} state for this kernel; "
                 "its kernel was loaded but the anchor is still the kernel at wrap time. Either the "
                 "file comes from a model that was not wrapped (pre-trained weights: load them before "
                 "`wrap_pretrained`; for this model, `wrap_pretrained(model, method='none')`, load, "
                 f"wrap again), or from a model whose kernels had a {other}, which saves its anchor "
                 "under its own name (to resume it, wrap this model with a method of that kind, load, "
-                "then wrap again with the method you want: the loaded anchors are kept).")
-            raise ValueError(self._not_ready_because)
+                "then wrap again with the method you want: the loaded anchors are kept)."))
+        # Every key checked before any is assigned; a mismatch leaves this
+        # object refusing (the kernel itself was loaded: projecting it towards
+        # a stale anchor or radius would move it silently), also when
+        # skip_mismatch=True turns the error into a warning.
+        resume = ("; the kernel was loaded but this object's anchor and radius were not, so it refuses "
+                  "to project or penalise. To resume that model: `wrap_pretrained(model, method='none')`, "
+                  "wrap it the way the saved one was wrapped (method, head, relative radii), load, then "
+                  "call `wrap_pretrained` again with the settings you want: the loaded anchors are kept.")
         if keys != set(own):
-            raise ValueError(
-                f"{self._owner()}: the saved state holds {sorted(keys)} but "
-                f"this object needs {sorted(own)}."
-            )
-        changed = False
+            raise ValueError(self._refuse(
+                f"{self._owner()}: the saved state holds {sorted(keys)} but this object needs "
+                f"{sorted(own)}" + resume))
+        values = {}
         for key, var in own.items():
             value = np.asarray(store[key])
             if tuple(value.shape) != tuple(var.shape):
-                raise ValueError(
-                    f"{self._owner()}: saved {key} has shape {value.shape}, "
-                    f"expected {tuple(var.shape)}."
-                )
-            value = value.astype(var.dtype)
+                raise ValueError(self._refuse(
+                    f"{self._owner()}: the saved {key} has shape {value.shape}, expected "
+                    f"{tuple(var.shape)}" + resume))
+            values[key] = value
+        changed = False
+        for key, var in own.items():
+            value = values[key].astype(var.dtype)
             current = ops.convert_to_numpy(var)
             differs = not np.array_equal(value, current)
             if (differs and key == self._scale_name and value.ndim == 0 and not self._scale_from_config
@@ -267,6 +309,17 @@ class Anchored(KerasSaveable):
         self._anchor_ready = True
         self._not_ready_because = None
         self._scale_from_config = False
+        if unloaded is not None and any(unloaded):
+            # Saved while holding placeholders: still not loaded.
+            self._scale_from_config = bool(unloaded[1])
+            if unloaded[0]:
+                self._refuse(
+                    f"{self._owner()}: the file was saved from a model whose keras-spft anchor for this "
+                    "kernel had never been loaded (a model rebuilt from its config, e.g. by "
+                    "`keras.models.clone_model`, or one whose weights failed to load): it holds no "
+                    "anchor. Load the weights of the wrapped model it came from, or wrap the "
+                    "pre-trained model again.")
+            return
         self._on_anchor_loaded()
 
     def _on_anchor_loaded(self):
@@ -276,7 +329,9 @@ class Anchored(KerasSaveable):
         # KerasSaveable pickles whole models; an anchored object pickles as
         # its config plus its variables.
         values = {k: ops.convert_to_numpy(v) for k, v in self._own_variables().items()}
-        return (_restore, (type(self), self.get_config(), values))
+        if any(self._unloaded()):
+            values[_UNLOADED] = np.array(self._unloaded(), dtype="int8")
+        return (_restore, (type(self), self.get_config(), values, self._not_ready_because))
 
     def __deepcopy__(self, memo):
         cls, args = self.__reduce__()
@@ -307,7 +362,9 @@ class _SharedAnchor:
         self.ready = owner._anchor_ready
 
 
-def _restore(cls, config, values):
+def _restore(cls, config, values, not_ready_because=None):
     obj = cls.from_config(config)
     obj.load_own_variables(values)
+    if not_ready_because is not None:
+        obj._not_ready_because = not_ready_because
     return obj

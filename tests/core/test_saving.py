@@ -183,6 +183,66 @@ def test_loading_into_a_mismatched_wrapper_fails_loudly(tmp_path):
         other.load_weights(tmp_path / "w.weights.h5")
 
 
+def test_a_mismatched_load_leaves_the_object_refusing(tmp_path):
+    """The file's head was bound around zero (state: radius), this model's
+    head is anchored (state: radius and anchor): the kernel is loaded, the
+    anchor is not, so projecting would pull the loaded head towards a stale
+    anchor. skip_mismatch=True only warns; training must still refuse."""
+    keras.utils.set_random_seed(5)
+    saved = small_cnn()
+    keras_spft.wrap_pretrained(saved, radius=0.05, head_radius=0.5)
+    saved.save_weights(tmp_path / "w.weights.h5")
+    model = small_cnn()
+    keras_spft.wrap_pretrained(model, radius=0.05, head=[])
+    model.load_weights(tmp_path / "w.weights.h5", skip_mismatch=True)
+    head = model.get_layer("head").kernel
+    np.testing.assert_array_equal(to_np(head), to_np(saved.get_layer("head").kernel))
+    _compile(model)
+    x, y = _data(8)
+    with pytest.raises(Exception, match=r"head/kernel.*holds \['radius'\] but this object needs.*refuses"):
+        model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    # A shape mismatch (per-row radii in this model, a scalar in the file)
+    # refuses too, and assigns nothing: the anchors stay this model's.
+    other = small_cnn()
+    keras_spft.wrap_pretrained(other, radius=0.05, head_radius=0.5, relative=True)
+    before = _anchors(other)
+    other.load_weights(tmp_path / "w.weights.h5", skip_mismatch=True)
+    for k, v in _anchors(other).items():
+        np.testing.assert_array_equal(v, before[k])
+    with pytest.raises(RuntimeError, match=r"saved radius has shape \(\), expected"):
+        other.get_layer("base").get_layer("c1").kernel.constraint(other.get_layer("base").get_layer("c1").kernel)
+
+
+def test_a_clone_saved_before_its_anchors_were_loaded_still_refuses(tmp_path):
+    """clone_model rebuilds the constraints from their configs (placeholder
+    anchors, and per-row radii of a head as ones): saving the clone must not
+    turn the placeholders into loaded values, nor must a deep copy."""
+    import copy
+
+    keras.utils.set_random_seed(6)
+    model = small_cnn()
+    keras_spft.wrap_pretrained(model, radius=0.05, head_radius=0.5)
+    head = model.get_layer("head")
+    head.kernel.constraint = head.kernel_constraint = keras_spft.MARSDistance(
+        None, np.array([0.1, 0.2, 0.3], "float32"))
+    clone = keras.models.clone_model(model)
+    clone.set_weights(model.get_weights())
+    clone.save(tmp_path / "clone.keras")
+    for copied in (keras.models.load_model(tmp_path / "clone.keras"), copy.deepcopy(clone)):
+        c1 = copied.get_layer("base").get_layer("c1").kernel
+        with pytest.raises(RuntimeError, match=r"base/c1/kernel.*(never been loaded|never loaded)"):
+            c1.constraint(c1)
+        k = copied.get_layer("head").kernel
+        with pytest.raises(RuntimeError, match=r"per-row radius values were never loaded"):
+            k.constraint(k)
+    # The wrapped original saves and loads as before (no placeholder flag).
+    model.save(tmp_path / "model.keras")
+    loaded = keras.models.load_model(tmp_path / "model.keras")
+    k = loaded.get_layer("head").kernel
+    np.testing.assert_array_equal(to_np(k.constraint.radius), np.float32([0.1, 0.2, 0.3]))
+    assert_within_bound(k.constraint, k.constraint(k))
+
+
 def test_weights_of_an_unwrapped_model_loaded_after_wrapping_are_refused(tmp_path):
     """Wrap, then load pre-trained weights saved without keras-spft: Keras
     writes the kernels, the anchors stay the wrap-time values. The error says
