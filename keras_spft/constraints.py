@@ -43,12 +43,31 @@ def radius_learning():
 _UNIT_ROUNDOFF = {"float16": 2.0 ** -10, "bfloat16": 2.0 ** -7, "float32": 2.0 ** -23, "float64": 2.0 ** -52}
 
 
-def _axis_list(axis):
+def _axis_list(axis, owner):
+    """`axis` as given (None, an int or ints) as a list for the config; a
+    ValueError naming `owner` for anything else (a string or a float would
+    otherwise be read as axes, or fail inside the first training step)."""
     if axis is None:
         return None
-    if isinstance(axis, (int, np.integer)):
+    def _is_int(a):
+        return isinstance(a, (int, np.integer)) and not isinstance(a, (bool, np.bool_))
+    if _is_int(axis):
         return [int(axis)]
+    if isinstance(axis, np.ndarray) and axis.ndim == 1:
+        axis = axis.tolist()
+    if not isinstance(axis, (list, tuple)) or not all(_is_int(a) for a in axis):
+        raise ValueError(
+            f"{owner}: `axis` must be an int, a list or tuple of ints, or None "
+            f"(the axes summed per row, as in keras.constraints.MaxNorm), got {axis!r}.")
     return [int(a) for a in axis]
+
+
+def _normalized_axis(axis, ndim, owner):
+    """`spft_ops.normalize_axis` whose error names `owner` and the option."""
+    try:
+        return spft_ops.normalize_axis(axis, ndim)
+    except ValueError as e:
+        raise ValueError(f"{owner}: `axis` {axis!r} does not fit the kernel: {e}") from None
 
 
 def _compute_dtype(dtype):
@@ -258,9 +277,9 @@ class MARSDistance(_DistanceConstraint):
                 f"expected one of {PROJECTIONS}."
             )
         self.projection = projection
-        self._axis_arg = _axis_list(axis)
+        self._axis_arg = _axis_list(axis, self._owner())
         if self._anchor is not None:
-            self.axis = spft_ops.normalize_axis(axis, len(self._anchor.shape))
+            self.axis = _normalized_axis(self._axis_arg, len(self._anchor.shape), self._owner())
             row_shape = self._row_shape(self._anchor.shape)
         else:
             self.axis = None  # resolved on first call from the kernel rank
@@ -277,8 +296,11 @@ class MARSDistance(_DistanceConstraint):
                     f"{int((norms <= 0).sum())} anchor rows are zero, "
                     "which would freeze them; use an absolute radius."
                 )
+            # A fraction of each row's norm: one for all rows, or one per row.
+            check_positive(radius, "radius", self._owner())
             with np.errstate(over="ignore"):
-                radius = norms.astype("float64") * float(ops.convert_to_numpy(radius))
+                radius = norms.astype("float64") * np.asarray(
+                    ops.convert_to_numpy(radius) if hasattr(radius, "shape") else radius, "float64")
         self._init_scale(radius, "radius", row_shape)
         self._check_learned_scalar()
         self._set_min_radius()
@@ -290,7 +312,7 @@ class MARSDistance(_DistanceConstraint):
     def _axis_for(self, w):
         if self.axis is not None:
             return self.axis
-        axis = spft_ops.normalize_axis(self._axis_arg, len(w.shape))
+        axis = _normalized_axis(self._axis_arg, len(w.shape), self._owner())
         if len(self._scale.shape):
             # Per-row radii without an anchor (a head): checked against the
             # rows of the kernel at hand (a shape test in Python; they would
@@ -383,7 +405,12 @@ class FrobeniusDistance(_DistanceConstraint):
                 raise ValueError(
                     f"{self._owner()}: `relative=True` but the anchor is zero."
                 )
-            radius = float(radius) * norm
+            check_positive(radius, "radius", self._owner())
+            fraction = np.asarray(ops.convert_to_numpy(radius) if hasattr(radius, "shape") else radius, "float64")
+            if fraction.ndim:
+                raise ValueError(f"{self._owner()}: `radius` must be a scalar (one Frobenius ball per "
+                                 f"kernel), got shape {fraction.shape}.")
+            radius = float(fraction) * norm
         self._init_scale(radius, "radius", ())
         if not isinstance(self._scale_config, float) and self._scale.shape != ():
             raise ValueError(f"{self._owner()}: `radius` must be a scalar.")

@@ -14,7 +14,7 @@ from keras import ops
 
 from keras_spft import ops as spft_ops
 from keras_spft.anchors import Anchored
-from keras_spft.constraints import _axis_list, _compute_dtype
+from keras_spft.constraints import _axis_list, _compute_dtype, _normalized_axis
 
 __all__ = ["L2SP", "MARSSP"]
 
@@ -94,12 +94,14 @@ class MARSSP(_DistancePenalty):
 
     def __init__(self, anchor, strength, axis=0, name=None):
         self._init_anchor(anchor, name)
-        self._axis_arg = _axis_list(axis)
+        self._axis_arg = _axis_list(axis, self._owner())
+        if self._anchor is not None:
+            _normalized_axis(self._axis_arg, len(self._anchor.shape), self._owner())
         self._init_scale(strength, "strength", ())
 
     def __call__(self, x):
         t = self._offset(x)
-        axis = spft_ops.normalize_axis(self._axis_arg, len(t.shape))
+        axis = _normalized_axis(self._axis_arg, len(t.shape), self._owner())
         # sign(t) * t, not |t|: the same value, but a gradient of exactly 0
         # where t = 0 on every backend (JAX's |x| has slope 1 at 0, so at the
         # anchor, the first step of every fine-tuning, the penalty would push

@@ -105,6 +105,12 @@ def test_relative_radius_is_fraction_of_anchor_row_norm():
     np.testing.assert_allclose(d, 0.1 * np.abs(a).sum(axis=0), rtol=1e-4)
     f = keras_spft.FrobeniusDistance(a, radius=0.1, relative=True)
     assert float(to_np(f.radius)) == pytest.approx(0.1 * np.sqrt((a.astype(np.float64) ** 2).sum()), rel=1e-6)
+    # One fraction per row (column of a Dense kernel).
+    fractions = np.array([0.1, 0.2, 0.3, 0.4], "float32")
+    c = keras_spft.MARSDistance(a, radius=fractions, axis=0, relative=True)
+    np.testing.assert_allclose(to_np(c.radius)[0], fractions * np.abs(a).sum(axis=0), rtol=1e-6)
+    with pytest.raises(ValueError, match=r"dense/kernel.*`radius` must be a scalar.*shape \(4,\)"):
+        keras_spft.FrobeniusDistance(a, radius=fractions, relative=True, name="dense/kernel")
 
 
 def test_exact_projection_option():
@@ -135,8 +141,21 @@ def test_bad_arguments_name_the_problem():
         keras_spft.FrobeniusDistance(_w((3, 2)), 1.0, learn_radius="false")
     with pytest.raises(ValueError, match="NaN or inf"):
         keras_spft.MARSDistance(np.array([[np.nan, 1.0]], "float32"), 1.0)
-    with pytest.raises(ValueError, match="out of range"):
-        keras_spft.MARSDistance(_w((3, 2)), 1.0, axis=2)
+    with pytest.raises(ValueError, match=r"MARSDistance\(conv/kernel\): `axis` \[2\] does not fit.*out of range"):
+        keras_spft.MARSDistance(_w((3, 2)), 1.0, axis=2, name="conv/kernel")
+    # A penalty checks its axes against its anchor when made, not in the
+    # first training step; one around the origin names itself there.
+    with pytest.raises(ValueError, match=r"MARSSP\(conv/kernel\): `axis` \[5\] does not fit"):
+        keras_spft.MARSSP(_w((3, 2)), 0.5, axis=5, name="conv/kernel")
+    with pytest.raises(ValueError, match=r"MARSSP\(head\): `axis` \[5\] does not fit"):
+        keras_spft.MARSSP(None, 0.5, axis=5, name="head")(ops.zeros((3, 2)))
+    for bad in (0.0, "0", "12", True, [0.0]):
+        for make in (lambda: keras_spft.MARSDistance(_w((3, 2)), 1.0, axis=bad, name="conv/kernel"),
+                     lambda: keras_spft.MARSDistance(None, 1.0, axis=bad, name="conv/kernel"),
+                     lambda: keras_spft.MARSSP(_w((3, 2)), 1.0, axis=bad, name="conv/kernel")):
+            with pytest.raises(ValueError, match=r"conv/kernel.*`axis` must be an int, a list or tuple of ints"):
+                make()
+    assert keras_spft.MARSDistance(_w((3, 2)), 1.0, axis=np.array([0])).axis == (0,)
     with pytest.raises(ValueError, match="does not broadcast"):
         keras_spft.MARSDistance(_w((3, 2)), np.ones(3, "float32"), axis=0)
     c = keras_spft.MARSDistance(_w((3, 2)), 1.0, name="conv/kernel")
