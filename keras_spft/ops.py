@@ -206,12 +206,14 @@ def _widened(t):
     return ops.cast(t, "float32") if keras.backend.standardize_dtype(t.dtype) in ("float16", "bfloat16") else t
 
 
-def _widened_all(*values):
-    """`_widened` of each tensor among `values` (16-bit tensors to float32);
-    Python numbers and `None` as they are. TensorFlow does not promote
-    float32 * bfloat16: a 16-bit radius or norms passed beside a widened
-    offset would fail."""
-    return tuple(_widened(v) if hasattr(v, "dtype") and hasattr(v, "shape") else v for v in values)
+def _matched(t, *values):
+    """`t` widened (`_widened`) and each tensor or array among `values` cast to
+    its dtype: TensorFlow does not promote float32 * bfloat16 or float32 *
+    float64, so a radius or norms given in another dtype than the offsets
+    would fail there only. Python numbers and `None` as they are."""
+    t = _widened(t)
+    return (t,) + tuple(ops.cast(v, t.dtype) if hasattr(v, "dtype") and hasattr(v, "shape") else v
+                        for v in values)
 
 
 def _shrink_factor(norm, radius):
@@ -244,11 +246,11 @@ def scale_to_l1_ball(t, radius, axis, norms=None):
     >>> from keras import ops
     >>> from keras_spft import ops as sops
     >>> t = ops.convert_to_tensor(np.array([[3.0, 0.1], [1.0, 0.1]]))
-    >>> ops.convert_to_numpy(sops.scale_to_l1_ball(t, 2.0, (0,))).round(3).tolist()   # column 0 scaled by 1/2
+    >>> ops.convert_to_numpy(sops.scale_to_l1_ball(t, 2.0, (0,))).astype(float).round(3).tolist()   # column 0 scaled by 1/2
     [[1.5, 0.1], [0.5, 0.1]]
     """
     dtype = t.dtype
-    t, radius, norms = _widened_all(t, radius, norms)   # 16-bit: computed in float32, rounded once
+    t, radius, norms = _matched(t, radius, norms)   # 16-bit: computed in float32, rounded once
     if norms is None:
         norms = row_l1_norms(t, axis)
     return ops.cast(t * _shrink_factor(norms, radius), dtype)
@@ -277,11 +279,11 @@ def scale_to_frobenius_ball(t, radius, norm=None):
     >>> from keras import ops
     >>> from keras_spft import ops as sops
     >>> t = ops.convert_to_tensor(np.array([3.0, 4.0]))
-    >>> ops.convert_to_numpy(sops.scale_to_frobenius_ball(t, 1.0)).round(3).tolist()
+    >>> ops.convert_to_numpy(sops.scale_to_frobenius_ball(t, 1.0)).astype(float).round(3).tolist()
     [0.6, 0.8]
     """
     dtype = t.dtype
-    t, radius, norm = _widened_all(t, radius, norm)   # 16-bit: computed in float32, rounded once
+    t, radius, norm = _matched(t, radius, norm)   # 16-bit: computed in float32, rounded once
     if norm is None:
         norm = frobenius_norm(t)
     return ops.cast(t / at_least(norm / radius, 1.0), dtype)
@@ -355,11 +357,11 @@ def project_l1_ball(t, radius, axis, norms=None):
     [[2.0], [0.0]]
     """
     dtype = t.dtype
-    t = _widened(t)
+    t, radius, norms = _matched(t, radius, norms)
     if len(axis) == 0:
         return ops.cast(ops.sign(t) * at_most(ops.abs(t), radius), dtype)
     a = ops.abs(t)
-    theta = _l1_threshold(a, radius, axis, None if norms is None else ops.cast(norms, t.dtype))
+    theta = _l1_threshold(a, radius, axis, norms)
     out = ops.sign(t) * ops.relu(a - theta)
     # Rounding in the sums can leave a row a few ulps outside the ball; a
     # final radial rescale (a factor of exactly 1 for rows inside) keeps the
@@ -411,7 +413,7 @@ def l1_radius_gradient(grad, t, radius, axis, projection="scale", rtol=1e-3, sla
     """
     # Per-row reductions only (siblings of the row norms, one pass when
     # fused); the row mask is applied to the small per-row results.
-    t, grad, radius = _widened_all(t, grad, radius)
+    t, grad, radius = _matched(t, grad, radius)
     norms = row_l1_norms(t, axis)
     if projection == "exact":
         if len(axis):
@@ -448,9 +450,9 @@ def frobenius_radius_gradient(grad, t, radius, rtol=1e-3, slack=0.0):
     >>> from keras import ops
     >>> from keras_spft import ops as sops
     >>> t = ops.convert_to_tensor(np.array([0.6, 0.8]))             # on the ball of radius 1
-    >>> float(sops.frobenius_radius_gradient(ops.convert_to_tensor(np.array([1.0, 1.0])), t, 1.0))
+    >>> round(float(sops.frobenius_radius_gradient(ops.convert_to_tensor(np.array([1.0, 1.0])), t, 1.0)), 6)
     1.4
     """
-    t, grad, radius = _widened_all(t, grad, radius)
+    t, grad, radius = _matched(t, grad, radius)
     on = _at_bound(frobenius_norm(t), radius, rtol, slack)
     return on * ops.sum(grad * t) / radius

@@ -180,3 +180,38 @@ def test_16bit_norms_and_scalings_are_worked_out_in_float32():
     want = float(np.sum(to_np(ops.cast(t16, "float32")) ** 2)) / 2.0
     assert float(to_np(sops.l1_radius_gradient(t16, t16, 2.0, (0,), rtol=1e9))) == pytest.approx(want, rel=1e-5)
     assert float(to_np(sops.frobenius_radius_gradient(t16, t16, 2.0, rtol=1e9))) == pytest.approx(want, rel=1e-5)
+
+
+@pytest.mark.parametrize("t_dtype,r_dtype", [("bfloat16", "bfloat16"), ("float32", "float64"),
+                                             ("float32", "bfloat16"), ("float64", "float32")])
+def test_a_radius_tensor_in_another_dtype_works_on_every_backend(t_dtype, r_dtype):
+    """TensorFlow does not promote float32 with float64 or bfloat16: a
+    per-row radius (or norms) in another dtype than the offsets is cast, in
+    all three projections alike."""
+    t = _offsets((6, 5))
+    radii = np.linspace(0.2, 1.0, 5).astype("float32")[None]
+    want_scale = t / np.maximum(1.0, row_sums(t, (0,)) / radii)
+    tt = ops.cast(ops.convert_to_tensor(t), t_dtype)
+    rr = ops.cast(ops.convert_to_tensor(radii), r_dtype)
+    tol = 1e-2 if "bfloat16" in (t_dtype, r_dtype) else 1e-6
+    got = to_np(ops.cast(sops.scale_to_l1_ball(tt, rr, (0,)), "float32"))
+    np.testing.assert_allclose(got, want_scale, rtol=tol, atol=tol)
+    exact = to_np(ops.cast(sops.project_l1_ball(tt, rr, (0,), norms=ops.cast(sops.row_l1_norms(tt, (0,)), r_dtype)),
+                           "float32"))
+    assert np.all(row_sums(exact, (0,)) <= to_np(ops.cast(rr, "float32")) * (1 + tol))
+    frob = to_np(ops.cast(sops.scale_to_frobenius_ball(tt, rr[0, 0]), "float32"))
+    assert np.sqrt((frob.astype("float64") ** 2).sum()) <= 0.2 * (1 + tol)
+    g = ops.cast(ops.convert_to_tensor(np.ones_like(t)), t_dtype)
+    for grad in (sops.l1_radius_gradient(g, tt, rr, (0,)), sops.frobenius_radius_gradient(g, tt, rr[0, 0])):
+        assert np.isfinite(to_np(grad)).all()
+
+
+def test_docstring_examples_print_what_they_show_on_this_backend():
+    """The examples of the core modules on the backend of this run (the
+    suite runs tests/core on JAX, TensorFlow and PyTorch)."""
+    import doctest
+    from keras_spft import constraints, ops as ops_module, regularizers
+
+    for module in (ops_module, constraints, regularizers):
+        result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+        assert result.attempted and result.failed == 0, f"{module.__name__} on {keras.backend.backend()}"
