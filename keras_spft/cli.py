@@ -270,6 +270,7 @@ class Session:
         self._probes = {}
         self._attention = None
         self.strategy = None
+        self.distribution = None
         self.replicas = 1
         if args.distribute == "mirrored":
             import tensorflow as tf
@@ -281,14 +282,40 @@ class Session:
         elif args.distribute == "data-parallel":
             import keras
 
-            dist = keras.distribution.DataParallel()
-            keras.distribution.set_distribution(dist)
-            self.replicas = int(dist.device_mesh.devices.size)
+            self.distribution = keras.distribution.DataParallel()
+            self.replicas = int(self.distribution.device_mesh.devices.size)
             _log(f"[distribute] keras.distribution.DataParallel over {self.replicas} devices")
 
     def scope(self):
-        """Where models are built, loaded, wrapped and compiled (the strategy's scope)."""
+        """Where models are built, loaded, wrapped and compiled (the strategy's
+        scope). On JAX it makes the DataParallel distribution current again:
+        `keras.backend.clear_session()`, called before every run, drops it,
+        and it must stay set through `fit` and `evaluate` as well."""
+        self.activate()
         return self.strategy.scope() if self.strategy is not None else contextlib.nullcontext()
+
+    def activate(self):
+        """Makes the JAX DataParallel distribution (if any) current."""
+        if self.distribution is not None:
+            import keras
+
+            keras.distribution.set_distribution(self.distribution)
+
+    def check_batches(self, splits):
+        """DataParallel splits every batch evenly over the devices: a batch
+        size, or a split's last batch, that does not divide fails inside
+        `fit` or `evaluate` (after training): refused before."""
+        if self.distribution is None:
+            return
+        batch = self.args.batch_size
+        for name, n in (("train", splits.train_size), (splits.eval_split, splits.eval_size)):
+            for size in sorted({min(batch, n), n % batch} - {0}):
+                if size % self.replicas:
+                    raise UsageError(
+                        f"--distribute data-parallel splits every batch over {self.replicas} devices, but "
+                        f"--batch-size {batch} gives the {n} images of split '{name}' a batch of {size}: "
+                        f"choose a --batch-size whose batches all divide by {self.replicas} (or run on "
+                        "fewer devices, e.g. CUDA_VISIBLE_DEVICES).")
 
     def probe(self, stage):
         """One fixed batch of the training data (numpy), for `GradientNormMonitor`."""
@@ -498,6 +525,7 @@ def train_one(session, method, values, seed, stage, epochs=None):
     args = session.args
     epochs = epochs or args.epochs
     splits = run_splits(session, stage, seed)
+    session.check_batches(splits)
     options = session.wrap_options(method)          # (DELTA: its attention, computed once)
     xb, yb = session.probe(stage)
     # The head's initial weights: seeded after the attention and the probe,
@@ -716,6 +744,7 @@ def tune_method(session, method):
     # Every method's search starts from the same data order (seed 0), not
     # from where the methods searched before it in this process left it.
     splits = run_splits(session, "tune", 0)
+    session.check_batches(splits)
     wrap_options = session.wrap_options(method)
     _atomic_json(started_path, settings_search)
     budget = (f"its own budget (--trials does not apply; up to {epochs} epochs per model, factor 3)"
@@ -723,6 +752,7 @@ def tune_method(session, method):
     _log(f"[{method}] searching {', '.join(searched)} with {args.tuner}, {budget}, "
          f"objective {args.objective} (train -> val); KerasTuner state in {folder}")
     start = time.time()
+    session.activate()   # (the search keeps it current across KerasTuner's clear_session)
     result = search(
         session.build_fn(splits.num_classes), splits.train, splits.eval, method,
         epochs=epochs, tuner=args.tuner, max_trials=args.trials, objective=args.objective,

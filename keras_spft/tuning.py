@@ -120,6 +120,12 @@ class SPFTHyperModel(keras_tuner.HyperModel):
         self.wrap_options = dict(wrap_options or {})
         self.seed = _checked_seed(seed, 2**32 - 1, "2**32 - 1")
         self._last_hp, self._execution, self._built_before = None, 0, {}
+        # A Keras distribution (JAX DataParallel) current when the search is
+        # set up: KerasTuner clears the session before every trial, which
+        # drops it, so each build makes it current again.
+        import keras
+
+        self._distribution = keras.distribution.distribution()
         allowed = set(recipe.hyperparameter_names(method)) | {"lr"}
         self.ranges = dict(recipe.default_ranges(method))
         for key, value in (ranges or {}).items():
@@ -160,9 +166,11 @@ class SPFTHyperModel(keras_tuner.HyperModel):
         if hp is not self._last_hp:
             self._last_hp, self._execution = hp, 0
         try:
-            if self.seed is not None:
-                import keras
+            import keras
 
+            if self._distribution is not None and keras.distribution.distribution() is None:
+                keras.distribution.set_distribution(self._distribution)
+            if self.seed is not None:
                 keras.utils.set_random_seed((self.seed + self._execution) % 2**32)
             model = self.build_model()
             self._refuse_reused(model)

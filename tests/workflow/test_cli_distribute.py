@@ -83,3 +83,56 @@ def test_distribute_error_from_the_command(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.run(["finetune", "--data", str(tmp_path), "--distribute", "horovod"])
     assert "invalid choice: 'horovod'" in capsys.readouterr().err
+
+
+# JAX: two host devices, a tiny model, and at every compile the current
+# distribution and how many devices the first kernel is laid out on.
+DATA_PARALLEL = """
+import os, sys
+os.environ["KERAS_BACKEND"] = "jax"
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+import keras
+import keras_spft.backbones as backbones
+from keras_spft import cli, recipe
+from tests.workflow.conftest import tiny_model
+backbones.build_model = lambda name, n, *, weights, image_size, alpha, head: tiny_model(n, size=image_size)
+real_compile = recipe.compile_model
+def compile_model(model, lr=1e-4, **kwargs):
+    dist = keras.distribution.distribution()
+    print("COMPILE", type(dist).__name__, len(model.trainable_variables[0].value.sharding.device_set))
+    return real_compile(model, lr, **kwargs)
+recipe.compile_model = compile_model
+cli.run(sys.argv[1:])
+"""
+
+
+def test_data_parallel_trains_every_run_and_trial_on_all_devices(tmp_path):
+    """keras.backend.clear_session() (before every run, and KerasTuner's before
+    every trial) drops the Keras distribution: each run and trial must still
+    be built and trained under DataParallel, and batches that would not split
+    evenly over the devices are refused before any training."""
+    from tests.workflow.conftest import CLASSES
+
+    # 2 classes: train 8, val 4, train+val 12, test 4 images; batches of 4
+    # split over 2 devices, batches of 3 do not.
+    data = make_image_folder(tmp_path / "data", per_split={"train": 4, "val": 2, "test": 2})
+    assert len(CLASSES) == 2
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), KERAS_BACKEND="jax")
+    common = ["--data", data, "--weights", "none", "--image-size", "16", "--epochs", "1", "--method", "mars-pgm",
+              "--distribute", "data-parallel", "--verbose", "0"]
+    proc = subprocess.run([sys.executable, "-c", DATA_PARALLEL, "tune", "--trials", "1", "--tuner", "random",
+                           "--batch-size", "4", "--out", str(tmp_path / "out"), *common], capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "[distribute] keras.distribution.DataParallel over 2 devices" in proc.stdout, proc.stdout
+    compiles = [line for line in proc.stdout.splitlines() if line.startswith("COMPILE")]
+    # KerasTuner's build that declares the search space, the trial, the final run.
+    assert len(compiles) == 3, proc.stdout
+    assert set(compiles) == {"COMPILE DataParallel 2"}, compiles
+    run = json.load(open(tmp_path / "out" / "runs" / "mars-pgm" / "seed0.json"))
+    assert run["distribute"] == "data-parallel" and run["replicas"] == 2
+    proc = subprocess.run([sys.executable, "-c", DATA_PARALLEL, "finetune", "--radius", "0.5", "--batch-size", "3",
+                           "--out", str(tmp_path / "out3"), *common], capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert ("--distribute data-parallel splits every batch over 2 devices, but --batch-size 3 gives the 12 "
+            "images of split 'train' a batch of 3") in proc.stderr, proc.stderr[-3000:]
+    assert "COMPILE" not in proc.stdout
