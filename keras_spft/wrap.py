@@ -156,9 +156,67 @@ def _default_head(model, layers):
                 f"cannot tell the new head: every kernel is inside the nested models {with_kernels} "
                 f"of '{model.name}'. Name the head, e.g. head=[{with_kernels[-1]!r}] (anchored around "
                 "zero, bounded by head_radius/head_strength), or head=[] if all are pre-trained.")
+        _refuse_nested_after_kernels(model, [m for m in nested if m.name in with_kernels], outside)
         return outside
     with_kernel = [p for p, l in layers if _has_kernel(l)]
     return with_kernel[-1:]
+
+
+def _upstream(model):
+    """`{id(top-level layer): ids of the top-level layers it takes input from,
+    directly or not}` for a Sequential or Functional model; `None` for a
+    subclassed one (no graph to read)."""
+    top = list(model.layers)
+    if isinstance(model, keras.Sequential):
+        return {id(l): {id(u) for u in top[:k]} for k, l in enumerate(top)}
+    nodes = getattr(model, "_nodes", None)
+    if not isinstance(nodes, (set, dict)):
+        return None
+    parents = {}
+    for l in top:
+        parents[id(l)] = {id(p.operation) for i, n in enumerate(l._inbound_nodes)
+                          if f"{id(l)}_ib-{i}" in nodes for p in n.parent_nodes}
+    out = {}
+    for l in top:   # model.layers is in topological order
+        seen, stack = set(), list(parents[id(l)])
+        while stack:
+            u = stack.pop()
+            if u not in seen:
+                seen.add(u)
+                stack.extend(parents.get(u, ()))
+        out[id(l)] = seen
+    return out
+
+
+def _refuse_nested_after_kernels(model, nested, outside):
+    """A nested model that takes the output of kernel layers may be a new head
+    on a flat pre-trained base (`keras.Model(base.input, head(base.output))`)
+    or pre-trained layers behind new ones: guessing either way would anchor a
+    random head or leave pre-trained kernels free. The user says which."""
+    upstream = _upstream(model)
+    if upstream is None:
+        return
+    top_of = {}
+    for path in outside:
+        top_of.setdefault(path.split("/")[0], path)
+    by_name = {l.name: l for l in model.layers}
+    kernel_ids = {id(by_name[n]): n for n in top_of if n in by_name} | {id(m): m.name for m in nested}
+    for m in nested:
+        before = [kernel_ids[u] for u in upstream.get(id(m), ()) if u in kernel_ids]
+        if not before:
+            continue
+        before = [l.name for l in model.layers if l.name in before]   # in model order
+        after = [l.name for l in model.layers if id(l) in kernel_ids and id(m) in upstream.get(id(l), ())]
+        shown = ", ".join(repr(n) for n in before[:3]) + (f" and {len(before) - 3} more" if len(before) > 3 else "")
+        new_outside = [n for n in top_of if n in by_name]
+        if_pretrained = (f"head={new_outside!r}" if 0 < len(new_outside) <= 6
+                         else "head=[...] with the new layers' names")
+        raise ValueError(
+            f"cannot tell the new head of '{model.name}': its nested model '{m.name}' takes the output of "
+            f"layers with kernels ({shown}), so it may be a new head on a pre-trained base, or pre-trained "
+            f"layers behind new ones. Name the new layers: head={[m.name] + after!r} if '{m.name}' is new "
+            f"(every other kernel is then anchored as pre-trained), {if_pretrained} if '{m.name}' is "
+            "pre-trained, or head=[] if all are.")
 
 
 def _has_kernel(layer):

@@ -456,6 +456,38 @@ def test_a_head_written_as_a_nested_model_must_be_named():
     assert not report.wrapped and all(v.constraint is None for v in model.weights)
 
 
+def test_a_nested_model_fed_by_kernel_layers_must_be_named():
+    """A flat pre-trained base feeding a nested new head,
+    keras.Model(base.input, head(base.output)): every base kernel was taken as
+    the head (bounded around zero: the pre-trained weights crushed) and the
+    new head anchored as backbone. A nested model behind kernel layers is
+    either case, so wrap_pretrained asks; parallel towers stay automatic."""
+    L = keras.layers
+    inp = keras.Input((8,))
+    x = L.Dense(6, name="b2")(L.Dense(6, name="b1")(inp))
+    head = keras.Sequential([L.Dense(4, name="h1"), L.Dense(3, name="h2")], name="classifier")
+    model = keras.Model(inp, head(x))
+    with pytest.raises(ValueError, match=r"nested model 'classifier' takes the output of layers with kernels "
+                                         r"\('b1', 'b2'\).*head=\['classifier'\] if 'classifier' is new.*"
+                                         r"head=\['b1', 'b2'\] if 'classifier' is pre-trained"):
+        keras_spft.wrap_pretrained(model, radius=1.0, head_radius=2.0)
+    report = keras_spft.wrap_pretrained(model, radius=1.0, head=["classifier"], head_radius=2.0)
+    assert {w.path: w.role for w in report.wrapped} == {
+        "b1": "backbone", "b2": "backbone", "classifier/h1": "head", "classifier/h2": "head"}
+    # Sequential([base, Sequential([...]), Dense]): the suggestion names both new parts.
+    seq = keras.Sequential([keras.Input((8,)), keras.Sequential([L.Dense(6, name="b1")], name="base"),
+                            keras.Sequential([L.Dense(5, name="h1")], name="hseq"), L.Dense(3, name="out")])
+    with pytest.raises(ValueError, match=r"nested model 'hseq'.*head=\['hseq', 'out'\] if 'hseq' is new.*"
+                                         r"head=\['out'\] if 'hseq' is pre-trained"):
+        keras_spft.wrap_pretrained(seq, radius=1.0, head_radius=2.0)
+    # Two pre-trained towers side by side, a Dense on both: the Dense is the head.
+    i1, i2 = keras.Input((8,)), keras.Input((8,))
+    towers = [keras.Sequential([keras.Input((8,)), L.Dense(6, name="t")], name=n) for n in ("ta", "tb")]
+    two = keras.Model([i1, i2], L.Dense(2, name="head")(L.Concatenate()([towers[0](i1), towers[1](i2)])))
+    report = keras_spft.wrap_pretrained(two, radius=1.0, head_radius=2.0)
+    assert {w.path: w.role for w in report.wrapped} == {"ta/t": "backbone", "tb/t": "backbone", "head": "head"}
+
+
 def test_a_head_radius_with_no_head_outside_the_base_is_refused():
     L = keras.layers
     base = keras.Sequential([keras.Input((8,)), L.Dense(4, name="b1"), L.Dense(2, name="b2")], name="base")
