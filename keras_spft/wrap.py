@@ -382,10 +382,12 @@ def wrap_pretrained(
         method: one of `"none"`, `"l2-sp"`, `"mars-sp"`, `"l2-pgm"`,
             `"mars-pgm"`, `"mars-pgm-exact"`.
         head: names (or paths) of the new head layers, bounded around zero
-            (a nested model's name: all of its layers).
+            (a nested model's name: all of its layers; a BatchNorm gamma in
+            the head is anchored at its value, as in the backbone).
             Default: the kernel layers outside the nested pre-trained
             model(s), or, when the model has no nested model, its last kernel
-            layer. `[]`: no head, every kernel is anchored.
+            layer; a nested model that takes the output of kernel layers is
+            an error (name the head). `[]`: no head, every kernel is anchored.
         head_radius: PGM methods: radius of the head around zero (scalar,
             dict or callable). `None` leaves the head free.
         strength: SP methods: the penalty strength (scalar, dict or callable).
@@ -573,7 +575,11 @@ def wrap_pretrained(
             attachments.extend((layer, spec, None, None) for spec in specs)
             dropped.extend((f"{path}/{spec.weight}", reason) for spec in specs if _moved_from_anchor(spec.variable))
             continue
-        is_head = id(layer) in head_ids
+        # A BatchNorm gamma starts at 1 by design, not at random: in a head
+        # too it is anchored at its current value (as where the head is
+        # found by itself, whose BatchNorm layers hold no kernel), never
+        # bounded around zero.
+        is_head = id(layer) in head_ids and not is_bn
         if method != "none":
             rebuilt = _rebuilt_without_objects(path, by_path, model)
             if rebuilt is not None:

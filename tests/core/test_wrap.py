@@ -488,6 +488,27 @@ def test_a_nested_model_fed_by_kernel_layers_must_be_named():
     assert {w.path: w.role for w in report.wrapped} == {"ta/t": "backbone", "tb/t": "backbone", "head": "head"}
 
 
+@pytest.mark.parametrize("method,value", [("l2-pgm", {"head_radius": 3.0}), ("l2-sp", {"head_strength": 1.0})])
+def test_batchnorm_in_a_named_head_is_anchored_at_its_gamma_not_at_zero(method, value):
+    """gamma starts at 1 by design: a head named with head=[...] bounded its
+    BatchNorm gamma around zero (a head found by itself anchors it at 1)."""
+    L = keras.layers
+    base = keras.Sequential([keras.Input((8,)), L.Dense(6, name="b1")], name="base")
+    hs = keras.Sequential([L.Dense(16, name="h1"), L.BatchNormalization(name="hbn"), L.Dense(3, name="h2")], name="hs")
+    model = keras.Sequential([keras.Input((8,)), base, hs])
+    backbone = {"radius": 1.0} if method.endswith("pgm") else {"strength": 1.0}
+    report = keras_spft.wrap_pretrained(model, method=method, head=["hs"], batchnorm="gamma", **backbone, **value)
+    roles = {w.path: (w.role, w.obj.anchor is None) for w in report.wrapped}
+    assert roles == {"base/b1": ("backbone", False), "hs/h1": ("head", True),
+                     "hs/hbn": ("batchnorm", False), "hs/h2": ("head", True)}
+    gamma = hs.get_layer("hbn").gamma
+    np.testing.assert_array_equal(to_np(report["hs/hbn"].anchor), np.ones(16, "float32"))
+    if method.endswith("pgm"):   # at its anchor: the projection leaves it at 1
+        np.testing.assert_array_equal(to_np(gamma.constraint(gamma)), np.ones(16, "float32"))
+    else:                        # and the penalty is zero there
+        assert float(to_np(gamma.regularizer(gamma))) == 0.0
+
+
 def test_a_head_radius_with_no_head_outside_the_base_is_refused():
     L = keras.layers
     base = keras.Sequential([keras.Input((8,)), L.Dense(4, name="b1"), L.Dense(2, name="b2")], name="base")
