@@ -641,7 +641,7 @@ def wrap_pretrained(
                 anchor, note = _SharedAnchor(existing), "kept existing anchor"
             else:
                 anchor, note = var, ""
-            shown = (LEARNED if value == LEARNED else f"{_fmt(value)} x row norm" if relative and not (is_bn and batchnorm == "reference") else _fmt(value))
+            shown = (LEARNED if value == LEARNED else f"{_fmt(value)} x {'kernel' if method == 'l2-pgm' else 'row'} norm" if relative and not (is_bn and batchnorm == "reference") else _fmt(value))
         obj = _make(method, projection, anchor, value, spec, layer, path, relative and not is_head,
                     is_bn and batchnorm == "reference")
         if not is_head and value == LEARNED and existing is not None and existing.anchor is not None:

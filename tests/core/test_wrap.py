@@ -587,3 +587,14 @@ def test_report_lookup_by_weight_and_ambiguous_names():
     assert report["conv2d"] is report["conv2d/kernel"]
     with pytest.raises(KeyError):
         report["nope"]
+
+
+def test_relative_radii_are_reported_per_row_or_per_kernel():
+    model = small_cnn()
+    mars = keras_spft.wrap_pretrained(model, radius=0.1, relative=True, head_radius=1.0)
+    assert mars.wrapped[0].value == "0.1 x row norm"
+    l2 = keras_spft.wrap_pretrained(model, method="l2-pgm", radius=0.1, relative=True, head_radius=1.0)
+    w = l2.wrapped[0]
+    assert w.value == "0.1 x kernel norm"
+    kernel = to_np(w.obj.anchor).astype("float64")
+    assert float(to_np(w.obj.radius)) == pytest.approx(0.1 * np.sqrt((kernel ** 2).sum()), rel=1e-6)
