@@ -271,12 +271,30 @@ def _selectors(path):
 def _named_layers(model, layers, names, what):
     """`names` (a layer name or path, or a list of them) as a set, each a
     layer of `model` (`layers`: its `walk_layers` pairs); else a ValueError
-    naming the `what` option."""
-    names = {names} if isinstance(names, str) else set(names)
+    naming the `what` option. Layer objects stand for their paths."""
+    if isinstance(names, (str, keras.layers.Layer)):
+        names = [names]
+    try:
+        given = list(names)
+    except TypeError:
+        raise ValueError(f"`{what}` must be a layer name or path, a layer, or a list of them; "
+                         f"got {names!r}.") from None
+    names = set()
+    for n in given:
+        if isinstance(n, keras.layers.Layer):
+            paths = [p for p, l in layers if l is n]
+            if not paths:
+                raise ValueError(f"{what}: layer {n.name!r} (a {type(n).__name__} object) is not a layer of "
+                                 "the model.")
+            names.update(paths)
+        elif isinstance(n, str):
+            names.add(n)
+        else:
+            raise ValueError(f"`{what}` must list layer names, paths or layers; got {n!r}.")
     known = {p for p, _ in layers} | {l.name for _, l in layers}
     for n in sorted(names - known):
         top = ", ".join(l.name for l in getattr(model, "layers", []))
-        raise ValueError(f"{what} layer '{n}' does not exist in the model (top-level layers: {top}).")
+        raise ValueError(f"{what}: layer '{n}' does not exist in the model (top-level layers: {top}).")
     return names
 
 
@@ -381,7 +399,8 @@ def wrap_pretrained(
             learns it (FTP, Tian et al. 2023).
         method: one of `"none"`, `"l2-sp"`, `"mars-sp"`, `"l2-pgm"`,
             `"mars-pgm"`, `"mars-pgm-exact"`.
-        head: names (or paths) of the new head layers, bounded around zero
+        head: names (or paths) of the new head layers, or the layers
+            themselves, bounded around zero
             (a nested model's name: all of its layers; a BatchNorm gamma in
             the head is anchored at its value, as in the backbone).
             Default: the kernel layers outside the nested pre-trained
@@ -516,7 +535,7 @@ def wrap_pretrained(
             for key in value:
                 if key != "*" and key not in known:
                     raise ValueError(f"`{what}` names layer '{key}' which does not exist in the model.")
-    excluded = lookup(exclude or (), "excluded")
+    excluded = lookup(exclude or (), "exclude")
     if method == "none":
         head_ids = set()   # removing keras-spft's objects needs no head
     elif head is None:
@@ -591,7 +610,7 @@ def wrap_pretrained(
         option = "head_strength" if sp else "head_radius"
         raise ValueError(
             f"`{option}` is given but no head kernel was found "
-            + (f"among head={sorted(head) if not isinstance(head, str) else head!r}"
+            + (f"among head={sorted(_named_layers(model, layers, head, 'head'))}"
                if head is not None else "outside the nested pre-trained model(s)")
             + f": name the head layer(s) with head=[...], or leave `{option}` out.")
     if method != "none" and not any(not h for *_, h in plan):

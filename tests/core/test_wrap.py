@@ -270,9 +270,9 @@ def test_errors_name_the_option_or_layer():
             keras_spft.wrap_pretrained(model, radius=bad)
     with pytest.raises(ValueError, match="head_radius"):
         keras_spft.wrap_pretrained(model, radius=1.0, head_radius=-2.0)
-    with pytest.raises(ValueError, match="head layer 'classifier' does not exist"):
+    with pytest.raises(ValueError, match="head: layer 'classifier' does not exist"):
         keras_spft.wrap_pretrained(model, radius=1.0, head="classifier")
-    with pytest.raises(ValueError, match="excluded layer 'nope' does not exist"):
+    with pytest.raises(ValueError, match="exclude: layer 'nope' does not exist"):
         keras_spft.wrap_pretrained(model, radius=1.0, exclude=["nope"])
     with pytest.raises(ValueError, match="needs `radius=`"):
         keras_spft.wrap_pretrained(model)
@@ -598,3 +598,17 @@ def test_relative_radii_are_reported_per_row_or_per_kernel():
     assert w.value == "0.1 x kernel norm"
     kernel = to_np(w.obj.anchor).astype("float64")
     assert float(to_np(w.obj.radius)) == pytest.approx(0.1 * np.sqrt((kernel ** 2).sum()), rel=1e-6)
+
+
+def test_head_and_exclude_take_layer_objects():
+    model = small_cnn()
+    head = model.get_layer("head")
+    report = keras_spft.wrap_pretrained(model, radius=0.5, head=head, head_radius=1.0,
+                                        exclude=[model.get_layer("base").get_layer("fc")])
+    assert report["head"].anchor is None and "base/fc" not in [w.path for w in report.wrapped]
+    with pytest.raises(ValueError, match=r"head: layer 'stray' \(a Dense object\) is not a layer of the model"):
+        keras_spft.wrap_pretrained(model, radius=0.5, head=[keras.layers.Dense(2, name="stray")])
+    with pytest.raises(ValueError, match=r"`exclude` must list layer names, paths or layers; got 3"):
+        keras_spft.wrap_pretrained(model, radius=0.5, exclude=[3])
+    with pytest.raises(ValueError, match=r"`head` must be a layer name or path, a layer, or a list of them; got 3"):
+        keras_spft.wrap_pretrained(model, radius=0.5, head=3)

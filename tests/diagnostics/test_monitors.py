@@ -119,7 +119,7 @@ def test_a_head_named_by_its_nested_model():
     model = keras.Sequential([keras.Input((6, 6, 3)), base, top])
     roles = {k.name: k.role for k in diagnostics.tracked_kernels(model, head="top")}
     assert roles == {"base/c1": "backbone", "top/fc": "head"}
-    with pytest.raises(ValueError, match=r"head layer 'topp' does not exist"):
+    with pytest.raises(ValueError, match=r"head: layer 'topp' does not exist"):
         diagnostics.tracked_kernels(model, head=["topp"])
     # Every kernel wrapped: the roles come from the objects, no head to guess
     # (the monitor raised "cannot tell the new head").
