@@ -725,11 +725,11 @@ def wrap_pretrained(
     else:
         object.__setattr__(model, "_keras_spft_head", frozenset(head_ids))
     _forget_compiled_steps([model] + [l for _, l in layers if isinstance(l, keras.Model)])
-    _rebind_radius_optimizer(model)
+    _rebind_radius_optimizer(model, removed=method == "none")
     return report
 
 
-def _rebind_radius_optimizer(model):
+def _rebind_radius_optimizer(model, removed=False):
     """A `RadiusOptimizer` already built for this model holds the state of
     the objects just replaced: it takes up the new ones (see its `rebind`)."""
     from keras_spft.learned import RadiusOptimizer
@@ -737,6 +737,14 @@ def _rebind_radius_optimizer(model):
     opt = getattr(model, "optimizer", None)
     while opt is not None and not isinstance(opt, RadiusOptimizer):
         opt = getattr(opt, "inner_optimizer", None)   # LossScaleOptimizer(RadiusOptimizer(...))
+    if opt is not None and removed:
+        # method="none": the model holds no keras-spft object, but its
+        # compiled optimizer is one, which `model.save` records.
+        warnings.warn(
+            f"'{model.name}' is compiled with keras_spft.RadiusOptimizer, which a saved file records: "
+            "loading it compiled still needs keras-spft. For a plain copy, load it with "
+            "`keras.models.load_model(path, compile=False)`, or compile the model with a plain "
+            "optimizer (e.g. `model.optimizer.inner_optimizer`) before saving.", UserWarning, stacklevel=3)
     if opt is not None and opt.built:
         opt.rebind()
 

@@ -3,7 +3,9 @@ against finite differences, one optimizer step against a hand computation,
 the bound with the current radius after every step of a real fit, radii that
 move, save/load, logging, and the errors."""
 
+import json
 import os
+import zipfile
 
 import numpy as np
 import pytest
@@ -328,6 +330,17 @@ def test_fixed_radii_with_radius_optimizer(tmp_path):
             np.testing.assert_array_equal(to_np(a.constraint.anchor), to_np(b.constraint.anchor))
     for a, b in zip(opt._saved_variables(), loaded.optimizer._saved_variables()):
         np.testing.assert_array_equal(to_np(a), to_np(b))
+    # A plain copy for serving: the file still records the RadiusOptimizer
+    # (method="none" says so); compile=False loads it without keras-spft's
+    # classes being needed.
+    with pytest.warns(UserWarning, match=r"compiled with keras_spft.RadiusOptimizer.*compile=False"):
+        keras_spft.wrap_pretrained(model, method="none")
+    model.save(tmp_path / "plain.keras")
+    with zipfile.ZipFile(tmp_path / "plain.keras") as z:
+        config = z.read("config.json").decode()
+    assert "keras_spft" in config and '"class_name": "RadiusOptimizer"' in config
+    model_config = json.loads(config)["config"]
+    assert "keras_spft" not in json.dumps(model_config)   # only the compile config names it
 
 
 def test_a_fixed_radius_changed_after_compiling_is_in_force():
