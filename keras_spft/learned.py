@@ -405,6 +405,8 @@ def _refuse_tf_distribution():
 
     if tf.distribute.has_strategy() and tf.distribute.get_strategy().num_replicas_in_sync > 1:
         raise ValueError(
-            "RadiusOptimizer: learned radii are not supported under a "
-            "tf.distribute strategy with several replicas; train on one device."
+            "RadiusOptimizer (learned or fixed radii) is not supported under a "
+            "tf.distribute strategy with several replicas: for fixed radii, "
+            "compile with its inner optimizer (on TensorFlow the constraints "
+            "need nothing else); learned radii train on one device."
         )

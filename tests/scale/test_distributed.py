@@ -107,7 +107,7 @@ with strategy.scope():
 try:
     model.fit(x, y, batch_size=8, epochs=1, verbose=0)
 except ValueError as e:
-    assert "not supported under a tf.distribute strategy" in str(e), e
+    assert "(learned or fixed radii) is not supported under a tf.distribute strategy" in str(e), e
     print("OK refused")
 """
 
