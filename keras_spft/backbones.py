@@ -223,6 +223,11 @@ def build_model(
                 f"weights file '{weights}' does not fit {backbone.name} with {what} at "
                 f"{size[0]}x{size[1]} without its top ({_first_line(e)}); check --weights/weights=, and "
                 f"--alpha/alpha= for a width multiplier.") from None
+        if weights not in (None, "imagenet") and isinstance(e, OSError):
+            # Not an HDF5 file at all (h5py: "file signature not found"), or unreadable.
+            raise ValueError(
+                f"weights file '{weights}' cannot be read as Keras weights ({_first_line(e)}); check "
+                "--weights/weights= (an .h5 or .weights.h5 file saved by Keras).") from None
         if weights != "imagenet" or "URL fetch failure" not in str(e):
             raise
         # keras.utils.get_file raises a bare Exception when offline.

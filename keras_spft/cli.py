@@ -41,7 +41,7 @@ RANGE_OPTIONS = ("radius-range", "head-radius-range", "strength-range", "head-st
 #: Batches of the training data used to compute DELTA's attention.
 ATTENTION_BATCHES = 4
 # Settings that must match for a finished run on disk to be reused.
-SETTING_KEYS = ("data", "data_files", "model", "weights", "alpha", "image_size", "head", "epochs",
+SETTING_KEYS = ("data", "data_files", "model", "weights", "weights_file", "alpha", "image_size", "head", "epochs",
                 "batch_size", "augment", "batchnorm", "radius_lr", "stage")
 #: What a setting that older versions did not record was: runs they finished
 #: are reused (batchnorm options and --radius-lr came later; the radius step
@@ -114,7 +114,10 @@ def _count(low):
 
 
 def _positive(text):
-    v = float(text)
+    try:
+        v = float(text)
+    except ValueError:
+        v = float("nan")
     if not (v > 0 and math.isfinite(v)):
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}.")
     return v
@@ -266,6 +269,8 @@ class Session:
             self.weights = check_weights(args.weights)
         except ValueError as e:
             raise UsageError(f"--weights: {e}") from None
+        _check_out(args.out)
+        self.weights_file = _file_digest(self.weights) if self.weights not in (None, "imagenet") else None
         self._splits = {}
         self._probes = {}
         self._attention = None
@@ -332,7 +337,8 @@ class Session:
     def attention_cache(self):
         """The `.npz` file under `--out` holding DELTA's attention of this backbone."""
         a = self.args
-        key = json.dumps([_data_key(a.data), self.data_files, self.backbone.name, self.weights, a.alpha, a.image_size, a.head,
+        key = json.dumps([_data_key(a.data), self.data_files, self.backbone.name, self.weights, self.weights_file,
+                          a.alpha, a.image_size, a.head,
                           ATTENTION_BATCHES, a.batch_size, a.augment])
         digest = hashlib.sha1(key.encode()).hexdigest()[:10]
         return os.path.join(a.out, "delta", f"attention_{self.backbone.name}_{digest}.npz")
@@ -365,7 +371,8 @@ class Session:
         """What a run (or search) of `method` depends on, as recorded with it."""
         a = self.args
         return self.comparable({
-            "data": _data_key(a.data), "data_files": self.data_files, "model": self.backbone.name, "weights": self.weights, "alpha": a.alpha,
+            "data": _data_key(a.data), "data_files": self.data_files, "model": self.backbone.name, "weights": self.weights,
+            "weights_file": self.weights_file, "alpha": a.alpha,
             "image_size": a.image_size, "head": a.head, "epochs": epochs or a.epochs,
             "batch_size": a.batch_size, "augment": a.augment, "batchnorm": a.batchnorm,
             "radius_lr": self.radius_lr, "stage": stage,
@@ -383,6 +390,10 @@ class Session:
         for k, v in UNRECORDED_SETTINGS.items():
             if out.get(k) is None:
                 out[k] = v
+        if "weights_file" not in out:
+            # Older versions recorded the weights file by its path only: taken
+            # as the file there now.
+            out["weights_file"] = self.weights_file if out.get("weights") == self.weights else None
         if "data_files" not in out:
             # Recorded by older versions as a path relative to where they ran
             # (taken as relative to here), without the folder's contents.
@@ -394,6 +405,8 @@ class Session:
             out["batchnorm"] = "none"
         if method not in recipe.LEARNED_METHODS:
             out["radius_lr"] = recipe.DEFAULT_RADIUS_LR
+        if out.get("tuner") == "hyperband":
+            out.pop("trials", None)   # Hyperband sets its own budget: --trials does not apply
         return out
 
     @property
@@ -457,6 +470,39 @@ def _atomic_json(path, obj):
     _atomic_write(path, lambda f: json.dump(obj, f, indent=2))
 
 
+def _file_digest(path):
+    """A weights file as recorded in the settings: its size and a digest of
+    its bytes (a file replaced at the same path differs)."""
+    digest = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return f"{os.path.getsize(path)} bytes, {digest.hexdigest()[:12]}"
+
+
+def _check_out(out):
+    """--out must be a folder this process can write: found before training,
+    not when the first result is saved."""
+    try:
+        os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, f".keras_spft_write_test.{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise UsageError(f"--out '{out}' is not a folder keras-spft can write to ({e.strerror or e}).") from None
+
+
+def _read_json(path, what):
+    """A keras-spft record under --out; a damaged one (a disk that filled up,
+    an edit) is a UsageError naming the file, not a bare JSON error."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UsageError(f"'{path}' is not a readable keras-spft {what} ({e}); remove it to redo it.") from None
+
+
 def batchnorm_methods(mode):
     """The methods `--batchnorm mode` applies to."""
     from keras_spft import recipe
@@ -472,8 +518,7 @@ def _finished(session, path, method, settings, values=None):
     """The stored result if `path` is a finished run with the same settings and values."""
     if not os.path.isfile(path):
         return None
-    with open(path) as f:
-        done = json.load(f)
+    done = _read_json(path, "run record")
     old = session.comparable(done.get("settings", {}), method)
     diff = [k for k in SETTING_KEYS if old.get(k) != settings.get(k)]
     shown = ", ".join(f"{k}: {old.get(k)!r} on disk vs {settings.get(k)!r} now" for k in diff)
@@ -707,10 +752,9 @@ def tune_method(session, method):
     settings = session.settings("tune", method, epochs)
     settings_search = {**settings, "trials": args.trials, "tuner": args.tuner, "objective": args.objective,
                        "ranges": {k: list(v) if isinstance(v, tuple) else v for k, v in ranges.items()}}
-    as_stored = json.loads(json.dumps(settings_search))   # tuples as lists, as read back from JSON
+    as_stored = session.comparable(json.loads(json.dumps(settings_search)), method)   # tuples as lists, as read back
     if os.path.isfile(best_path):
-        with open(best_path) as f:
-            done = json.load(f)
+        done = _read_json(best_path, "search record")
         stored = session.comparable(done.get("search_settings") or {}, method)
         if stored == as_stored:
             _log(f"[{method}] search done already: {_fmt_values(done['best'])} "
@@ -728,9 +772,14 @@ def tune_method(session, method):
     # An unfinished search resumes from KerasTuner's state in `folder` (its
     # finished trials are kept): only with the settings it was started with.
     started_path = os.path.join(folder, "search_settings.json")
+    if os.path.isfile(started_path) and set(os.listdir(folder)) <= {"search_settings.json"}:
+        # A command that failed before KerasTuner wrote anything (a bad
+        # weights file or image size fails when it first builds the model):
+        # nothing to resume, so its record blocks nothing.
+        _log(f"[{method}] '{folder}' holds a search that never started: started afresh")
+        os.remove(started_path)
     if os.path.isfile(started_path):
-        with open(started_path) as f:
-            started = session.comparable(json.load(f), method)
+        started = session.comparable(_read_json(started_path, "search record"), method)
         if started != as_stored:
             raise UsageError(
                 f"'{folder}' holds an unfinished search started with other "
@@ -743,6 +792,12 @@ def tune_method(session, method):
     # search starts leaves no record that would block the corrected one.
     # Every method's search starts from the same data order (seed 0), not
     # from where the methods searched before it in this process left it.
+    if args.tuner == "bayesian":
+        try:
+            import sklearn  # noqa: F401  (KerasTuner's BayesianOptimization needs it)
+        except ImportError:
+            raise UsageError("--tuner bayesian (the default) needs scikit-learn: pip install "
+                             "'keras-tuner[bayesian]', or pass --tuner random.") from None
     splits = run_splits(session, "tune", 0)
     session.check_batches(splits)
     wrap_options = session.wrap_options(method)

@@ -580,7 +580,12 @@ def search(
             # KerasTuner's grid over an unstepped range takes 10 values each,
             # so 20 trials of a 10 x 10 grid would hardly move the first
             # hyper-parameter: as many values per range as the trials allow.
-            hypermodel.grid_points = max(2, int(math.floor(max_trials ** (1.0 / searched) + 1e-9)))
+            if max_trials < 2 ** searched:
+                raise ValueError(
+                    f"tuner='grid' over {searched} searched range(s) needs at least {2 ** searched} trials "
+                    f"(both ends of each range), got max_trials={max_trials}: it would leave grid points "
+                    "untried. Raise max_trials, fix some values, or use tuner='random'.")
+            hypermodel.grid_points = int(math.floor(max_trials ** (1.0 / searched) + 1e-9))
         _require_val(val)
         if directory is None:
             import tempfile

@@ -264,7 +264,8 @@ def test_unfinished_search_resumes_only_with_its_settings(tiny, monkeypatch):
     data, out, _ = tiny
     import keras_spft.tuning as tuning
 
-    def interrupted(*a, **k):
+    def interrupted(*a, **k):   # killed in its first trial: KerasTuner has written its state
+        os.makedirs(os.path.join(k["directory"], k["project_name"], "trial_0"), exist_ok=True)
         raise KeyboardInterrupt
     monkeypatch.setattr(tuning, "search", interrupted)
     tune = ["tune"] + _args(data, out, "--method", "mars-pgm", "--trials", "2")
@@ -498,3 +499,67 @@ def test_a_finished_penalty_search_scored_on_val_loss_by_an_earlier_version_is_n
     capsys.readouterr()
     cli.run(argv)
     assert "note: that search scored Keras' val_loss, which adds the l2-sp penalty" in capsys.readouterr().out
+
+
+def test_user_mistakes_found_before_training_and_named(tiny, monkeypatch, tmp_path, capsys):
+    """An --out that is a file (found after training: the run lost), a record
+    under --out that is damaged, a non-number for a number option."""
+    data, out, _ = tiny
+    (tmp_path / "file").write_text("x")
+    with monkeypatch.context() as m:
+        m.setattr(cli, "train_one", lambda *a, **k: pytest.fail("trained before checking --out"))
+        with pytest.raises(SystemExit, match=r"--out '\S+/file' is not a folder keras-spft can write to"):
+            cli.run(["finetune"] + _args(data, tmp_path / "file"))
+    run = ["--method", "l2-pgm", "--radius", "2"]
+    cli.run(["finetune"] + _args(data, out, *run))
+    record = out / "runs" / "l2-pgm" / "seed0.json"
+    record.write_text('{"method": "l2')
+    with pytest.raises(SystemExit, match=r"'\S+/seed0.json' is not a readable keras-spft run record .*remove it"):
+        cli.run(["finetune"] + _args(data, out, *run))
+    with pytest.raises(SystemExit):
+        cli.run(["finetune"] + _args(data, out, "--radius", "abc"))
+    assert "argument --radius: expected a positive number, got 'abc'" in capsys.readouterr().err
+
+
+def test_a_weights_file_replaced_at_the_same_path_is_another_setting(tiny, tmp_path):
+    data, out, _ = tiny
+    weights = tmp_path / "w.weights.h5"
+    weights.write_bytes(b"first")   # build_model is patched: the bytes are only recorded
+    run = ["--method", "l2-pgm", "--radius", "2"]
+    cli.run(["finetune"] + _args(data, out, *run)[2:] + ["--data", data, "--weights", str(weights)])
+    settings = json.load(open(out / "runs" / "l2-pgm" / "seed0.json"))["settings"]
+    assert settings["weights"] == str(weights) and settings["weights_file"].startswith("5 bytes, ")
+    cli.run(["finetune"] + _args(data, out, *run)[2:] + ["--data", data, "--weights", str(weights)])   # reused
+    weights.write_bytes(b"other")
+    with pytest.raises(SystemExit, match=r"weights_file: '5 bytes, \w+' on disk vs '5 bytes, \w+' now"):
+        cli.run(["finetune"] + _args(data, out, *run)[2:] + ["--data", data, "--weights", str(weights)])
+
+
+def test_a_search_that_failed_before_its_first_trial_blocks_nothing(tiny, monkeypatch, capsys):
+    """A bad weights file or image size fails when KerasTuner first builds the
+    model, after the search's record was written: the corrected command was
+    refused as 'an unfinished search started with other settings'."""
+    import keras_spft.backbones as backbones
+
+    data, out, _ = tiny
+    real = backbones.build_model
+
+    def failing(*a, **k):
+        raise ValueError("weights file 'w.h5' does not fit this model")
+    monkeypatch.setattr(backbones, "build_model", failing)
+    tune = ["tune", "--method", "l2-pgm", "--trials", "1", "--tuner", "random"]
+    with pytest.raises(SystemExit):
+        cli.run(tune + _args(data, out))
+    assert "keras-spft: error: weights file 'w.h5' does not fit this model" in capsys.readouterr().err
+    assert os.listdir(out / "search" / "l2-pgm") == ["search_settings.json"]
+    monkeypatch.setattr(backbones, "build_model", real)
+    summary = cli.run(tune + _args(data, out, "--image-size", "20"))   # another setting: not refused
+    assert summary["rows"][0]["method"] == "l2-pgm"
+
+
+def test_hyperband_searches_are_reused_whatever_trials_says(tiny):
+    data, out, _ = tiny
+    tune = ["tune", "--method", "l2-pgm", "--tuner", "hyperband", "--tune-epochs", "1"]
+    cli.run(tune + _args(data, out))
+    summary = cli.run(tune + _args(data, out, "--trials", "5"))   # --trials does not apply to Hyperband
+    assert summary["rows"][0]["method"] == "l2-pgm"

@@ -106,6 +106,10 @@ def test_grid_search_spreads_the_trials_over_every_range(tmp_path):
     assert isinstance(res.tuner, keras_tuner.GridSearch) and len(res.trials) == 4
     pairs = {(round(t["radius"], 6), round(t["head_radius"], 6)) for t in res.trials}
     assert pairs == {(2.0, 5.0), (2.0, 9.0), (4.0, 5.0), (4.0, 9.0)}
+    # 3 trials of that 2 x 2 grid would leave a corner untried: refused.
+    with pytest.raises(ValueError, match=r"tuner='grid' over 2 searched range\(s\) needs at least 4 trials.*"
+                                         r"got max_trials=3"):
+        _run(tiny_model, x, y, tmp_path / "three", tuner="grid", max_trials=3)
 
 
 def test_hypermodel_options_and_errors():
