@@ -142,6 +142,20 @@ def method_values(method, values=None):
     return out
 
 
+#: The hyper-parameters of the new head.
+HEAD_VALUES = ("head_radius", "head_strength")
+
+
+def no_head(head):
+    """Whether a `head=` option says the model has no new head (`[]`)."""
+    if head is None or isinstance(head, (str, dict)):
+        return False
+    try:
+        return len(list(head)) == 0
+    except TypeError:   # one layer object
+        return False
+
+
 def wrap(model, method, values=None, **options):
     """`wrap_pretrained` (or DELTA) with a method's hyper-parameters from a dict.
 
@@ -150,7 +164,9 @@ def wrap(model, method, values=None, **options):
         method: a `wrap_pretrained` method name or `"delta"`.
         values: `{"radius": .., "head_radius": ..}`, strengths, or DELTA's
             `{"alpha": .., "beta": ..}`; missing ones take `DEFAULTS`.
-        **options: further `wrap_pretrained` keyword arguments; for `"delta"`
+        **options: further `wrap_pretrained` keyword arguments (with
+            `head=[]`, no new head, the head value is left out and giving
+            one is an error); for `"delta"`
             `keras_spft.DeltaModel` ones (`attention=` a list of channel
             weights, e.g. from `compute_attention`; `feature_layers=`,
             `variant=`, `head=`).
@@ -167,6 +183,13 @@ def wrap(model, method, values=None, **options):
     ```
     """
     kwargs = {k: v for k, v in method_values(method, values).items() if k != "lr"}
+    if method not in DELTA_METHODS and no_head(options.get("head")):
+        # head=[]: every kernel pre-trained, so no head value to give (a
+        # default head_radius would be refused as bounding nothing).
+        given = [k for k in HEAD_VALUES if (values or {}).get(k) is not None]
+        if given:
+            raise ValueError(f"{given[0]} is given but head=[] says the model has no new head.")
+        kwargs = {k: v for k, v in kwargs.items() if k not in HEAD_VALUES}
     if method in LEARNED_METHODS:
         base = method[: -len("-learned")]
         return wrap_pretrained(model, method=base, radius="learned", **kwargs, **options)

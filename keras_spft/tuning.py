@@ -128,6 +128,10 @@ class SPFTHyperModel(keras_tuner.HyperModel):
         self._distribution = keras.distribution.distribution()
         allowed = set(recipe.hyperparameter_names(method)) | {"lr"}
         self.ranges = dict(recipe.default_ranges(method))
+        if method not in recipe.DELTA_METHODS and recipe.no_head(self.wrap_options.get("head")):
+            # wrap_options={"head": []}: no new head, so no head value to search.
+            allowed -= set(recipe.HEAD_VALUES)
+            self.ranges = {k: v for k, v in self.ranges.items() if k not in recipe.HEAD_VALUES}
         for key, value in (ranges or {}).items():
             if key not in allowed:
                 raise ValueError(

@@ -144,6 +144,25 @@ def test_recipe_defaults_and_schedule():
     assert [sched.schedule(e, None) for e in (0, 19, 20, 29)] == [1e-4, 1e-4, 5e-5, 5e-5]
 
 
+@pytest.mark.parametrize("method", ["mars-pgm", "l2-sp", "mars-pgm-learned"])
+def test_head_none_wraps_and_searches_without_head_values(method):
+    """head=[] (every kernel pre-trained): recipe.wrap gave wrap_pretrained a
+    default head_radius, which it refuses as bounding nothing, so neither
+    recipe.wrap nor a search with wrap_options={"head": []} could express it."""
+    report = recipe.wrap(tiny_model(), method, {}, head=[])
+    assert report.wrapped and all(w.role == "backbone" for w in report.wrapped)
+    head_key = "head_strength" if method.endswith("-sp") else "head_radius"
+    with pytest.raises(ValueError, match=f"{head_key} is given but head=\\[\\] says the model has no new head"):
+        recipe.wrap(tiny_model(), method, {head_key: 2.0}, head=[])
+    hm = SPFTHyperModel(tiny_model, method, wrap_options={"head": []})
+    assert not set(hm.ranges) & {"head_radius", "head_strength"}
+    hp = keras_tuner.HyperParameters()
+    hm.build(hp)
+    assert not set(hp.values) & {"head_radius", "head_strength"}
+    with pytest.raises(ValueError, match=f"`ranges` key '{head_key}' does not apply"):
+        SPFTHyperModel(tiny_model, method, ranges={head_key: (1.0, 2.0)}, wrap_options={"head": []})
+
+
 def test_hyperband_bookkeeping_is_not_reported_as_values(tmp_path):
     x, y = _data()
     res = _run(tiny_model, x, y, tmp_path, tuner="hyperband", max_epochs=2, factor=3)
