@@ -358,6 +358,7 @@ class _SharedAnchor:
     copying (and whether its value was ever set or loaded)."""
 
     def __init__(self, owner):
+        self.owner = owner
         self.variable = owner.anchor
         self.ready = owner._anchor_ready
 

@@ -355,7 +355,7 @@ class MARSDistance(_DistanceConstraint):
         return ops.max(self.row_distances(w))
 
     def get_config(self):
-        return {
+        config = {
             "anchor": self.anchor_spec,
             "radius": self._scale_config,
             "axis": self._axis_arg,
@@ -364,6 +364,17 @@ class MARSDistance(_DistanceConstraint):
             "learn_radius": self.learn_radius,
             "name": self.name,
         }
+        if getattr(self, "batchnorm_reference", None) is not None:
+            config["batchnorm_reference"] = self.batchnorm_reference
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        reference = config.pop("batchnorm_reference", None)
+        obj = cls(**config)
+        obj.batchnorm_reference = reference
+        return obj
 
 
 @keras.saving.register_keras_serializable(package="keras_spft")

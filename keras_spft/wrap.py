@@ -802,10 +802,18 @@ def _make(method, projection, anchor, value, spec, layer, path, relative, refere
             )
         value = MIN_LEARNED_RADIUS
     if reference:
-        eps = layer.epsilon
-        var0 = keras.ops.convert_to_numpy(layer.moving_variance)
-        per_element = value * np.sqrt(var0.astype("float64") + eps)
-        return MARSDistance(anchor, per_element.astype("float32"), axis=(), projection="exact", name=name)
+        kept = anchor.owner if isinstance(anchor, _SharedAnchor) else None
+        if getattr(kept, "batchnorm_reference", None) is not None:
+            # Wrapped so before (anchor kept): its radii came from the
+            # pre-trained moving variance, which fine-tuning has moved since.
+            scale = keras.ops.convert_to_numpy(kept.radius).astype("float64") / kept.batchnorm_reference
+        else:
+            var0 = keras.ops.convert_to_numpy(layer.moving_variance)
+            scale = np.sqrt(var0.astype("float64") + layer.epsilon)
+        obj = MARSDistance(anchor, (value * scale).astype("float32"), axis=(), projection="exact", name=name)
+        # The radius per unit of sqrt(var0 + eps), kept for a later call.
+        obj.batchnorm_reference = float(value)
+        return obj
     if method in ("mars-pgm", "l2-pgm"):
         obj = (MARSDistance(anchor, value, axis=spec.axis, projection=projection, relative=relative,
                             learn_radius=learn, name=name) if method == "mars-pgm" else

@@ -60,6 +60,24 @@ def test_batchnorm_reference_bounds_the_effective_scale():
     np.testing.assert_allclose(eff, 0.1, rtol=1e-5)
 
 
+def test_wrapping_again_keeps_the_pre_trained_variance_of_batchnorm_reference(tmp_path):
+    """Fine-tuning moves the moving variance: wrapping again (say, for
+    another radius) must scale by the pre-trained one, also after a save."""
+    model = small_cnn()
+    bn = model.layers[0].get_layer("bn1")
+    var0 = np.array([0.25, 1, 4, 9, 16, 0.01], "float32")
+    bn.moving_variance.assign(var0)
+    keras_spft.wrap_pretrained(model, radius=0.1, head_radius=1.0, batchnorm="reference")
+    bn.moving_variance.assign(var0 * 3.0)   # as fine-tuning would move it
+    want = 0.2 * np.sqrt(var0.astype("float64") + bn.epsilon)
+    report = keras_spft.wrap_pretrained(model, radius=0.2, head_radius=1.0, batchnorm="reference")
+    np.testing.assert_allclose(to_np(report["bn1"].radius), want, rtol=1e-6)
+    model.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras")
+    report = keras_spft.wrap_pretrained(loaded, radius=0.2, head_radius=1.0, batchnorm="reference")
+    np.testing.assert_allclose(to_np(report["bn1"].radius), want, rtol=1e-6)
+
+
 def test_default_head_is_what_follows_the_nested_base():
     model = small_cnn()
     report = keras_spft.wrap_pretrained(model, radius=1.0, head_radius=2.0)
