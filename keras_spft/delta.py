@@ -271,12 +271,16 @@ def _head_names(model, head):
 
 
 def _default_head(model):
-    top = model.layers if isinstance(model, keras.Model) else []
-    nested = [l for l in top if isinstance(l, keras.Model)]
-    with_kernel = [l for l in top if not isinstance(l, keras.Model) and hasattr(l, "kernel")]
-    if nested:
-        return [l.name for l in with_kernel]
-    return [l.name for l in with_kernel[-1:]]
+    """The top-level layers holding the head `wrap_pretrained` would find
+    (the same rules, and the same error where it cannot tell)."""
+    from keras_spft.wrap import _default_head as head_paths
+
+    names = []
+    for path in head_paths(model, list(walk_layers(model))):
+        top = path.split("/")[0]
+        if top not in names:
+            names.append(top)
+    return names
 
 
 def _head_kernels(model, head):
@@ -329,8 +333,10 @@ class DeltaModel(keras.Model):
             kernels (Li et al.: 0.01; `0` disables it).
         variant: `"li2019"` (attention softmax(zscore / 5), several maps) or
             `"last-layer"` (sigmoid attention, mean squared difference).
-        head: names of the head layers (top-level); default: the top-level
-            kernel layers outside a nested backbone, else the last one.
+        head: names of the head layers (top-level); default: those holding
+            the head `wrap_pretrained` finds (the kernel layers outside a
+            nested backbone, else the last one; where it cannot tell, as for
+            a head model on a flat base, an error asks for `head=`).
         attention: optional list of per-channel weight arrays, one per feature
             layer (e.g. from `compute_attention` or a cache). Until set, the
             weights are uniform: `1 / C` (li2019) or `1` (last-layer).

@@ -373,7 +373,26 @@ def test_a_nested_head_gets_the_beta_penalty_and_a_head_without_kernels_warns():
     expected = 0.1 * sum((to_np(top.get_layer(n).kernel) ** 2).sum() for n in ("fc", "out"))
     assert sum(float(to_np(l)) for l in dm.losses) == pytest.approx(expected, rel=1e-5)
     with pytest.warns(UserWarning, match=r"beta=0.2 has no head kernel to act on \(head: \[\]\)"):
-        D.DeltaModel(model, feature_layers=["r1"], alpha=0.0, beta=0.2)   # DELTA's default head: none here
+        D.DeltaModel(model, feature_layers=["r1"], alpha=0.0, beta=0.2, head=[])
+    # The default head follows wrap_pretrained's rules: a nested head model
+    # cannot be told from a second base, so it must be named.
+    with pytest.raises(ValueError, match=r"cannot tell the new head.*head=\['top'\]"):
+        D.DeltaModel(model, feature_layers=["r1"], alpha=0.0, beta=0.2)
+
+
+def test_the_default_head_is_wrap_pretraineds():
+    """A flat base feeding a nested head: DELTA took every base layer with a
+    kernel as its head (beta decays pre-trained kernels towards zero)."""
+    inp = keras.Input((6, 6, 3))
+    x = L.GlobalAveragePooling2D()(L.ReLU(name="r1")(L.Conv2D(4, 3, name="c1")(inp)))
+    flat = keras.Model(inp, keras.Sequential([L.Dense(3, name="out")], name="top")(x))
+    with pytest.raises(ValueError, match=r"nested model 'top' takes the output of layers with kernels \('c1'\)"):
+        D.DeltaModel(flat, feature_layers=["r1"])
+    assert D.DeltaModel(flat, feature_layers=["r1"], head=["top"]).head == ["top"]
+    inp = keras.Input((6, 6, 3))
+    base = keras.Model(inp, L.GlobalAveragePooling2D()(L.ReLU(name="r1")(L.Conv2D(4, 3, name="c1")(inp))), name="base")
+    nested = keras.Sequential([keras.Input((6, 6, 3)), base, L.Dense(5, name="fc"), L.Dense(3, name="out")])
+    assert D.DeltaModel(nested, feature_layers=["r1"]).head == ["fc", "out"]
 
 
 @pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="a tf.function trace (TensorFlow backend)")
