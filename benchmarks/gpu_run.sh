@@ -1,11 +1,20 @@
 #!/bin/bash
 # The GPU figures of docs/benchmarks.md, as one script for a lent GPU machine
 # with JAX (no TensorFlow, no package registry): the keras wheel and its two
-# missing dependencies travel in .whl/. Writes everything under $OUT.
+# missing dependencies travel in .whl/ (ignored by git: the device call must
+# name it, carry: [".whl"]). Fill it here first (optree's wheel is for the
+# machine's Python, 3.12):
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+#     --platform manylinux2014_x86_64 -d .whl keras==3.15.1 namex==0.1.0 optree==0.20.0
+# Writes everything under $OUT.
 OUT=${OUT:-/tmp/spft_gpu}
 mkdir -p "$OUT"
 PY=${PY:-python3}
 $PY -m pip install --no-index --no-deps -q .whl/*.whl 2>&1 | grep -v "^WARNING: Running pip"
+if ! $PY -c "import keras" 2>/dev/null; then
+  echo "keras did not install from .whl/ (carried? filled for this Python?): stopping"; exit 3
+fi
 export KERAS_BACKEND=jax PYTHONPATH=$PWD
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 $PY -c "import jax, keras; print('jax', jax.__version__, 'keras', keras.__version__, jax.devices())" | tee -a "$OUT/gpu.txt"
@@ -16,12 +25,18 @@ run() {  # name, timeout, command...
   echo "== $name: exit $? in $(( $(date +%s) - t0 )) s"
   grep "^|" "$OUT/$name.txt"
 }
-# Method lists and limits can be narrowed to fit the device time left.
-# An empty list skips that model (EFF= ...). On the H200 each model's warm-up
-# (compiling train_on_batch and the fit loop) took 35-70 s.
+# Method lists and limits can be narrowed to fit the device time left (one
+# command may run 600 s: projection 90 + two models at LIMIT must stay below).
+# An empty list skips that model (EFF= ...). On the H200 each method's warm-up
+# took 35-70 s when it compiled both train_on_batch's step and fit's; the fit
+# loop now compiles fit's only. Each method's kernel counts are printed (and
+# written to the JSON) as soon as it is compiled, so a run cut short keeps them.
+# "none#2" is a second compilation of the plain model in the same process:
+# XLA keeps its GPU autotuning results process-wide, so it shows the noise of
+# recompiling, not of autotuning (compare runs of separate processes for that).
 R101=${R101-none,none#2,floor,mars-pgm,l2-pgm}
 EFF=${EFF-none,floor,mars-pgm,mars-pgm-learned}
-LIMIT=${LIMIT:-300}
+LIMIT=${LIMIT:-240}
 LOOP=${LOOP:-fit}   # fit: steps_per_execution, no per-step host round trip; or train_on_batch
 # --passes 20: the pass time without the call's fixed costs (earlier GPU runs
 # timed one pass per call: 3.5 ms on the H200, 144 GB/s, over 20 times below

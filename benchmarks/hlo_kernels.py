@@ -5,7 +5,7 @@ fraction of a millisecond? Each separately launched kernel costs a few
 microseconds whatever it moves, so a step's kernel count is the first thing to
 compare between plain fine-tuning and a constrained step. This reads the text
 dumps XLA writes with `XLA_FLAGS="--xla_dump_to=DIR --xla_dump_hlo_as_text"`
-(`benchmarks/overhead.py --hlo-dump DIR` sets that up and counts each method's
+(`benchmarks/overhead.py --count-kernels` sets that up and counts each method's
 step) and counts, in the entry computation and the loops and calls it runs
 (not inside fusions, which are one kernel each), every instruction that is
 work: fusions, custom calls (cuDNN convolutions, cuBLAS GEMMs), copies and
