@@ -75,7 +75,6 @@ def test_build_model_heads_and_default_wrap_head():
         build_model("mobilenet", 5, weights=None, image_size=32, head="gap")
 
 
-@pytest.mark.skipif(not os.path.isfile(WEIGHTS), reason=f"shared weights {WEIGHTS} absent (../shared)")
 @pytest.mark.parametrize("name", ["junk.h5", "junk.weights.h5"])
 def test_a_file_that_is_not_keras_weights_is_named(tmp_path, name):
     path = tmp_path / name
@@ -84,6 +83,7 @@ def test_a_file_that_is_not_keras_weights_is_named(tmp_path, name):
         build_model("mobilenet", 3, weights=str(path), image_size=32, alpha=0.25)
 
 
+@pytest.mark.skipif(not os.path.isfile(WEIGHTS), reason=f"shared weights {WEIGHTS} absent (../shared)")
 def test_local_weights_file_is_loaded():
     a = build_model("mobilenet", 17, weights=WEIGHTS, image_size=96, alpha=0.25)
     b = build_model("mobilenet", 17, weights=None, image_size=96, alpha=0.25)
