@@ -233,6 +233,10 @@ class Anchored(KerasSaveable):
         keys = set(store.keys())
         unloaded = np.asarray(store[_UNLOADED]).tolist() if _UNLOADED in keys else None
         keys.discard(_UNLOADED)
+        # Keys later versions added, which files saved before lack.
+        missing_optional = {k for k in own if k in self._OPTIONAL_SAVED and k not in keys}
+        for k in missing_optional:
+            own.pop(k)
         if not keys:
             if self._anchor is None:
                 # A head bound around zero, free in the model that was saved:
@@ -264,9 +268,16 @@ class Anchored(KerasSaveable):
                   "wrap it the way the saved one was wrapped (method, head, relative radii), load, then "
                   "call `wrap_pretrained` again with the settings you want: the loaded anchors are kept.")
         if keys != set(own):
+            how = resume
+            if "anchor" in own and "anchor" not in keys and str(self.name or "").endswith("/gamma"):
+                how = ("; the file bounded this BatchNorm gamma around zero, as keras-spft before 2026-11-28 "
+                       "did for a gamma inside a head named with head=[...]. This object refuses to project "
+                       "or penalise until wrapped again. To resume that file: wrap with that layer left out "
+                       "(exclude=[...]), load, then call `wrap_pretrained` again: the loaded anchors are kept "
+                       "and the gamma is anchored at its loaded value.")
             raise ValueError(self._refuse(
                 f"{self._owner()}: the saved state holds {sorted(keys)} but this object needs "
-                f"{sorted(own)}" + resume))
+                f"{sorted(own)}" + how))
         values = {}
         for key, var in own.items():
             value = np.asarray(store[key])
@@ -309,6 +320,8 @@ class Anchored(KerasSaveable):
         self._anchor_ready = True
         self._not_ready_because = None
         self._scale_from_config = False
+        if missing_optional:
+            self._saved_without(missing_optional)
         if unloaded is not None and any(unloaded):
             # Saved while holding placeholders: still not loaded.
             self._scale_from_config = bool(unloaded[1])
@@ -324,6 +337,12 @@ class Anchored(KerasSaveable):
 
     def _on_anchor_loaded(self):
         """Called after `load_own_variables` set the anchor and scale."""
+
+    #: Saved keys a file may lack (added by a later version).
+    _OPTIONAL_SAVED = ("batchnorm_reference",)
+
+    def _saved_without(self, keys):
+        """Called after a load from a file without these optional keys."""
 
     def __reduce__(self):
         # KerasSaveable pickles whole models; an anchored object pickles as
@@ -366,6 +385,8 @@ class _SharedAnchor:
 def _restore(cls, config, values, not_ready_because=None):
     obj = cls.from_config(config)
     obj.load_own_variables(values)
-    if not_ready_because is not None:
+    if _UNLOADED in values:
+        # Not a file: the original's reason (None: the default "rebuilt from
+        # a config" one, as for a clone).
         obj._not_ready_because = not_ready_because
     return obj

@@ -298,9 +298,16 @@ class MARSDistance(_DistanceConstraint):
                 )
             # A fraction of each row's norm: one for all rows, or one per row.
             check_positive(radius, "radius", self._owner())
+            fraction = np.asarray(ops.convert_to_numpy(radius) if hasattr(radius, "shape") else radius, "float64")
+            if fraction.ndim:
+                try:
+                    np.broadcast_to(fraction, row_shape)
+                except ValueError:
+                    raise ValueError(
+                        f"{self._owner()}: `radius` of shape {fraction.shape} (fractions of the row norms, "
+                        f"relative=True) does not broadcast to the per-row shape {tuple(row_shape)}.") from None
             with np.errstate(over="ignore"):
-                radius = norms.astype("float64") * np.asarray(
-                    ops.convert_to_numpy(radius) if hasattr(radius, "shape") else radius, "float64")
+                radius = norms.astype("float64") * fraction
         self._init_scale(radius, "radius", row_shape)
         self._check_learned_scalar()
         self._set_min_radius()
@@ -364,7 +371,7 @@ class MARSDistance(_DistanceConstraint):
             "learn_radius": self.learn_radius,
             "name": self.name,
         }
-        if getattr(self, "batchnorm_reference", None) is not None:
+        if self.batchnorm_reference is not None:
             config["batchnorm_reference"] = self.batchnorm_reference
         return config
 
@@ -373,8 +380,39 @@ class MARSDistance(_DistanceConstraint):
         config = dict(config)
         reference = config.pop("batchnorm_reference", None)
         obj = cls(**config)
-        obj.batchnorm_reference = reference
+        obj.batchnorm_reference = reference   # the file's value replaces it when loaded
         return obj
+
+    # -- batchnorm="reference" ---------------------------------------------
+    @property
+    def batchnorm_reference(self):
+        """For `wrap_pretrained(batchnorm="reference")`: the radius per unit
+        of the pre-trained `sqrt(moving_variance + epsilon)`, saved with the
+        radii (a later call scales by the pre-trained variance, not by the
+        fine-tuned one); `None` otherwise."""
+        v = getattr(self, "_bn_reference", None)
+        return None if v is None else float(ops.convert_to_numpy(v))
+
+    @batchnorm_reference.setter
+    def batchnorm_reference(self, value):
+        if value is None:
+            self._bn_reference = None
+        elif getattr(self, "_bn_reference", None) is not None:
+            self._bn_reference.assign(np.float32(value))
+        else:
+            self._bn_reference = keras.Variable(np.float32(value), dtype="float32", trainable=False,
+                                                autocast=False, name="batchnorm_reference")
+
+    def _own_variables(self):
+        out = super()._own_variables()
+        if getattr(self, "_bn_reference", None) is not None:
+            out["batchnorm_reference"] = self._bn_reference
+        return out
+
+    def _saved_without(self, keys):
+        # Saved by keras-spft before 2026-11-28: the scale is unknown.
+        if "batchnorm_reference" in keys:
+            self._bn_reference = None
 
 
 @keras.saving.register_keras_serializable(package="keras_spft")

@@ -259,8 +259,12 @@ def _head_names(model, head):
     a single name is one layer, and every name must exist."""
     if head is None:
         return _default_head(model)
-    head = [head] if isinstance(head, str) else list(head)
-    top = {l.name for l in getattr(model, "layers", [])}
+    head = [head] if isinstance(head, (str, keras.layers.Layer)) else list(head)
+    top_layers = getattr(model, "layers", [])
+    # Layer objects stand for their names (top-level ones only).
+    head = [next((l.name for l in top_layers if l is h), h.name) if isinstance(h, keras.layers.Layer) else h
+            for h in head]
+    top = {l.name for l in top_layers}
     missing = [h for h in head if h not in top]
     if missing:
         raise ValueError(

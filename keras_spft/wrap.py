@@ -154,8 +154,8 @@ def _default_head(model, layers):
         if not outside and len(with_kernels) > 1:
             raise ValueError(
                 f"cannot tell the new head: every kernel is inside the nested models {with_kernels} "
-                f"of '{model.name}'. Name the head, e.g. head=[{with_kernels[-1]!r}] (anchored around "
-                "zero, bounded by head_radius/head_strength), or head=[] if all are pre-trained.")
+                f"of '{model.name}'. Name the new head, e.g. head=[{with_kernels[-1]!r}], or head=[] if all "
+                "are pre-trained.")
         _refuse_nested_after_kernels(model, [m for m in nested if m.name in with_kernels], outside)
         return outside
     with_kernel = [p for p, l in layers if _has_kernel(l)]
@@ -808,6 +808,11 @@ def _make(method, projection, anchor, value, spec, layer, path, relative, refere
             # pre-trained moving variance, which fine-tuning has moved since.
             scale = keras.ops.convert_to_numpy(kept.radius).astype("float64") / kept.batchnorm_reference
         else:
+            if isinstance(kept, MARSDistance) and kept.axis == () and len(kept.radius.shape):
+                warnings.warn(
+                    f"layer '{path}': its batchnorm='reference' radii were saved by keras-spft before "
+                    "2026-11-28, without the pre-trained moving variance: the new radii scale by the "
+                    "current one (moved by fine-tuning, if it was).", UserWarning, stacklevel=3)
             var0 = keras.ops.convert_to_numpy(layer.moving_variance)
             scale = np.sqrt(var0.astype("float64") + layer.epsilon)
         obj = MARSDistance(anchor, (value * scale).astype("float32"), axis=(), projection="exact", name=name)

@@ -109,6 +109,10 @@ def test_relative_radius_is_fraction_of_anchor_row_norm():
     fractions = np.array([0.1, 0.2, 0.3, 0.4], "float32")
     c = keras_spft.MARSDistance(a, radius=fractions, axis=0, relative=True)
     np.testing.assert_allclose(to_np(c.radius)[0], fractions * np.abs(a).sum(axis=0), rtol=1e-6)
+    for bad in (np.full(3, 0.5), np.full((4, 1), 0.5)):
+        with pytest.raises(ValueError, match=rf"dense/kernel.*`radius` of shape \({bad.shape[0]},.*relative=True\) "
+                                             r"does not broadcast to the per-row shape \(1, 4\)"):
+            keras_spft.MARSDistance(a, radius=bad, axis=0, relative=True, name="dense/kernel")
     with pytest.raises(ValueError, match=r"dense/kernel.*`radius` must be a scalar.*shape \(4,\)"):
         keras_spft.FrobeniusDistance(a, radius=fractions, relative=True, name="dense/kernel")
 

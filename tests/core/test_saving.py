@@ -235,6 +235,10 @@ def test_a_clone_saved_before_its_anchors_were_loaded_still_refuses(tmp_path):
         k = copied.get_layer("head").kernel
         with pytest.raises(RuntimeError, match=r"per-row radius values were never loaded"):
             k.constraint(k)
+    # A copy of the object itself says what it is (no file involved).
+    c1 = clone.get_layer("base").get_layer("c1").kernel
+    with pytest.raises(RuntimeError, match=r"base/c1/kernel\) was rebuilt from a config but its anchor was never"):
+        copy.deepcopy(c1.constraint)(c1)
     # The wrapped original saves and loads as before (no placeholder flag).
     model.save(tmp_path / "model.keras")
     loaded = keras.models.load_model(tmp_path / "model.keras")

@@ -76,6 +76,22 @@ def test_wrapping_again_keeps_the_pre_trained_variance_of_batchnorm_reference(tm
     loaded = keras.models.load_model(tmp_path / "m.keras")
     report = keras_spft.wrap_pretrained(loaded, radius=0.2, head_radius=1.0, batchnorm="reference")
     np.testing.assert_allclose(to_np(report["bn1"].radius), want, rtol=1e-6)
+    # Weights loaded into a model wrapped with another radius, then wrapped
+    # again (as the radius warning advises): the file's scale comes with them.
+    model.save_weights(tmp_path / "m.weights.h5")
+    other = small_cnn()
+    other.layers[0].get_layer("bn1").moving_variance.assign(var0)
+    keras_spft.wrap_pretrained(other, radius=0.3, head_radius=1.0, batchnorm="reference")
+    other.load_weights(tmp_path / "m.weights.h5")
+    report = keras_spft.wrap_pretrained(other, radius=0.1, head_radius=1.0, batchnorm="reference")
+    np.testing.assert_allclose(to_np(report["bn1"].radius), want / 2, rtol=1e-6)
+    # A file saved before the scale was recorded loads; wrapping again then
+    # says it scales by the current variance.
+    c = report["bn1"]
+    c.load_own_variables({"radius": to_np(c.radius), "anchor": to_np(c.anchor)})
+    assert c.batchnorm_reference is None
+    with pytest.warns(UserWarning, match=r"'base/bn1'.*saved by keras-spft before 2026-11-28.*current one"):
+        keras_spft.wrap_pretrained(other, radius=0.1, head_radius=1.0, batchnorm="reference")
 
 
 def test_default_head_is_what_follows_the_nested_base():
@@ -525,6 +541,39 @@ def test_batchnorm_in_a_named_head_is_anchored_at_its_gamma_not_at_zero(method, 
         np.testing.assert_array_equal(to_np(gamma.constraint(gamma)), np.ones(16, "float32"))
     else:                        # and the penalty is zero there
         assert float(to_np(gamma.regularizer(gamma))) == 0.0
+
+
+def test_a_file_whose_head_gamma_was_bounded_around_zero_says_how_to_resume(tmp_path):
+    """keras-spft before 2026-11-28 bounded a BatchNorm gamma in a named head
+    around zero (saved state: radius only); loading such a file now names the
+    way that works, and that way keeps the other anchors."""
+    L = keras.layers
+
+    def build(seed):
+        keras.utils.set_random_seed(seed)
+        base = keras.Sequential([keras.Input((8,)), L.Dense(6, name="b1")], name="base")
+        hs = keras.Sequential([L.Dense(16, name="h1"), L.BatchNormalization(name="hbn"), L.Dense(3, name="h2")],
+                              name="hs")
+        return keras.Sequential([keras.Input((8,)), base, hs])
+    old = build(0)
+    keras_spft.wrap_pretrained(old, radius=1.0, head=["hs"], head_radius=2.0, batchnorm="gamma")
+    bn = old.get_layer("hs").get_layer("hbn")
+    bn.gamma.constraint = bn.gamma_constraint = keras_spft.MARSDistance(None, 2.0, axis=(), name="hs/hbn/gamma")
+    b1 = old.get_layer("base").get_layer("b1").kernel
+    anchor = to_np(b1).copy()
+    b1.assign(anchor + 0.1)   # fine-tuned: kernel and anchor differ in the file
+    old.save_weights(tmp_path / "old.weights.h5")
+    new = build(1)
+    keras_spft.wrap_pretrained(new, radius=1.0, head=["hs"], head_radius=2.0, batchnorm="gamma")
+    with pytest.raises(ValueError, match=r"hs/hbn/gamma.*bounded this BatchNorm gamma around zero.*exclude="):
+        new.load_weights(tmp_path / "old.weights.h5")
+    new = build(2)   # other weights at wrap time: the file's anchors must come back
+    keras_spft.wrap_pretrained(new, radius=1.0, head=["hs"], head_radius=2.0, batchnorm="gamma", exclude=["hbn"])
+    new.load_weights(tmp_path / "old.weights.h5")
+    report = keras_spft.wrap_pretrained(new, radius=1.0, head=["hs"], head_radius=2.0, batchnorm="gamma")
+    assert report["hs/hbn"].anchor is not None
+    np.testing.assert_array_equal(to_np(report["base/b1"].anchor), anchor)
+    np.testing.assert_array_equal(to_np(new.get_layer("base").get_layer("b1").kernel), anchor + np.float32(0.1))
 
 
 def test_a_head_radius_with_no_head_outside_the_base_is_refused():

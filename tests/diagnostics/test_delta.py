@@ -389,6 +389,9 @@ def test_the_default_head_is_wrap_pretraineds():
     with pytest.raises(ValueError, match=r"nested model 'top' takes the output of layers with kernels \('c1'\)"):
         D.DeltaModel(flat, feature_layers=["r1"])
     assert D.DeltaModel(flat, feature_layers=["r1"], head=["top"]).head == ["top"]
+    top = flat.get_layer("top")
+    assert D.DeltaModel(flat, feature_layers=["r1"], head=top).head == ["top"]   # a layer, as for wrap_pretrained
+    assert D.DeltaModel(flat, feature_layers=["r1"], head=[top]).head == ["top"]
     inp = keras.Input((6, 6, 3))
     base = keras.Model(inp, L.GlobalAveragePooling2D()(L.ReLU(name="r1")(L.Conv2D(4, 3, name="c1")(inp))), name="base")
     nested = keras.Sequential([keras.Input((6, 6, 3)), base, L.Dense(5, name="fc"), L.Dense(3, name="out")])
