@@ -264,7 +264,8 @@ class DistanceMonitor(_EpochSchedule):
     | `spft/<layer>/at_bound` | PGM only: fraction of rows with distance `>= (1 - tol) * radius` |
     | `spft/head/<layer>/...` | the same for head kernels (distance to the origin if the head is anchored at 0, else to its value at the start) |
     | `spft/mars_max`, `spft/mars_mean`, `spft/frobenius_mean` | over backbone kernels |
-    | `spft/at_bound` | over all constrained kernel rows (backbone and head; BatchNorm gamma is not tracked) |
+    | `spft/at_bound` | over the constrained backbone kernel rows (BatchNorm gamma is not tracked) |
+    | `spft/head/at_bound` | over the constrained head kernel rows |
     | `spft/<layer>/radius`, `spft/radius_mean`, `spft/radius_max` | learned radii (`radius="learned"`): per kernel, mean and max |
 
     The anchor `W0` is the keras-spft anchor of a wrapped kernel (read when
@@ -329,7 +330,7 @@ class DistanceMonitor(_EpochSchedule):
         self._snapshot(model)
         out, rows = {}, {}
         mars, fro, radii = [], [], []
-        at, n_rows = 0.0, 0
+        at = {"backbone": [0.0, 0], "head": [0.0, 0]}   # rows at the bound, rows
         p = self.prefix
         for k in tracked_kernels(model, self.head):
             if k.obj is None and k.name not in self._anchors:
@@ -342,8 +343,9 @@ class DistanceMonitor(_EpochSchedule):
             if "at_bound" in d:
                 out[f"{key}/at_bound"] = d["at_bound"]
                 n = d["rows"].size if isinstance(k.obj, MARSDistance) else 1
-                at += d["at_bound"] * n
-                n_rows += n
+                share = at["backbone" if k.role == "backbone" else "head"]
+                share[0] += d["at_bound"] * n
+                share[1] += n
             if getattr(k.obj, "learn_radius", False):
                 r = float(_np(k.obj.radius.value))
                 out[f"{key}/radius"] = r
@@ -356,8 +358,12 @@ class DistanceMonitor(_EpochSchedule):
             out[f"{p}/mars_max"] = float(np.max(mars))
             out[f"{p}/mars_mean"] = float(np.mean(mars))
             out[f"{p}/frobenius_mean"] = float(np.mean(fro))
-        if n_rows:
-            out[f"{p}/at_bound"] = at / n_rows
+        # Backbone and head apart: a bounded head's rows would keep the
+        # backbone's share off 0 when its constraint never acts.
+        if at["backbone"][1]:
+            out[f"{p}/at_bound"] = at["backbone"][0] / at["backbone"][1]
+        if at["head"][1]:
+            out[f"{p}/head/at_bound"] = at["head"][0] / at["head"][1]
         if radii:
             out[f"{p}/radius_mean"] = float(np.mean(radii))
             out[f"{p}/radius_max"] = float(np.max(radii))
@@ -372,7 +378,8 @@ class DistanceMonitor(_EpochSchedule):
         self.history.append(dict(values, epoch=epoch, rows=rows))
         if logs is not None:
             for key, v in values.items():
-                if self.per_layer or "/" not in key[len(self.prefix) + 1:]:   # aggregates: prefix/name
+                rest = key[len(self.prefix) + 1:]
+                if self.per_layer or "/" not in rest or rest == "head/at_bound":   # aggregates
                     logs[key] = v
 
     def get_config(self):

@@ -56,10 +56,10 @@ def layer_distances(run, metric="mars", prefix="spft", epoch=-1, head=False):
     h = _history_dict(run)
     out = {}
     start, end = prefix + "/", "/" + metric
+    aggregates = {f"{prefix}/{metric}", f"{prefix}/head/{metric}"}   # "spft/at_bound", "spft/head/at_bound"
     for key, values in h.items():
-        # (len check: the aggregate "spft/at_bound" is no layer)
         if not (key.startswith(start) and key.endswith(end)) or not values \
-                or len(key) <= len(start) + len(end):
+                or len(key) <= len(start) + len(end) or key in aggregates:
             continue
         layer = key[len(start):-len(end)]
         if layer.startswith("head/") and not head:
@@ -70,6 +70,11 @@ def layer_distances(run, metric="mars", prefix="spft", epoch=-1, head=False):
             continue
         if v is not None and not math.isnan(float(v)):
             out[layer] = float(v)
+    per_layer = any(k.startswith(start) and "/" in k[len(start):] and k != f"{prefix}/head/at_bound" for k in h)
+    if not out and not per_layer and any(k.startswith(start) for k in h):
+        raise ValueError(
+            f"no '{prefix}/<layer>/{metric}' values in this run: with DistanceMonitor(per_layer=False) a "
+            "History holds the aggregates only: pass the monitor itself, whose history keeps every layer.")
     return out
 
 

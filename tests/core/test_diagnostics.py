@@ -63,7 +63,7 @@ def test_distance_monitor_matches_numpy():
     # Callbacks after the monitor (TensorBoard, CSVLogger) see its keys; before it, not.
     assert "spft/base/c1/mars" in after.keys[-1]
     assert not any(k.startswith("spft/") for k in before.keys[-1])
-    mars, n_at, n_rows = [], 0, 0
+    mars, n_at, n_rows, head_at, head_rows = [], 0, 0, 0, 0
     for path, axis in ROW_AXES.items():
         layer = model.get_layer("base").get_layer(path[5:]) if path.startswith("base/") else model.get_layer(path)
         w = to_np(layer.kernel)
@@ -75,13 +75,19 @@ def test_distance_monitor_matches_numpy():
         assert h[f"{key}/frobenius"][-1] == pytest.approx(np.sqrt((t ** 2).sum()), rel=1e-6)
         frac = (rows >= (1 - 1e-3) * r).mean()
         assert h[f"{key}/at_bound"][-1] == pytest.approx(frac)
-        n_at += frac * rows.size
-        n_rows += rows.size
         if path in anchors:
             mars.append(rows.max())
+            n_at += frac * rows.size
+            n_rows += rows.size
+        else:
+            head_at += frac * rows.size
+            head_rows += rows.size
     assert h["spft/mars_max"][-1] == pytest.approx(max(mars), rel=1e-6)
     assert h["spft/mars_mean"][-1] == pytest.approx(np.mean(mars), rel=1e-6)
+    # Backbone and head rows apart (a bounded head kept the backbone's share
+    # off 0 when the backbone's constraint never acted).
     assert h["spft/at_bound"][-1] == pytest.approx(n_at / n_rows)
+    assert h["spft/head/at_bound"][-1] == pytest.approx(head_at / head_rows)
     # A large learning rate against a tiny radius: rows do sit on the bound.
     assert h["spft/at_bound"][-1] > 0.5
 

@@ -154,8 +154,15 @@ def test_frozen_layers_stay_in_the_product_with_zero_distance():
 
 
 def test_the_at_bound_aggregate_is_not_a_layer():
-    h = {"loss": [1.0], "spft/at_bound": [0.8], "spft/base/c1/at_bound": [1.0], "spft/base/c2/at_bound": [0.5]}
+    h = {"loss": [1.0], "spft/at_bound": [0.8], "spft/head/at_bound": [0.3], "spft/base/c1/at_bound": [1.0],
+         "spft/base/c2/at_bound": [0.5]}
     assert plots.layer_distances(h, metric="at_bound") == {"base/c1": 1.0, "base/c2": 0.5}
+    assert plots.layer_distances(h, metric="at_bound", head=True) == {"base/c1": 1.0, "base/c2": 0.5}
+    # A History of DistanceMonitor(per_layer=False) has the aggregates only: said, not {}.
+    with pytest.raises(ValueError, match=r"per_layer=False\) a History holds the aggregates only: pass the monitor itself"):
+        plots.layer_distances({"spft/mars_max": [0.2], "spft/at_bound": [0.1], "spft/head/at_bound": [1.0]})
+    # A penalty run has distances but no at_bound: nothing to show, no error.
+    assert plots.layer_distances({"spft/base/c1/mars": [0.2]}, metric="at_bound") == {}
 
 
 def test_gradient_norms_logged_every_other_epoch_need_the_monitor(tmp_path):
@@ -350,6 +357,6 @@ def test_a_history_of_aggregates_only_points_at_the_monitor(tmp_path):
     model.compile(optimizer="sgd", loss="mse")
     monitor = keras_spft.DistanceMonitor(per_layer=False)
     history = model.fit(np.ones((4, 2)), np.ones((4, 2)), epochs=1, verbose=0, callbacks=[monitor])
-    with pytest.raises(ValueError, match=r"with per_layer=False a History holds the aggregates only: pass the monitor"):
+    with pytest.raises(ValueError, match=r"per_layer=False\)? a History holds the aggregates only: pass the monitor"):
         plots.plot_distance_histograms({"mars-pgm": history}, str(tmp_path / "h.png"))
     assert plots.plot_distance_histograms({"mars-pgm": monitor}, str(tmp_path / "m.png")).endswith("m.png")
