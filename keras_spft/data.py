@@ -2,8 +2,10 @@
 
 Two sources: an image folder with `train/`, `val/`, `test/` subfolders of
 one folder per class, or a TensorFlow Datasets name (`"tfds:oxford_flowers102"`).
-`load_data(...)` resizes, applies the backbone's own `preprocess_input`,
-optionally augments (flip, crop), caches and prefetches. Its `stage` follows
+`load_data(...)` resizes, applies `preprocess` (usually the backbone's own
+`preprocess_input`; by default none: the images stay 0-255 RGB, which
+EfficientNet and ConvNeXt rescale inside the model but MobileNet and ResNet
+do not), optionally augments (flip, crop), caches and prefetches. Its `stage` follows
 the protocol of Gouk et al. (2021): `"tune"` trains on train and evaluates on
 val; `"final"` trains on train+val and evaluates on test.
 
@@ -43,6 +45,9 @@ class DataSplits:
         counts: number of examples per source split, e.g.
             `{"train": 680, "val": 340, "test": 340}`.
         source: the folder path or `tfds:NAME`.
+        image_size: `(height, width)` of the images.
+        preprocess: the preprocessing applied, as a name
+            (`"none (0-255 RGB)"` by default).
     """
 
     train: object
@@ -55,6 +60,7 @@ class DataSplits:
     source: str
     image_size: tuple = field(default=(224, 224))
     make_train: object = field(default=None, repr=False)
+    preprocess: str = "none (0-255 RGB)"
 
     def reseeded(self, seed):
         """The same splits with the training pipeline shuffled (and augmented)
@@ -88,7 +94,7 @@ class DataSplits:
             f"{self.source}: {self.num_classes} classes, stage {self.stage!r}: train on "
             f"{'+'.join(self.train_splits)} ({self.train_size} images), evaluate on "
             f"{self.eval_split} ({self.eval_size} images), "
-            f"{self.image_size[0]}x{self.image_size[1]}"
+            f"{self.image_size[0]}x{self.image_size[1]}, preprocess: {self.preprocess}"
         )
 
 
@@ -501,4 +507,7 @@ def load_data(
         counts=counts,
         source=source,
         image_size=size,
+        preprocess=("none (0-255 RGB)" if preprocess is None else
+                    f"{getattr(preprocess, '__module__', '').split('.')[-1]}.{getattr(preprocess, '__name__', 'function')}"
+                    .lstrip(".")),
     )

@@ -54,6 +54,9 @@ def test_preprocess_input_is_applied_and_range_right(image_folder):
     x, _ = _collect(mob.eval)
     assert x.min() >= -1.0 and x.max() <= 1.0 and x.min() < -0.5
     np.testing.assert_allclose(x, x_raw / 127.5 - 1.0, atol=1e-5)
+    # What was applied is said (0-255 pixels given to MobileNet lose accuracy silently).
+    assert str(raw).endswith("preprocess: none (0-255 RGB)") and raw.preprocess == "none (0-255 RGB)"
+    assert str(mob).endswith("preprocess: mobilenet.preprocess_input")
     caffe = load_data(image_folder, image_size=12, batch_size=64,
                       preprocess=keras.applications.resnet.preprocess_input)
     xc, _ = _collect(caffe.eval)
