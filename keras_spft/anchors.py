@@ -233,10 +233,13 @@ class Anchored(KerasSaveable):
         keys = set(store.keys())
         unloaded = np.asarray(store[_UNLOADED]).tolist() if _UNLOADED in keys else None
         keys.discard(_UNLOADED)
-        # Keys later versions added, which files saved before lack.
+        # Keys later versions added, which files saved before lack (and
+        # which an object that loaded such a file lacks in turn).
         missing_optional = {k for k in own if k in self._OPTIONAL_SAVED and k not in keys}
         for k in missing_optional:
             own.pop(k)
+        extra_optional = {k: np.asarray(store[k]) for k in keys if k in self._OPTIONAL_SAVED and k not in own}
+        keys -= set(extra_optional)
         if not keys:
             if self._anchor is None:
                 # A head bound around zero, free in the model that was saved:
@@ -322,6 +325,8 @@ class Anchored(KerasSaveable):
         self._scale_from_config = False
         if missing_optional:
             self._saved_without(missing_optional)
+        if extra_optional:
+            self._saved_with(extra_optional)
         if unloaded is not None and any(unloaded):
             # Saved while holding placeholders: still not loaded.
             self._scale_from_config = bool(unloaded[1])
@@ -343,6 +348,10 @@ class Anchored(KerasSaveable):
 
     def _saved_without(self, keys):
         """Called after a load from a file without these optional keys."""
+
+    def _saved_with(self, values):
+        """Called after a load from a file with optional keys this object
+        lacks (`{key: array}`)."""
 
     def __reduce__(self):
         # KerasSaveable pickles whole models; an anchored object pickles as

@@ -337,9 +337,11 @@ class Session:
     def attention_cache(self):
         """The `.npz` file under `--out` holding DELTA's attention of this backbone."""
         a = self.args
-        key = json.dumps([_data_key(a.data), self.data_files, self.backbone.name, self.weights, self.weights_file,
-                          a.alpha, a.image_size, a.head,
-                          ATTENTION_BATCHES, a.batch_size, a.augment])
+        key = [_data_key(a.data), self.data_files, self.backbone.name, self.weights, a.alpha, a.image_size, a.head,
+               ATTENTION_BATCHES, a.batch_size, a.augment]
+        if self.weights_file is not None:   # (not in the key of earlier versions: their caches are found)
+            key.append(self.weights_file)
+        key = json.dumps(key)
         digest = hashlib.sha1(key.encode()).hexdigest()[:10]
         return os.path.join(a.out, "delta", f"attention_{self.backbone.name}_{digest}.npz")
 
@@ -792,6 +794,9 @@ def tune_method(session, method):
     # search starts leaves no record that would block the corrected one.
     # Every method's search starts from the same data order (seed 0), not
     # from where the methods searched before it in this process left it.
+    if args.tuner == "grid" and args.trials < 2 ** len(searched):
+        raise UsageError(f"--tuner grid over {len(searched)} searched value(s) ({', '.join(searched)}) needs "
+                         f"--trials of at least {2 ** len(searched)} (both ends of each range), got {args.trials}.")
     if args.tuner == "bayesian":
         try:
             import sklearn  # noqa: F401  (KerasTuner's BayesianOptimization needs it)

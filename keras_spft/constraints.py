@@ -413,6 +413,12 @@ class MARSDistance(_DistanceConstraint):
         # Saved by keras-spft before 2026-11-28: the scale is unknown.
         if "batchnorm_reference" in keys:
             self._bn_reference = None
+            self._bn_reference_lost = True
+
+    def _saved_with(self, values):
+        if "batchnorm_reference" in values:
+            self.batchnorm_reference = float(values["batchnorm_reference"])
+            self._bn_reference_lost = False
 
 
 @keras.saving.register_keras_serializable(package="keras_spft")

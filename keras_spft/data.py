@@ -367,7 +367,7 @@ def load_data(
     """Loads an image folder or a TFDS data set as `tf.data` pipelines.
 
     Images are resized to `image_size` (bilinear, as float 0-255 RGB), passed
-    through `preprocess` (the backbone's `preprocess_input`), cached, then the
+    through `preprocess` (if given: the backbone's `preprocess_input`), cached, then the
     training pipeline is shuffled, augmented, batched and prefetched.
 
     Split protocol (Gouk et al., 2021): `stage="tune"` trains on `train` and

@@ -146,6 +146,17 @@ def method_values(method, values=None):
 HEAD_VALUES = ("head_radius", "head_strength")
 
 
+def head_list(head):
+    """A `head=` option read once (an iterator would be used up by a test):
+    names, layers and dicts as given, other iterables as a list."""
+    if head is None or isinstance(head, (str, dict, keras.layers.Layer)):
+        return head
+    try:
+        return list(head)
+    except TypeError:
+        return head   # wrap_pretrained names the option in its error
+
+
 def no_head(head):
     """Whether a `head=` option says the model has no new head (`[]`)."""
     if head is None or isinstance(head, (str, dict)):
@@ -183,6 +194,7 @@ def wrap(model, method, values=None, **options):
     ```
     """
     kwargs = {k: v for k, v in method_values(method, values).items() if k != "lr"}
+    options = dict(options, **({"head": head_list(options["head"])} if "head" in options else {}))
     if method not in DELTA_METHODS and no_head(options.get("head")):
         # head=[]: every kernel pre-trained, so no head value to give (a
         # default head_radius would be refused as bounding nothing).

@@ -118,6 +118,8 @@ class SPFTHyperModel(keras_tuner.HyperModel):
             raise ValueError(f"`grid_points` must be at least 2, got {grid_points}.")
         self.grid_points = None if grid_points is None else int(grid_points)
         self.wrap_options = dict(wrap_options or {})
+        if "head" in self.wrap_options:   # read by every trial: an iterator would be used up
+            self.wrap_options["head"] = recipe.head_list(self.wrap_options["head"])
         self.seed = _checked_seed(seed, 2**32 - 1, "2**32 - 1")
         self._last_hp, self._execution, self._built_before = None, 0, {}
         # A Keras distribution (JAX DataParallel) current when the search is
@@ -378,8 +380,12 @@ def _check_resumed(project, settings):
     """Raises `ValueError` when `project` holds a search made with other settings."""
     path = os.path.join(project, SETTINGS_FILE)
     if os.path.isfile(path):
-        with open(path) as f:
-            stored = json.load(f)
+        try:
+            with open(path) as f:
+                stored = json.load(f)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ValueError(f"'{path}' is not a readable keras-spft search record ({e}); remove it (and "
+                             "that search's folder, to search again).") from None
         legacy = stored.get("objective") == ["val_loss", "min"]   # scored by versions before 2026-11-28
         if legacy and settings.get("objective") == ["val_cross_entropy", "min"] \
                 and settings.get("method") not in recipe.SP_METHODS:

@@ -808,7 +808,7 @@ def _make(method, projection, anchor, value, spec, layer, path, relative, refere
             # pre-trained moving variance, which fine-tuning has moved since.
             scale = keras.ops.convert_to_numpy(kept.radius).astype("float64") / kept.batchnorm_reference
         else:
-            if isinstance(kept, MARSDistance) and kept.axis == () and len(kept.radius.shape):
+            if getattr(kept, "_bn_reference_lost", False):
                 warnings.warn(
                     f"layer '{path}': its batchnorm='reference' radii were saved by keras-spft before "
                     "2026-11-28, without the pre-trained moving variance: the new radii scale by the "

@@ -1,5 +1,7 @@
 """wrap_pretrained: which object goes where, options and errors."""
 
+import warnings
+
 import numpy as np
 import pytest
 import keras
@@ -92,6 +94,18 @@ def test_wrapping_again_keeps_the_pre_trained_variance_of_batchnorm_reference(tm
     assert c.batchnorm_reference is None
     with pytest.warns(UserWarning, match=r"'base/bn1'.*saved by keras-spft before 2026-11-28.*current one"):
         keras_spft.wrap_pretrained(other, radius=0.1, head_radius=1.0, batchnorm="reference")
+    # ... and a newer file loads into it again, scale included.
+    c = other.layers[0].get_layer("bn1").gamma.constraint
+    c.load_own_variables({"radius": to_np(c.radius), "anchor": to_np(c.anchor)})
+    c.load_own_variables({"radius": to_np(c.radius), "anchor": to_np(c.anchor),
+                          "batchnorm_reference": np.float32(0.25)})
+    assert c.batchnorm_reference == 0.25 and not c._bn_reference_lost
+    # Wrapped with batchnorm="gamma" before, nothing saved: no word of files.
+    fresh = small_cnn()
+    keras_spft.wrap_pretrained(fresh, radius=0.1, head_radius=1.0, batchnorm="gamma", relative=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        keras_spft.wrap_pretrained(fresh, radius=0.1, head_radius=1.0, batchnorm="reference")
 
 
 def test_default_head_is_what_follows_the_nested_base():

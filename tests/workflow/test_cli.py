@@ -563,3 +563,33 @@ def test_hyperband_searches_are_reused_whatever_trials_says(tiny):
     cli.run(tune + _args(data, out))
     summary = cli.run(tune + _args(data, out, "--trials", "5"))   # --trials does not apply to Hyperband
     assert summary["rows"][0]["method"] == "l2-pgm"
+
+
+def test_cli_grid_and_damaged_search_records_are_usage_errors(tiny, monkeypatch):
+    data, out, _ = tiny
+    import keras_spft.tuning as tuning
+
+    monkeypatch.setattr(cli, "run_splits", lambda *a, **k: pytest.fail("loaded the data before refusing"))
+    with pytest.raises(SystemExit, match=r"--tuner grid over 2 searched value\(s\) \(radius, head_radius\) "
+                                         r"needs --trials of at least 4 .*got 3"):
+        cli.run(["tune"] + _args(data, out, "--method", "mars-pgm", "--tuner", "grid", "--trials", "3"))
+    monkeypatch.undo()
+    project = out / "search" / "l2-pgm"
+    project.mkdir(parents=True)
+    (project / tuning.SETTINGS_FILE).write_text('{"method": "l2')
+    with pytest.raises(ValueError, match=r"'\S+keras_spft_search.json' is not a readable keras-spft search record"):
+        tuning._check_resumed(str(project), {"method": "l2-pgm"})
+
+
+def test_delta_attention_caches_of_earlier_versions_are_found(tiny):
+    """The attention cache's name did not change for --weights none/imagenet
+    (a new key element would have made every earlier cache unreachable)."""
+    import hashlib
+
+    data, out, _ = tiny
+    args = cli.build_parser().parse_args(["finetune", "--method", "delta", *_args(data, out)])
+    session = cli.Session(args)
+    a = args
+    old_key = json.dumps([cli._data_key(a.data), session.data_files, session.backbone.name, session.weights, a.alpha,
+                          a.image_size, a.head, cli.ATTENTION_BATCHES, a.batch_size, a.augment])
+    assert session.attention_cache().endswith(f"_{hashlib.sha1(old_key.encode()).hexdigest()[:10]}.npz")

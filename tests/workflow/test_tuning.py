@@ -151,6 +151,10 @@ def test_head_none_wraps_and_searches_without_head_values(method):
     recipe.wrap nor a search with wrap_options={"head": []} could express it."""
     report = recipe.wrap(tiny_model(), method, {}, head=[])
     assert report.wrapped and all(w.role == "backbone" for w in report.wrapped)
+    model = tiny_model()
+    head_name = model.layers[-1].name
+    report = recipe.wrap(model, method, {}, head=(n for n in [head_name]))   # an iterator, read once
+    assert [w.path for w in report.wrapped if w.role == "head"] == [head_name]
     head_key = "head_strength" if method.endswith("-sp") else "head_radius"
     with pytest.raises(ValueError, match=f"{head_key} is given but head=\\[\\] says the model has no new head"):
         recipe.wrap(tiny_model(), method, {head_key: 2.0}, head=[])
