@@ -8,6 +8,7 @@ loss). Both are `keras.callbacks.Callback`s that write into `logs`, so
 `History`, `TensorBoard` and `CSVLogger` record them, on every backend.
 """
 
+import warnings
 import weakref
 from dataclasses import dataclass
 
@@ -493,6 +494,27 @@ def gradient_norms(model, x, y, sample_weight=None, training=True, head=None):
     return out
 
 
+def _warn_one_class(y):
+    """A probe of one class (`x[:32]` of data ordered by class) measures that
+    class only: in training mode its BatchNorm statistics and gradient are
+    that class's, and `grad/global` can stay flat while the model learns."""
+    if y is None:
+        return
+    try:
+        labels = np.asarray(ops.convert_to_numpy(y))
+    except Exception:   # not array-like (a dict of targets): nothing to check
+        return
+    if labels.ndim >= 2 and labels.shape[-1] > 1:
+        labels = labels.reshape(-1, labels.shape[-1]).argmax(axis=-1)   # one-hot
+    labels = labels.reshape(-1)
+    if labels.size > 1 and np.issubdtype(labels.dtype, np.integer) and len(np.unique(labels)) == 1:
+        warnings.warn(
+            f"GradientNormMonitor: the probe batch holds one class only ({labels.size} labels, all "
+            f"{labels[0]}): its gradient describes that class (and, in training mode, BatchNorm uses its "
+            "statistics). Take a shuffled batch that mixes the classes, e.g. one batch of the training data.",
+            UserWarning, stacklevel=3)
+
+
 class GradientNormMonitor(_EpochSchedule):
     """Logs the gradient norm of the training loss on a fixed probe batch.
 
@@ -536,6 +558,7 @@ class GradientNormMonitor(_EpochSchedule):
         self.head = head
         self.history = []
         self._measured = lambda: None   # a weak reference to the model measured at epoch -1
+        _warn_one_class(y)
 
     def _measure(self, epoch):
         norms = gradient_norms(self.model, self.x, self.y, self.sample_weight,

@@ -169,3 +169,20 @@ def test_at_bound_of_an_l2_pgm_kernel_is_one_on_the_ball_and_zero_inside():
     last = monitor.history[-1]
     assert last["spft/base/c1/at_bound"] == 1.0 and last["spft/base/fc/at_bound"] == 0.0
     assert last["spft/base/c1/frobenius"] == pytest.approx(1e-3, rel=1e-3)
+
+
+def test_a_probe_of_one_class_warns():
+    """x[:32] of data ordered by class is one class: grad/global then stayed
+    flat at ~18 while training accuracy reached 0.99 (a user's review)."""
+    import warnings
+
+    x = np.zeros((6, 4), "float32")
+    with pytest.warns(UserWarning, match=r"probe batch holds one class only \(6 labels, all 2\)"):
+        keras_spft.GradientNormMonitor(x, np.full(6, 2))
+    with pytest.warns(UserWarning, match="one class only"):
+        keras_spft.GradientNormMonitor(x, np.eye(3, dtype="float32")[[1] * 6])   # one-hot
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        keras_spft.GradientNormMonitor(x, np.arange(6) % 3)
+        keras_spft.GradientNormMonitor(x, np.linspace(0, 1, 6).astype("float32"))   # regression targets
+        keras_spft.GradientNormMonitor(x[:1], np.array([1]))                        # one example
