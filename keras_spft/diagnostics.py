@@ -266,7 +266,7 @@ class DistanceMonitor(_EpochSchedule):
     | `spft/head/<layer>/...` | the same for head kernels (distance to the origin if the head is anchored at 0, else to its value at the start) |
     | `spft/mars_max`, `spft/mars_mean`, `spft/frobenius_mean` | over backbone kernels |
     | `spft/at_bound` | over the constrained backbone kernel rows (BatchNorm gamma is not tracked) |
-    | `spft/head/at_bound` | over the constrained head kernel rows |
+    | `spft/head_at_bound` | over the constrained head kernel rows |
     | `spft/<layer>/radius`, `spft/radius_mean`, `spft/radius_max` | learned radii (`radius="learned"`): per kernel, mean and max |
 
     The anchor `W0` is the keras-spft anchor of a wrapped kernel (read when
@@ -364,7 +364,7 @@ class DistanceMonitor(_EpochSchedule):
         if at["backbone"][1]:
             out[f"{p}/at_bound"] = at["backbone"][0] / at["backbone"][1]
         if at["head"][1]:
-            out[f"{p}/head/at_bound"] = at["head"][0] / at["head"][1]
+            out[f"{p}/head_at_bound"] = at["head"][0] / at["head"][1]
         if radii:
             out[f"{p}/radius_mean"] = float(np.mean(radii))
             out[f"{p}/radius_max"] = float(np.max(radii))
@@ -379,8 +379,7 @@ class DistanceMonitor(_EpochSchedule):
         self.history.append(dict(values, epoch=epoch, rows=rows))
         if logs is not None:
             for key, v in values.items():
-                rest = key[len(self.prefix) + 1:]
-                if self.per_layer or "/" not in rest or rest == "head/at_bound":   # aggregates
+                if self.per_layer or "/" not in key[len(self.prefix) + 1:]:   # aggregates: prefix/name
                     logs[key] = v
 
     def get_config(self):

@@ -56,10 +56,10 @@ def layer_distances(run, metric="mars", prefix="spft", epoch=-1, head=False):
     h = _history_dict(run)
     out = {}
     start, end = prefix + "/", "/" + metric
-    aggregates = {f"{prefix}/{metric}", f"{prefix}/head/{metric}"}   # "spft/at_bound", "spft/head/at_bound"
     for key, values in h.items():
+        # (len check: the aggregate "spft/at_bound" is no layer)
         if not (key.startswith(start) and key.endswith(end)) or not values \
-                or len(key) <= len(start) + len(end) or key in aggregates:
+                or len(key) <= len(start) + len(end):
             continue
         layer = key[len(start):-len(end)]
         if layer.startswith("head/") and not head:
@@ -70,7 +70,8 @@ def layer_distances(run, metric="mars", prefix="spft", epoch=-1, head=False):
             continue
         if v is not None and not math.isnan(float(v)):
             out[layer] = float(v)
-    per_layer = any(k.startswith(start) and "/" in k[len(start):] and k != f"{prefix}/head/at_bound" for k in h)
+    # Aggregates are "prefix/name" ("spft/mars_max"), per-layer keys "prefix/layer/name".
+    per_layer = any(k.startswith(start) and "/" in k[len(start):] for k in h)
     if not out and not per_layer and any(k.startswith(start) for k in h):
         raise ValueError(
             f"no '{prefix}/<layer>/{metric}' values in this run: with DistanceMonitor(per_layer=False) a "

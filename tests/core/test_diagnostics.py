@@ -87,7 +87,7 @@ def test_distance_monitor_matches_numpy():
     # Backbone and head rows apart (a bounded head kept the backbone's share
     # off 0 when the backbone's constraint never acted).
     assert h["spft/at_bound"][-1] == pytest.approx(n_at / n_rows)
-    assert h["spft/head/at_bound"][-1] == pytest.approx(head_at / head_rows)
+    assert h["spft/head_at_bound"][-1] == pytest.approx(head_at / head_rows)
     # A large learning rate against a tiny radius: rows do sit on the bound.
     assert h["spft/at_bound"][-1] > 0.5
 

@@ -154,13 +154,13 @@ def test_frozen_layers_stay_in_the_product_with_zero_distance():
 
 
 def test_the_at_bound_aggregate_is_not_a_layer():
-    h = {"loss": [1.0], "spft/at_bound": [0.8], "spft/head/at_bound": [0.3], "spft/base/c1/at_bound": [1.0],
+    h = {"loss": [1.0], "spft/at_bound": [0.8], "spft/head_at_bound": [0.3], "spft/base/c1/at_bound": [1.0],
          "spft/base/c2/at_bound": [0.5]}
     assert plots.layer_distances(h, metric="at_bound") == {"base/c1": 1.0, "base/c2": 0.5}
     assert plots.layer_distances(h, metric="at_bound", head=True) == {"base/c1": 1.0, "base/c2": 0.5}
     # A History of DistanceMonitor(per_layer=False) has the aggregates only: said, not {}.
     with pytest.raises(ValueError, match=r"per_layer=False\) a History holds the aggregates only: pass the monitor itself"):
-        plots.layer_distances({"spft/mars_max": [0.2], "spft/at_bound": [0.1], "spft/head/at_bound": [1.0]})
+        plots.layer_distances({"spft/mars_max": [0.2], "spft/at_bound": [0.1], "spft/head_at_bound": [1.0]})
     # A penalty run has distances but no at_bound: nothing to show, no error.
     assert plots.layer_distances({"spft/base/c1/mars": [0.2]}, metric="at_bound") == {}
 
