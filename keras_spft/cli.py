@@ -788,21 +788,23 @@ def tune_method(session, method):
                 f"settings ({_differences(started, as_stored)}); rerun with those settings to resume it, or use "
                 "another --out or remove that folder."
             )
-    from keras_spft.tuning import search
+    from keras_spft.tuning import _require_sklearn, grid_min_trials, search
 
+    # What search() would refuse, refused before the data loads, in the command's words.
+    if args.tuner == "grid" and args.trials < grid_min_trials(len(searched)):
+        raise UsageError(f"--tuner grid over {len(searched)} searched value(s) ({', '.join(searched)}) needs "
+                         f"--trials of at least {grid_min_trials(len(searched))} (both ends of each range), "
+                         f"got {args.trials}.")
+    if args.tuner == "bayesian":
+        try:
+            _require_sklearn()
+        except ImportError:
+            raise UsageError("--tuner bayesian (the default) needs scikit-learn: pip install "
+                             "'keras-tuner[bayesian]', or pass --tuner random.") from None
     # Data (and DELTA's attention) first: a command that fails before the
     # search starts leaves no record that would block the corrected one.
     # Every method's search starts from the same data order (seed 0), not
     # from where the methods searched before it in this process left it.
-    if args.tuner == "grid" and args.trials < 2 ** len(searched):
-        raise UsageError(f"--tuner grid over {len(searched)} searched value(s) ({', '.join(searched)}) needs "
-                         f"--trials of at least {2 ** len(searched)} (both ends of each range), got {args.trials}.")
-    if args.tuner == "bayesian":
-        try:
-            import sklearn  # noqa: F401  (KerasTuner's BayesianOptimization needs it)
-        except ImportError:
-            raise UsageError("--tuner bayesian (the default) needs scikit-learn: pip install "
-                             "'keras-tuner[bayesian]', or pass --tuner random.") from None
     splits = run_splits(session, "tune", 0)
     session.check_batches(splits)
     wrap_options = session.wrap_options(method)

@@ -158,13 +158,9 @@ def head_list(head):
 
 
 def no_head(head):
-    """Whether a `head=` option says the model has no new head (`[]`)."""
-    if head is None or isinstance(head, (str, dict)):
-        return False
-    try:
-        return len(list(head)) == 0
-    except TypeError:   # one layer object
-        return False
+    """Whether a `head=` option (read by `head_list`) says the model has no
+    new head (`[]`)."""
+    return head_list(head) == []
 
 
 def wrap(model, method, values=None, **options):

@@ -313,6 +313,12 @@ def _without_tensorboard(tuner):
             tuner._configure_tensorboard_dir = lambda *args, **kwargs: None
 
 
+def grid_min_trials(searched):
+    """The fewest trials of a grid over `searched` ranges that tries both
+    ends of each: `2 ** searched`."""
+    return 2 ** searched
+
+
 def _require_sklearn():
     try:
         import sklearn  # noqa: F401
@@ -590,9 +596,9 @@ def search(
             # KerasTuner's grid over an unstepped range takes 10 values each,
             # so 20 trials of a 10 x 10 grid would hardly move the first
             # hyper-parameter: as many values per range as the trials allow.
-            if max_trials < 2 ** searched:
+            if max_trials < grid_min_trials(searched):
                 raise ValueError(
-                    f"tuner='grid' over {searched} searched range(s) needs at least {2 ** searched} trials "
+                    f"tuner='grid' over {searched} searched range(s) needs at least {grid_min_trials(searched)} trials "
                     f"(both ends of each range), got max_trials={max_trials}: it would leave grid points "
                     "untried. Raise max_trials, fix some values, or use tuner='random'.")
             hypermodel.grid_points = int(math.floor(max_trials ** (1.0 / searched) + 1e-9))
