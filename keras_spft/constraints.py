@@ -110,6 +110,11 @@ class _DistanceConstraint(Anchored, keras.constraints.Constraint):
                 )
             check_positive(radius, "radius", self._owner())
 
+    @staticmethod
+    def _fraction(radius):
+        """A relative radius (checked by `_init_options`) as float64 numbers."""
+        return np.asarray(ops.convert_to_numpy(radius) if hasattr(radius, "shape") else radius, "float64")
+
     @property
     def min_radius(self):
         """The floor of a learned radius: 1e-4 (`MIN_LEARNED_RADIUS`), or,
@@ -277,6 +282,8 @@ class MARSDistance(_DistanceConstraint):
                 f"expected one of {PROJECTIONS}."
             )
         self.projection = projection
+        self._bn_reference = None        # batchnorm="reference" only: see `batchnorm_reference`
+        self._bn_reference_lost = False  # loaded from a file saved before it was recorded
         self._axis_arg = _axis_list(axis, self._owner())
         if self._anchor is not None:
             self.axis = _normalized_axis(self._axis_arg, len(self._anchor.shape), self._owner())
@@ -297,8 +304,7 @@ class MARSDistance(_DistanceConstraint):
                     "which would freeze them; use an absolute radius."
                 )
             # A fraction of each row's norm: one for all rows, or one per row.
-            check_positive(radius, "radius", self._owner())
-            fraction = np.asarray(ops.convert_to_numpy(radius) if hasattr(radius, "shape") else radius, "float64")
+            fraction = self._fraction(radius)
             if fraction.ndim:
                 try:
                     np.broadcast_to(fraction, row_shape)
@@ -390,14 +396,13 @@ class MARSDistance(_DistanceConstraint):
         of the pre-trained `sqrt(moving_variance + epsilon)`, saved with the
         radii (a later call scales by the pre-trained variance, not by the
         fine-tuned one); `None` otherwise."""
-        v = getattr(self, "_bn_reference", None)
-        return None if v is None else float(ops.convert_to_numpy(v))
+        return None if self._bn_reference is None else float(ops.convert_to_numpy(self._bn_reference))
 
     @batchnorm_reference.setter
     def batchnorm_reference(self, value):
         if value is None:
             self._bn_reference = None
-        elif getattr(self, "_bn_reference", None) is not None:
+        elif self._bn_reference is not None:
             self._bn_reference.assign(np.float32(value))
         else:
             self._bn_reference = keras.Variable(np.float32(value), dtype="float32", trainable=False,
@@ -405,7 +410,7 @@ class MARSDistance(_DistanceConstraint):
 
     def _own_variables(self):
         out = super()._own_variables()
-        if getattr(self, "_bn_reference", None) is not None:
+        if self._bn_reference is not None:
             out["batchnorm_reference"] = self._bn_reference
         return out
 
@@ -460,8 +465,7 @@ class FrobeniusDistance(_DistanceConstraint):
                 raise ValueError(
                     f"{self._owner()}: `relative=True` but the anchor is zero."
                 )
-            check_positive(radius, "radius", self._owner())
-            fraction = np.asarray(ops.convert_to_numpy(radius) if hasattr(radius, "shape") else radius, "float64")
+            fraction = self._fraction(radius)
             if fraction.ndim:
                 raise ValueError(f"{self._owner()}: `radius` must be a scalar (one Frobenius ball per "
                                  f"kernel), got shape {fraction.shape}.")
