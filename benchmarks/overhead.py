@@ -162,6 +162,9 @@ def main():
     y = rng.integers(0, 10, a.batch)
     jit = {"auto": "auto", "true": True, "false": False}[a.jit_compile.lower()]
     models, extra = {}, {}
+    if dump:   # each method's rows follow as it compiles: a run cut short by its time limit keeps them
+        print("| method | compiled train function | kernels | fusions | custom calls | other |")
+        print("|---|---|---|---|---|---|", flush=True)
     for m in methods:
         model = build(a.model, a.image_size, 10, seed=0, alpha=a.alpha)
         kind = m.split("#")[0]  # "none#2": a second, separately compiled copy
@@ -196,9 +199,8 @@ def main():
                           for n, t in hlo_kernels.modules(dump)]
             shutil.rmtree(dump)
             os.makedirs(dump)
-            # Shown at once: a run cut short by its time limit keeps them.
             for name, (total, fusion, custom, other) in kernels[m]:
-                print(f"| {m} | {name} | {total} | {fusion} | {custom} | {other} | (kernels, at warm-up)", flush=True)
+                print(f"| {m} | {name} | {total} | {fusion} | {custom} | {other} |", flush=True)
             if a.out:
                 with open(a.out, "w") as f:
                     json.dump({"model": a.model, "partial": True, "kernels": kernels}, f, indent=1)
@@ -240,11 +242,6 @@ def main():
         print(f"| {r['method']} | {r['step_s']:.4f} | {r['ratio']:.3f} | {r['ratio_min']:.3f}-{r['ratio_max']:.3f} | {r['anchor_bytes']:,} |")
     if dump:
         shutil.rmtree(dump, ignore_errors=True)
-        print("\n| method | compiled train function | kernels | fusions | custom calls | other |")
-        print("|---|---|---|---|---|---|")
-        for m in methods:
-            for name, (total, fusion, custom, other) in kernels[m]:
-                print(f"| {m} | {name} | {total} | {fusion} | {custom} | {other} |")
     if a.out:
         with open(a.out, "w") as f:
             json.dump(result, f, indent=1)

@@ -196,20 +196,17 @@ def _refuse_nested_after_kernels(model, nested, outside):
     upstream = _upstream(model)
     if upstream is None:
         return
-    top_of = {}
-    for path in outside:
-        top_of.setdefault(path.split("/")[0], path)
     by_name = {l.name: l for l in model.layers}
-    kernel_ids = {id(by_name[n]): n for n in top_of if n in by_name} | {id(m): m.name for m in nested}
+    # The top-level layers holding kernels outside the nested models, in order.
+    outside_top = [n for n in dict.fromkeys(p.split("/")[0] for p in outside) if n in by_name]
+    kernel_ids = {id(by_name[n]) for n in outside_top} | {id(m) for m in nested}
     for m in nested:
-        before = [kernel_ids[u] for u in upstream.get(id(m), ()) if u in kernel_ids]
+        before = [l.name for l in model.layers if id(l) in kernel_ids and id(l) in upstream.get(id(m), ())]
         if not before:
             continue
-        before = [l.name for l in model.layers if l.name in before]   # in model order
         after = [l.name for l in model.layers if id(l) in kernel_ids and id(m) in upstream.get(id(l), ())]
         shown = ", ".join(repr(n) for n in before[:3]) + (f" and {len(before) - 3} more" if len(before) > 3 else "")
-        new_outside = [n for n in top_of if n in by_name]
-        if_pretrained = (f"head={new_outside!r}" if 0 < len(new_outside) <= 6
+        if_pretrained = (f"head={outside_top!r}" if 0 < len(outside_top) <= 6
                          else "head=[...] with the new layers' names")
         raise ValueError(
             f"cannot tell the new head of '{model.name}': its nested model '{m.name}' takes the output of "
