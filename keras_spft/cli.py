@@ -788,12 +788,12 @@ def tune_method(session, method):
                 f"settings ({_differences(started, as_stored)}); rerun with those settings to resume it, or use "
                 "another --out or remove that folder."
             )
-    from keras_spft.tuning import _require_sklearn, grid_min_trials, search
+    from keras_spft.tuning import _require_sklearn, _grid_min_trials, search
 
     # What search() would refuse, refused before the data loads, in the command's words.
-    if args.tuner == "grid" and args.trials < grid_min_trials(len(searched)):
+    if args.tuner == "grid" and args.trials < _grid_min_trials(len(searched)):
         raise UsageError(f"--tuner grid over {len(searched)} searched value(s) ({', '.join(searched)}) needs "
-                         f"--trials of at least {grid_min_trials(len(searched))} (both ends of each range), "
+                         f"--trials of at least {_grid_min_trials(len(searched))} (both ends of each range), "
                          f"got {args.trials}.")
     if args.tuner == "bayesian":
         try:

@@ -146,7 +146,7 @@ def method_values(method, values=None):
 HEAD_VALUES = ("head_radius", "head_strength")
 
 
-def head_list(head):
+def _head_list(head):
     """A `head=` option read once (an iterator would be used up by a test):
     names, layers and dicts as given, other iterables as a list."""
     if head is None or isinstance(head, (str, dict, keras.layers.Layer)):
@@ -157,10 +157,10 @@ def head_list(head):
         return head   # wrap_pretrained names the option in its error
 
 
-def no_head(head):
-    """Whether a `head=` option (read by `head_list`) says the model has no
+def _no_head(head):
+    """Whether a `head=` option (read by `_head_list`) says the model has no
     new head (`[]`)."""
-    return head_list(head) == []
+    return _head_list(head) == []
 
 
 def wrap(model, method, values=None, **options):
@@ -190,8 +190,8 @@ def wrap(model, method, values=None, **options):
     ```
     """
     kwargs = {k: v for k, v in method_values(method, values).items() if k != "lr"}
-    options = dict(options, **({"head": head_list(options["head"])} if "head" in options else {}))
-    if method not in DELTA_METHODS and no_head(options.get("head")):
+    options = dict(options, **({"head": _head_list(options["head"])} if "head" in options else {}))
+    if method not in DELTA_METHODS and _no_head(options.get("head")):
         # head=[]: every kernel pre-trained, so no head value to give (a
         # default head_radius would be refused as bounding nothing).
         given = [k for k in HEAD_VALUES if (values or {}).get(k) is not None]

@@ -119,7 +119,7 @@ class SPFTHyperModel(keras_tuner.HyperModel):
         self.grid_points = None if grid_points is None else int(grid_points)
         self.wrap_options = dict(wrap_options or {})
         if "head" in self.wrap_options:   # read by every trial: an iterator would be used up
-            self.wrap_options["head"] = recipe.head_list(self.wrap_options["head"])
+            self.wrap_options["head"] = recipe._head_list(self.wrap_options["head"])
         self.seed = _checked_seed(seed, 2**32 - 1, "2**32 - 1")
         self._last_hp, self._execution, self._built_before = None, 0, {}
         # A Keras distribution (JAX DataParallel) current when the search is
@@ -130,7 +130,7 @@ class SPFTHyperModel(keras_tuner.HyperModel):
         self._distribution = keras.distribution.distribution()
         allowed = set(recipe.hyperparameter_names(method)) | {"lr"}
         self.ranges = dict(recipe.default_ranges(method))
-        if method not in recipe.DELTA_METHODS and recipe.no_head(self.wrap_options.get("head")):
+        if method not in recipe.DELTA_METHODS and recipe._no_head(self.wrap_options.get("head")):
             # wrap_options={"head": []}: no new head, so no head value to search.
             allowed -= set(recipe.HEAD_VALUES)
             self.ranges = {k: v for k, v in self.ranges.items() if k not in recipe.HEAD_VALUES}
@@ -313,7 +313,7 @@ def _without_tensorboard(tuner):
             tuner._configure_tensorboard_dir = lambda *args, **kwargs: None
 
 
-def grid_min_trials(searched):
+def _grid_min_trials(searched):
     """The fewest trials of a grid over `searched` ranges that tries both
     ends of each: `2 ** searched`."""
     return 2 ** searched
@@ -596,9 +596,9 @@ def search(
             # KerasTuner's grid over an unstepped range takes 10 values each,
             # so 20 trials of a 10 x 10 grid would hardly move the first
             # hyper-parameter: as many values per range as the trials allow.
-            if max_trials < grid_min_trials(searched):
+            if max_trials < _grid_min_trials(searched):
                 raise ValueError(
-                    f"tuner='grid' over {searched} searched range(s) needs at least {grid_min_trials(searched)} trials "
+                    f"tuner='grid' over {searched} searched range(s) needs at least {_grid_min_trials(searched)} trials "
                     f"(both ends of each range), got max_trials={max_trials}: it would leave grid points "
                     "untried. Raise max_trials, fix some values, or use tuner='random'.")
             hypermodel.grid_points = int(math.floor(max_trials ** (1.0 / searched) + 1e-9))
