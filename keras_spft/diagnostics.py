@@ -470,7 +470,9 @@ def gradient_norms(model, x, y, sample_weight=None, training=True, head=None):
         Dict: `"global"`: `||dL/dtheta||_2` over all trainable variables (the
         quantity of Gouk et al., Figure 1); `"loss"`: the loss; and one entry
         per tracked kernel (`TrackedKernel.name`, head kernels prefixed
-        `"head/"`): the norm of that kernel's gradient.
+        `"head/"`; the kernel of a layer named `global` or `loss` is keyed
+        `"global.kernel"` / `"loss.kernel"`): the norm of that kernel's
+        gradient.
 
     Example:
 
@@ -489,6 +491,8 @@ def gradient_norms(model, x, y, sample_weight=None, training=True, head=None):
         g = by_id.get(id(k.variable))
         if g is not None:
             name = k.name if k.role == "backbone" else f"head/{k.name}"
+            if name in ("global", "loss"):   # a layer's name: keep both entries
+                name = f"{k.path}.{k.weight}"
             out[name] = float(np.sqrt((g.astype("float64") ** 2).sum()))
     return out
 

@@ -159,8 +159,9 @@ def _head_list(head):
 
 def _no_head(head):
     """Whether a `head=` option (read by `_head_list`) says the model has no
-    new head (`[]`)."""
-    return _head_list(head) == []
+    new head (`[]`, or an empty dict of names)."""
+    head = _head_list(head)
+    return isinstance(head, (list, dict)) and not head
 
 
 def wrap(model, method, values=None, **options):

@@ -116,6 +116,20 @@ def test_gradient_norms_match_numpy():
     assert out["loss"] == pytest.approx((r ** 2).mean() + 0.3 * ((w1 - w1_0) ** 2).sum(), rel=1e-4)
 
 
+def test_gradient_norms_of_layers_named_global_and_loss_keep_every_entry():
+    """A layer named "global" or "loss" overwrote the entry of that name."""
+    L = keras.layers
+    model = keras.Sequential([keras.Input((4,)), L.Dense(3, name="global"), L.Dense(3, name="loss"),
+                              L.Dense(2, name="out")])
+    keras_spft.wrap_pretrained(model, radius=1.0)
+    model.compile(optimizer="sgd", loss="mse")
+    x, y = np.ones((4, 4), "float32"), np.zeros((4, 2), "float32")
+    out = keras_spft.gradient_norms(model, x, y)
+    assert set(out) == {"global", "loss", "global.kernel", "loss.kernel", "head/out"}
+    assert out["loss"] == pytest.approx(float(model.evaluate(x, y, verbose=0)), rel=1e-5)
+    assert out["global"] > max(out["global.kernel"], out["loss.kernel"])
+
+
 def test_gradient_norms_leave_batchnorm_statistics_alone():
     model = cnn()
     model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))

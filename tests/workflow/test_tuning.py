@@ -151,6 +151,8 @@ def test_head_none_wraps_and_searches_without_head_values(method):
     recipe.wrap nor a search with wrap_options={"head": []} could express it."""
     report = recipe.wrap(tiny_model(), method, {}, head=[])
     assert report.wrapped and all(w.role == "backbone" for w in report.wrapped)
+    report = recipe.wrap(tiny_model(), method, {}, head={})   # an empty dict of names says the same
+    assert report.wrapped and all(w.role == "backbone" for w in report.wrapped)
     model = tiny_model()
     head_name = model.layers[-1].name
     report = recipe.wrap(model, method, {}, head=(n for n in [head_name]))   # an iterator, read once
