@@ -19,6 +19,8 @@ import os
 import sys
 import time
 
+from keras_spft._files import atomic_json, atomic_write, read_json
+
 __all__ = ["run", "main"]
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -458,20 +460,6 @@ class Session:
         return {"batchnorm": bn} if bn != "none" and method in batchnorm_methods(bn) else {}
 
 
-def _atomic_write(path, write):
-    """Writes `path` through `write(file)` into a temporary file, then renames
-    it: a reader (or a killed run) never sees half a file."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"   # distributed search: several processes may write
-    with open(tmp, "w") as f:
-        write(f)
-    os.replace(tmp, path)
-
-
-def _atomic_json(path, obj):
-    _atomic_write(path, lambda f: json.dump(obj, f, indent=2))
-
-
 def _file_digest(path):
     """A weights file as recorded in the settings: its size and a digest of
     its bytes (a file replaced at the same path differs)."""
@@ -496,13 +484,12 @@ def _check_out(out):
 
 
 def _read_json(path, what):
-    """A keras-spft record under --out; a damaged one (a disk that filled up,
-    an edit) is a UsageError naming the file, not a bare JSON error."""
+    """A keras-spft record under --out; a damaged one is a UsageError naming
+    the file, not a bare JSON error."""
     try:
-        with open(path) as f:
-            return json.load(f)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise UsageError(f"'{path}' is not a readable keras-spft {what} ({e}); remove it to redo it.") from None
+        return read_json(path, what, "remove it to redo it")
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def batchnorm_methods(mode):
@@ -658,7 +645,7 @@ def run_seeds(session, method, values, seeds, stage="final"):
             results.append(done)
             continue
         result = train_one(session, method, values, seed, stage)
-        _atomic_json(path, result)
+        atomic_json(path, result)
         _log(f"[{method} seed {seed}] {result['eval_split']} accuracy {result['accuracy']:.4f}, "
              f"cross-entropy {result['cross_entropy']:.4f} ({_fmt_values(result['values'])}; {args.epochs} epochs, "
              f"{result['train_images']} train images, {result['wall_s']:.0f} s) -> {path}")
@@ -808,7 +795,7 @@ def tune_method(session, method):
     splits = run_splits(session, "tune", 0)
     session.check_batches(splits)
     wrap_options = session.wrap_options(method)
-    _atomic_json(started_path, settings_search)
+    atomic_json(started_path, settings_search)
     budget = (f"its own budget (--trials does not apply; up to {epochs} epochs per model, factor 3)"
               if args.tuner == "hyperband" else f"{args.trials} trials of {epochs} epochs")
     _log(f"[{method}] searching {', '.join(searched)} with {args.tuner}, {budget}, "
@@ -831,7 +818,7 @@ def tune_method(session, method):
         "trials": result.trials, "search_settings": settings_search, "wall_s": round(time.time() - start, 2),
         "defaults": recipe.method_values(method),
     }
-    _atomic_json(best_path, record)
+    atomic_json(best_path, record)
     return best, record
 
 
@@ -953,8 +940,8 @@ def _write_tables(args, results_by_method, searches, column, stem, extra, diagno
     if diagnostics:
         summary["diagnostics"] = [os.path.basename(p) for p in figures]
     table = markdown_table(summary)
-    _atomic_json(os.path.join(args.out, stem + ".json"), summary)
-    _atomic_write(os.path.join(args.out, stem + ".md"),
+    atomic_json(os.path.join(args.out, stem + ".json"), summary)
+    atomic_write(os.path.join(args.out, stem + ".md"),
                   lambda f: f.write(table + "\n\n" + summary["metric"] + ".\n"))
     plot(summary, os.path.join(args.out, stem + ".png"))
     _log("\n" + table)

@@ -35,6 +35,7 @@ import numpy as np
 import keras
 from keras import ops
 
+from keras_spft._files import atomic_write
 from keras_spft.kernels import UnsupportedLayerError, kernel_specs, walk_layers
 
 __all__ = [
@@ -810,13 +811,7 @@ def save_attention(path, feature_layers, attention, variant="li2019"):
     """
     arrays = {f"layer_{i}": np.asarray(a, "float32") for i, a in enumerate(attention)}
     meta = json.dumps({"feature_layers": list(feature_layers), "variant": variant})
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    # Written whole, then renamed: a killed process never leaves half a file.
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as f:
-        np.savez(f, meta=np.array(meta), **arrays)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: np.savez(f, meta=np.array(meta), **arrays), binary=True)
 
 
 def load_attention(path):

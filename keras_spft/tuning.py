@@ -9,7 +9,6 @@ table.
 """
 
 import functools
-import json
 import math
 import numbers
 import os
@@ -19,6 +18,7 @@ from dataclasses import dataclass, field
 import keras_tuner
 
 from keras_spft import recipe
+from keras_spft._files import atomic_json, read_json
 from keras_spft.recipe import METHODS
 
 try:   # KerasTuner's per-trial checkpoint (not public API)
@@ -386,12 +386,8 @@ def _check_resumed(project, settings):
     """Raises `ValueError` when `project` holds a search made with other settings."""
     path = os.path.join(project, SETTINGS_FILE)
     if os.path.isfile(path):
-        try:
-            with open(path) as f:
-                stored = json.load(f)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ValueError(f"'{path}' is not a readable keras-spft search record ({e}); remove it (and "
-                             "that search's folder, to search again).") from None
+        stored = read_json(path, "search record",
+                           "remove it (and that search's folder, to search again)")
         legacy = stored.get("objective") == ["val_loss", "min"]   # scored by versions before 2026-11-28
         if legacy and settings.get("objective") == ["val_cross_entropy", "min"] \
                 and settings.get("method") not in recipe.SP_METHODS:
@@ -425,13 +421,7 @@ def _short(value):
 
 
 def _store_settings(project, settings):
-    os.makedirs(project, exist_ok=True)
-    import uuid
-
-    tmp = os.path.join(project, f"{SETTINGS_FILE}.{uuid.uuid4().hex}.tmp")   # several workers may write
-    with open(tmp, "w") as f:
-        json.dump(settings, f, indent=2)
-    os.replace(tmp, os.path.join(project, SETTINGS_FILE))
+    atomic_json(os.path.join(project, SETTINGS_FILE), settings)   # several workers may write
 
 
 def _require_val(val):

@@ -1,6 +1,7 @@
 """keras_spft.tuning and keras_spft.recipe: KerasTuner search over radii/strengths."""
 
 import math
+import os
 
 import keras_tuner
 import numpy as np
@@ -444,6 +445,27 @@ def test_a_val_loss_search_of_an_earlier_version(tmp_path):
             with pytest.raises(ValueError, match=r"before 2026-11-28 scored 'val_loss', which adds the l2-sp "
                                                  r"penalty.*on the command line: another --out"):
                 _check_resumed(project, now)
+
+
+def test_a_write_that_fails_midway_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
+    from keras_spft._files import atomic_json, atomic_write, read_json
+
+    path = str(tmp_path / "record.json")
+    atomic_json(path, {"a": 1})
+
+    def half(f):
+        f.write('{"a": ')
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(path, half)
+    assert read_json(path, "record", "redo it") == {"a": 1}
+    assert os.listdir(tmp_path) == ["record.json"]
+    with open(path, "w") as f:
+        f.write('{"a": ')
+    with pytest.raises(ValueError, match=r"record.json' is not a readable keras-spft record .*; redo it\."):
+        read_json(path, "record", "redo it")
+
 
 def test_sample_weights_reach_fit_and_compile_model_refuses_two_outputs(tmp_path):
     import keras
