@@ -12,7 +12,6 @@ their `alpha` is `2 * strength` here.
 import keras
 from keras import ops
 
-from keras_spft import ops as spft_ops
 from keras_spft.anchors import Anchored
 from keras_spft.constraints import _axis_list, _compute_dtype, _normalized_axis
 

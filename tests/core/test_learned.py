@@ -4,7 +4,6 @@ the bound with the current radius after every step of a real fit, radii that
 move, save/load, logging, and the errors."""
 
 import json
-import os
 import zipfile
 
 import numpy as np

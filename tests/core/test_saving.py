@@ -1,7 +1,6 @@
 """Saving: anchors are binary weights; load_model/load_weights restore them
 bit-identically and the constraints stay active."""
 
-import json
 import os
 import zipfile
 

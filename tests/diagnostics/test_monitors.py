@@ -1,7 +1,6 @@
 """DistanceMonitor and GradientNormMonitor in training (TensorFlow; the
 numbers against numpy on every backend: tests/core/test_diagnostics.py)."""
 
-import math
 
 import numpy as np
 import keras

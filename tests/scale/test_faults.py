@@ -11,7 +11,6 @@ import keras
 from keras import ops
 
 import keras_spft
-from keras_spft import ops as sops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
