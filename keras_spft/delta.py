@@ -52,6 +52,14 @@ VARIANTS = ("li2019", "last-layer")
 
 
 # -- finding layers -------------------------------------------------------------
+def _channels_first(layer, rank):
+    """Whether a feature map of `rank` from `layer` has its channels on axis 1:
+    the layer's `data_format`, else Keras' `image_data_format()` (by which
+    keras.applications builds its layers)."""
+    fmt = getattr(layer, "data_format", None) or keras.config.image_data_format()
+    return rank >= 3 and fmt == "channels_first"
+
+
 def _output_shape(layer):
     try:
         return tuple(layer.output.shape)
@@ -117,7 +125,8 @@ def default_feature_layers(model, variant="li2019", max_maps=4):
             continue
         shape = _output_shape(layer)
         if shape is not None and len(shape) >= 4:
-            spatial.append((path, layer, shape))
+            # the spatial sizes, wherever the channel axis is
+            spatial.append((path, layer, shape[2:] if _channels_first(layer, len(shape)) else shape[1:-1]))
     if not spatial:
         raise ValueError("the model has no layer with a spatial output; pass `feature_layers=`.")
     last = spatial[-1][0]
@@ -134,7 +143,7 @@ def default_feature_layers(model, variant="li2019", max_maps=4):
         return [last]
     unknown = [p for p, s in blocks
                if not _RESNET_BLOCK.fullmatch(p.rsplit("/", 1)[-1])
-               and any(d is None for d in s[1:-1])]
+               and any(d is None for d in s)]
     if unknown:
         raise ValueError(
             f"DELTA: the feature maps of the model have no known spatial size "
@@ -147,7 +156,7 @@ def default_feature_layers(model, variant="li2019", max_maps=4):
         stage = _RESNET_BLOCK.fullmatch(p.rsplit("/", 1)[-1])
         # ResNet: group by stage (ResNetV2 downsamples inside a stage's last
         # block); others: by spatial resolution.
-        by_group[("stage", stage.group(1)) if stage else tuple(s[1:-1])] = p
+        by_group[("stage", stage.group(1)) if stage else tuple(s)] = p
     keep = [p for p, _ in blocks if p in by_group.values()]
     return keep[-max_maps:]
 
@@ -186,7 +195,9 @@ def _functional(model):
 
 def _rebuild(model, targets, transform, prefix=""):
     """A Functional model sharing `model`'s layers, with its outputs followed
-    by the (transformed) outputs of the layers at `targets` (full paths).
+    by the outputs of the layers at `targets` (full paths), channels last.
+    `transform(path, layer, output)` gives the tensor that goes on through
+    the graph (and is tapped).
 
     Returns `(new_model, n_outputs, found_paths)`.
     """
@@ -209,8 +220,9 @@ def _rebuild(model, targets, transform, prefix=""):
             return call_sub
         if path in targets:
             def call_tap(*args, **kwargs):
-                out = transform(path, op(*args, **kwargs))
-                tapped.append(out)
+                out = transform(path, op, op(*args, **kwargs))
+                # Taps are channels-last whatever the layer's data_format.
+                tapped.append(ops.moveaxis(out, 1, -1) if _channels_first(op, len(out.shape)) else out)
                 found.append(path)
                 return out
 
@@ -388,7 +400,7 @@ class DeltaModel(keras.Model):
                 f"DELTA: beta={self.beta:g} has no head kernel to act on (head: {self.head}); "
                 "name the new head's layers with head=[...] (a nested head model by its name).",
                 UserWarning, stacklevel=2)
-        tap, n_out, found = _rebuild(model, set(self.feature_layers), lambda p, t: t)
+        tap, n_out, found = _rebuild(model, set(self.feature_layers), lambda p, l, t: t)
         order = [found.index(p) for p in self.feature_layers]
         self._n_out = n_out
         self._order = order
@@ -541,11 +553,12 @@ def _uniform_attention(channels, variant):
 
 # -- attention ------------------------------------------------------------------
 class _ChannelAblation(keras.layers.Layer):
-    """Multiplies a tiled batch `(k * B, ..., C)` by `k` channel masks."""
+    """Multiplies a tiled batch `(k * B, ...)` by `k` channel masks along
+    the channel `axis` (of the untiled shape)."""
 
-    def __init__(self, k, channels, **kwargs):
+    def __init__(self, k, channels, axis, **kwargs):
         super().__init__(**kwargs)
-        self.k, self.channels = k, channels
+        self.k, self.channels, self.axis = k, channels, axis
         self.mask = self.add_weight(shape=(k, channels), initializer="ones",
                                     trainable=False, name="mask")
 
@@ -556,7 +569,9 @@ class _ChannelAblation(keras.layers.Layer):
         shape = ops.shape(x)
         rank = len(x.shape)
         xr = ops.reshape(x, (self.k, -1) + tuple(shape[1:]))
-        m = ops.reshape(ops.cast(self.mask, x.dtype), (self.k, 1) + (1,) * (rank - 2) + (self.channels,))
+        per_example = [1] * (rank - 1)
+        per_example[self.axis - 1] = self.channels
+        m = ops.reshape(ops.cast(self.mask, x.dtype), (self.k, 1) + tuple(per_example))
         return ops.reshape(xr * m, shape)
 
 
@@ -684,7 +699,7 @@ def compute_attention(model, x, y=None, *, feature_layers=None, variant="li2019"
         if loaded is not None and loaded[0] == paths and loaded[2] == variant:
             att = loaded[1]
             shapes_ok = True
-            tap, n_out, found = _rebuild(model, set(paths), lambda p, t: t)
+            tap, n_out, found = _rebuild(model, set(paths), lambda p, l, t: t)
             for p, a in zip(paths, att):
                 if a.shape[0] != int(tap.outputs[n_out + found.index(p)].shape[-1]):
                     shapes_ok = False
@@ -726,8 +741,9 @@ def compute_attention(model, x, y=None, *, feature_layers=None, variant="li2019"
         k = max(1, chunk // max(1, base_b))
         masks = {}
 
-        def insert(p, t, _k=k, _masks=masks):
-            layer = _ChannelAblation(_k, int(t.shape[-1]))
+        def insert(p, tapped_layer, t, _k=k, _masks=masks):
+            axis = 1 if _channels_first(tapped_layer, len(t.shape)) else len(t.shape) - 1
+            layer = _ChannelAblation(_k, int(t.shape[axis]), axis)
             _masks[p] = layer
             return layer(t)
 

@@ -445,3 +445,46 @@ def test_a_softmax_at_the_end_of_a_nested_head_is_read_as_probabilities():
     kw = dict(feature_layers=["r1"], head=["top"], head_epochs=0, batch_size=8, steps=2)
     np.testing.assert_allclose(D.compute_attention(model, x, y, **kw),
                                D.compute_attention(model, x, y, from_logits=False, **kw), rtol=1e-6)
+
+
+def _twin(data_format):
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((3, 8, 10) if data_format == "channels_first" else (8, 10, 3))
+    f1 = L.Conv2D(4, 3, activation="relu", name="f1", data_format=data_format)(inp)
+    f2 = L.Conv2D(5, 3, activation="relu", name="f2", data_format=data_format)(f1)
+    return keras.Model(inp, L.Dense(3, name="head")(L.GlobalAveragePooling2D(data_format=data_format)(f2)))
+
+
+def test_channels_first_models_weigh_and_ablate_channels_not_columns():
+    """DELTA read the last axis as channels: on a channels_first model it
+    weighed and ablated width columns (its term was 2x off in a review)."""
+    last, first = _twin("channels_last"), _twin("channels_first")
+    for a, b in zip(last.weights, first.weights):   # kernels have one layout for both formats
+        b.assign(a)
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(16, 8, 10, 3)).astype("float32"), np.arange(16) % 3
+    x_first = x.transpose(0, 3, 1, 2)
+    kwargs = dict(feature_layers=["f1", "f2"], head=["head"], head_epochs=0, batch_size=8)
+    att_last = keras_spft.compute_attention(last, x, y, **kwargs)
+    att_first = keras_spft.compute_attention(first, x_first, y, **kwargs)
+    assert [a.shape for a in att_first] == [(4,), (5,)]
+    for a, b in zip(att_last, att_first):
+        np.testing.assert_allclose(b, a, atol=1e-6)
+    dm_last = D.DeltaModel(last, feature_layers=["f1", "f2"], attention=att_last, head=["head"])
+    dm_first = D.DeltaModel(first, feature_layers=["f1", "f2"], attention=att_first, head=["head"])
+    for a, b in zip(last.trainable_weights, first.trainable_weights):
+        moved = keras.ops.convert_to_numpy(a) + 0.1 * rng.normal(size=a.shape)
+        a.assign(moved)
+        b.assign(moved)
+    omega = float(keras.ops.convert_to_numpy(dm_last.delta_loss(x)))
+    assert omega > 0
+    assert float(keras.ops.convert_to_numpy(dm_first.delta_loss(x_first))) == pytest.approx(omega, rel=1e-5)
+
+    previous = keras.config.image_data_format()
+    keras.config.set_image_data_format("channels_first")   # how keras.applications builds channels_first
+    try:
+        mobilenet = keras.applications.MobileNet(alpha=0.25, weights=None, include_top=False, input_shape=(3, 64, 64))
+    finally:
+        keras.config.set_image_data_format(previous)
+    assert D.default_feature_layers(mobilenet) == ["conv_pw_3_relu", "conv_pw_5_relu", "conv_pw_11_relu",
+                                                   "conv_pw_13_relu"]
