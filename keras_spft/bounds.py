@@ -52,7 +52,7 @@ import keras
 
 from keras_spft.constraints import FrobeniusDistance, MARSDistance
 from keras_spft.diagnostics import _np, _row_l1, anchor_value, tracked_kernels
-from keras_spft.kernels import walk_layers
+from keras_spft.kernels import kernel_specs, walk_layers
 from keras_spft.wrap import _named_layers, _selected
 
 __all__ = ["theorem2_bound", "theorem3_bound", "BoundTerms", "LayerTerm"]
@@ -240,9 +240,16 @@ def _terms(model, norm, distances, head, layer_bounds, head_bound, conv_position
     scaled = (_CONV + (keras.layers.Dense, keras.layers.EinsumDense)) if conv_positions else ()
     want = MARSDistance if norm == "mars" else FrobeniusDistance   # the theorem's constraint
 
+    def row_axes(k):
+        """The axes of the layer's rows (its output units), whatever axis a
+        constraint attached by hand sums."""
+        ndim = len(k.variable.shape)
+        spec = next((sp for sp in kernel_specs(layers[k.path]) if sp.weight == k.weight), None)
+        return {a % ndim for a in (spec.axis if spec is not None else k.axis)}
+
     def mat_norm(t, k):
         if norm == "mars":
-            return _summed_positions(layers[k.path]) * float(_row_l1(t, k.axis).max())
+            return _summed_positions(layers[k.path]) * float(_row_l1(t, tuple(sorted(row_axes(k)))).max())
         scale = math.sqrt(_positions(layers[k.path])) if isinstance(layers[k.path], scaled) else 1.0
         return scale * float(np.sqrt((t ** 2).sum()))
 
@@ -269,6 +276,10 @@ def _terms(model, norm, distances, head, layer_bounds, head_bound, conv_position
             d *= math.sqrt(_positions(layers[k.path]))
         elif norm == "mars":
             d *= _summed_positions(layers[k.path])
+            # A constraint summing fewer axes than the layer's rows bounds
+            # slices of a row: the row is at most the sum of its slices.
+            shape, summed = k.variable.shape, {a % len(k.variable.shape) for a in k.axis}
+            d *= math.prod(int(shape[a]) for a in row_axes(k) - summed)
         return w0, d
 
     out = []

@@ -360,3 +360,33 @@ def test_a_history_of_aggregates_only_points_at_the_monitor(tmp_path):
     with pytest.raises(ValueError, match=r"per_layer=False\)? a History holds the aggregates only: pass the monitor"):
         plots.plot_distance_histograms({"mars-pgm": history}, str(tmp_path / "h.png"))
     assert plots.plot_distance_histograms({"mars-pgm": monitor}, str(tmp_path / "m.png")).endswith("m.png")
+
+
+def test_a_constraint_attached_by_hand_on_other_axes_is_measured_on_the_layers_rows():
+    """A MARSDistance with its default axis=0 on a Conv2D kernel bounds
+    (kw, in, out) slices, not the layer's rows: the bound took the slices'
+    norms (D_j 6x too small here) and was no bound."""
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    inp = keras.Input((6, 6, 2))
+    conv = L.Conv2D(3, 3, use_bias=False, name="c1")
+    model = keras.Model(inp, L.Dense(2, use_bias=False, name="head")(L.Flatten()(conv(inp))))
+    w0 = keras.ops.convert_to_numpy(conv.kernel).astype("float64")
+    c = keras_spft.MARSDistance(w0.astype("float32"), radius=0.2)   # sums axis 0 only
+    conv.kernel.constraint = conv.kernel_constraint = c
+    head = model.get_layer("head")
+    head.kernel.constraint = head.kernel_constraint = keras_spft.MARSDistance(None, radius=1.0)
+    moved = w0 + 0.3 * rng.normal(size=w0.shape)
+    conv.kernel.assign(c(keras.ops.convert_to_tensor(moved.astype("float32"))))
+    head.kernel.assign(head.kernel.constraint(head.kernel))
+    w = keras.ops.convert_to_numpy(conv.kernel).astype("float64")
+    rows = lambda t: np.abs(t).sum(axis=(0, 1, 2)).max()   # noqa: E731  the layer's rows: output channels
+    kw = dict(num_examples=10, num_classes=2, input_dim=72, input_bound=1.0, head="head")
+    now = bounds.theorem2_bound(model, **kw)
+    assert now.layers[0].distance == pytest.approx(rows(w - w0), rel=1e-6)
+    assert now.layers[0].distance > 0.2 * 1.5   # more than the constraint's own slices measure
+    assert now.layers[0].bound == pytest.approx(max(rows(w), rows(w0)), rel=1e-6)
+    # Radius mode: each of a row's 3 x 2 slices (kernel height x input channels) is within 0.2.
+    by_radius = bounds.theorem2_bound(model, distances="radius", **kw)
+    assert by_radius.layers[0].distance == pytest.approx(0.2 * 3 * 2, rel=1e-6)
+    assert by_radius.layers[0].distance >= now.layers[0].distance
