@@ -15,7 +15,7 @@ Two variants:
 
 | `variant` | default feature maps | channel weights `w_c` | term per feature map |
 |---|---|---|---|
-| `"li2019"` (original) | last block of each stage (4 maps for ResNet, EfficientNet, MobileNet) | `softmax(zscore(importance) / 5)` per map | `0.5 * sum_c w_c * (C / (H W)) * ||F_c - F0_c||^2` |
+| `"li2019"` (original) | ResNet: last convolution of each stage, as Li et al.; EfficientNet, MobileNet: last block at each resolution (4 maps) | `softmax(zscore(importance) / 5)` per map | `0.5 * sum_c w_c * (C / (H W)) * ||F_c - F0_c||^2` |
 | `"last-layer"` (Gouk et al.'s baseline) | the last feature map | `sigmoid(importance)` | `mean_{h,w,c} w_c * (F - F0)^2` |
 
 `importance` of a channel is the mean increase of the cross-entropy of a head
@@ -67,11 +67,13 @@ def _output_shape(layer):
         return None
 
 
-# A ResNet block output, with its stage (ResNets are grouped by stage).
-_RESNET_BLOCK = re.compile(r"conv(\d)_block\d+_out")
+# A ResNet block's last convolution, with its stage (ResNets are grouped by
+# stage). Li et al. tap the last convolution of each stage, before its
+# BatchNorm, the shortcut and the ReLU (torchvision's `layer1.2.conv3`, ...).
+_RESNET_BLOCK = re.compile(r"conv(\d)_block\d+_3_conv")
 _BLOCK_PATTERNS = (
-    # ResNet / ResNetV2 (keras.applications): output of every block.
-    r"conv\d_block\d+_out",
+    # ResNet / ResNetV2 (keras.applications): last convolution of every block.
+    r"conv\d_block\d+_3_conv",
     # EfficientNet / EfficientNetV2: output of every block.
     r"block\d+[a-z]_(add|project_bn|project_activation)",
     # MobileNet: output of every depthwise-separable block.
@@ -86,11 +88,12 @@ _BLOCK_PATTERNS = (
 def default_feature_layers(model, variant="li2019", max_maps=4):
     """Default DELTA feature maps of a model.
 
-    `"li2019"`: the output of the last block of each stage (ResNet: stage
-    `convN`; other families: the last block output at each spatial
-    resolution), for the deepest `max_maps` stages
-    (ResNet50: `conv2_block3_out`, `conv3_block4_out`, `conv4_block6_out`,
-    `conv5_block3_out`; EfficientNetB0: `block2b_add`, `block3b_add`,
+    `"li2019"`: ResNet: the output of the last convolution of each stage
+    `convN`, as Li et al. (before its BatchNorm, the shortcut and the ReLU);
+    other families: the last block output at each spatial resolution; for
+    the deepest `max_maps` stages (ResNet50: `conv2_block3_3_conv`,
+    `conv3_block4_3_conv`, `conv4_block6_3_conv`, `conv5_block3_3_conv`;
+    EfficientNetB0: `block2b_add`, `block3b_add`,
     `block5c_add`, `block7a_project_bn`; MobileNet: `conv_pw_3_relu`,
     `conv_pw_5_relu`, `conv_pw_11_relu`, `conv_pw_13_relu`). Blocks are
     recognised by the layer names of `keras.applications` ResNet, EfficientNet
@@ -108,14 +111,14 @@ def default_feature_layers(model, variant="li2019", max_maps=4):
         max_maps: at most this many maps (deepest resolutions first kept).
 
     Returns:
-        List of layer paths (`"resnet50/conv2_block3_out"` for a nested base).
+        List of layer paths (`"resnet50/conv2_block3_3_conv"` for a nested base).
 
     Example:
 
     >>> base = keras.applications.ResNet50(weights=None, include_top=False,
     ...                                    input_shape=(64, 64, 3))
     >>> default_feature_layers(base)[-1]
-    'conv5_block3_out'
+    'conv5_block3_3_conv'
     """
     if variant not in VARIANTS:
         raise ValueError(f"unknown DELTA variant {variant!r}; expected one of {VARIANTS}.")

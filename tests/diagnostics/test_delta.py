@@ -198,17 +198,17 @@ def test_save_and_load(tmp_path):
 
 
 def test_default_feature_layers_by_block_names():
-    # ResNet naming: the last block of each stage, the deepest four stages.
+    # ResNet naming: the last convolution of each stage (Li et al.: before
+    # the block's BatchNorm, shortcut and ReLU), the deepest four stages.
     x = inp = keras.Input((16, 16, 3))
-    names = []
     for stage, blocks, stride in ((1, 1, 1), (2, 2, 2), (3, 2, 2), (4, 3, 1), (5, 2, 2)):
         for b in range(1, blocks + 1):
             x = L.Conv2D(2, 1, strides=stride if b == 1 else 1, name=f"conv{stage}_block{b}_1_conv")(x)
+            x = L.Conv2D(2, 1, name=f"conv{stage}_block{b}_3_conv")(x)
             x = L.ReLU(name=f"conv{stage}_block{b}_out")(x)
-            names.append(f"conv{stage}_block{b}_out")
     m = keras.Model(inp, x)
-    assert D.default_feature_layers(m) == ["conv2_block2_out", "conv3_block2_out",
-                                           "conv4_block3_out", "conv5_block2_out"]
+    assert D.default_feature_layers(m) == ["conv2_block2_3_conv", "conv3_block2_3_conv",
+                                           "conv4_block3_3_conv", "conv5_block2_3_conv"]
     assert D.default_feature_layers(m, "last-layer") == ["conv5_block2_out"]
     # Unknown names: the last map, with a warning.
     with pytest.warns(UserWarning, match="feature_layers"):
@@ -337,6 +337,9 @@ def test_attention_matches_a_brute_force_ablation(softmax):
 
 
 def test_default_feature_maps_of_mobilenet_and_efficientnet_are_the_documented_ones():
+    resnet = keras.applications.ResNet50(weights=None, include_top=False, input_shape=(32, 32, 3))
+    assert D.default_feature_layers(resnet) == ["conv2_block3_3_conv", "conv3_block4_3_conv",
+                                                "conv4_block6_3_conv", "conv5_block3_3_conv"]
     mobilenet = keras.applications.MobileNet(alpha=0.25, weights=None, include_top=False, input_shape=(64, 64, 3))
     assert D.default_feature_layers(mobilenet) == ["conv_pw_3_relu", "conv_pw_5_relu", "conv_pw_11_relu",
                                                    "conv_pw_13_relu"]
