@@ -172,19 +172,22 @@ def _upstream(model):
     nodes = getattr(model, "_nodes", None)
     if not isinstance(nodes, (set, dict)):
         return None
+    # Through every operation of the graph, not only its layers: a residual
+    # written `x + block(x)` (ConvNeXt) joins the paths in an operation.
     parents = {}
-    for l in top:
-        parents[id(l)] = {id(p.operation) for i, n in enumerate(l._inbound_nodes)
-                          if f"{id(l)}_ib-{i}" in nodes for p in n.parent_nodes}
+    for op in getattr(model, "operations", top):
+        parents[id(op)] = {id(p.operation) for i, n in enumerate(op._inbound_nodes)
+                           if f"{id(op)}_ib-{i}" in nodes for p in n.parent_nodes}
+    layer_ids = {id(l) for l in top}
     out = {}
-    for l in top:   # model.layers is in topological order
-        seen, stack = set(), list(parents[id(l)])
+    for l in top:
+        seen, stack = set(), list(parents.get(id(l), ()))
         while stack:
             u = stack.pop()
             if u not in seen:
                 seen.add(u)
                 stack.extend(parents.get(u, ()))
-        out[id(l)] = seen
+        out[id(l)] = seen & layer_ids
     return out
 
 
@@ -341,6 +344,27 @@ def _resolve(value, layer, path, what, shared_paths=()):
     return float(number)
 
 
+def _refuse_idle_keys(planned, backbone_value, head_value, sp):
+    """A dict entry that selects no weight of its option's role would be
+    ignored without a word (a head layer's radius given in `radius`).
+    `planned`: `(path, is_head)` of every weight to wrap."""
+    options = (("strength" if sp else "radius", backbone_value, False),
+               ("head_strength" if sp else "head_radius", head_value, True))
+    for what, value, head in options:
+        if not isinstance(value, dict):
+            continue
+        for key in value:
+            if key == "*" or any(_selected({key}, p) for p, h in planned if h == head):
+                continue
+            if any(_selected({key}, p) for p, _ in planned):
+                other = options[0][0] if head else options[1][0]
+                why = (f"it is not in the head: give its value in `{other}`" if head
+                       else f"it is in the new head: give its value in `{other}`")
+            else:
+                why = "no weight of it is wrapped (excluded, skipped, or without kernels; see the report)"
+            raise ValueError(f"`{what}` names layer '{key}', but {why}.")
+
+
 def _fmt(x):
     return f"{x:.4g}"
 
@@ -463,6 +487,13 @@ def wrap_pretrained(
         raise ValueError(
             f"unknown batchnorm option {batchnorm!r}; expected one of {BATCHNORM_MODES}."
         )
+    if method == "none":   # removes keras-spft's objects
+        given = [n for n, v in (("radius", radius), ("head_radius", head_radius), ("strength", strength),
+                                ("head_strength", head_strength), ("projection", projection),
+                                ("batchnorm", batchnorm)) if v is not None] + (["relative"] if relative is True else [])
+        if given:
+            raise ValueError(f"method 'none' removes keras-spft's objects (plain fine-tuning): "
+                             f"`{given[0]}` does not apply.")
     if method == "mars-pgm-exact":
         if projection not in (None, "exact"):
             raise ValueError(f"method 'mars-pgm-exact' conflicts with projection={projection!r}.")
@@ -530,6 +561,8 @@ def wrap_pretrained(
                         ("strength", strength), ("head_strength", head_strength)):
         if isinstance(value, dict):
             for key in value:
+                if not isinstance(key, str):
+                    raise ValueError(f"`{what}` dict keys must be layer names or paths (or '*'), got {key!r}.")
                 if key != "*" and key not in known:
                     raise ValueError(f"`{what}` names layer '{key}' which does not exist in the model.")
     excluded = lookup(exclude or (), "exclude")
@@ -547,6 +580,11 @@ def wrap_pretrained(
                 "this warning).", UserWarning, stacklevel=2)
     else:
         head_ids = lookup(head, "head")
+        head_kernels = [p for p, l in layers if id(l) in head_ids and _has_kernel(l)]
+        if head_kernels and all(id(by_path[p]) in excluded for p in head_kernels):
+            raise ValueError(f"every kernel layer of head={head!r} is also in `exclude` ({', '.join(head_kernels[:4])}"
+                             f"{', ...' if len(head_kernels) > 4 else ''}): a layer is the new head or left out, "
+                             "not both.")
 
     backbone_value = strength if sp else radius
     head_value = head_strength if sp else head_radius
@@ -572,7 +610,7 @@ def wrap_pretrained(
         reason = None
         if id(layer) in excluded:
             reason = "excluded by the user"
-        elif is_bn and batchnorm is None:
+        elif is_bn and batchnorm is None and getattr(layer, "scale", True):
             reason = "BatchNorm: gamma left free (batchnorm=None); beta and moving statistics are never touched"
         elif not specs and own_weights(layer):
             if is_bn:
@@ -616,6 +654,11 @@ def wrap_pretrained(
             "type outside the head (supported: Dense, Conv1D/2D/3D, their Transpose, "
             "DepthwiseConv1D/2D, SeparableConv1D/2D, EinsumDense)."
         )
+
+    if method != "none":
+        # Every path of a planned layer (a shared one has several).
+        planned = [(q, h) for p, layer, _, h in plan for q in (p,) + tuple(others[id(layer)])]
+        _refuse_idle_keys(planned, backbone_value, head_value, sp)
 
     for path, layer, spec, is_head in plan:
         var = spec.variable

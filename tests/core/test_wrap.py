@@ -536,6 +536,31 @@ def test_a_nested_model_fed_by_kernel_layers_must_be_named():
     assert {w.path: w.role for w in report.wrapped} == {"ta/t": "backbone", "tb/t": "backbone", "head": "head"}
 
 
+def test_a_nested_model_fed_through_an_operation_must_be_named_too():
+    """A flat ConvNeXt: its downsampling blocks are nested Sequential models
+    behind residuals written `x + block(x)`, a graph operation, not a layer.
+    The check stopped at the operation, so 55 of ConvNeXtTiny's 58 pre-trained
+    kernels were taken as the head and bounded around zero."""
+    L = keras.layers
+    inp = keras.Input((8, 8, 3))
+    x = L.Conv2D(4, 3, padding="same", name="c1")(inp)
+    x = x + L.Conv2D(4, 3, padding="same", name="c2")(x)
+    x = keras.Sequential([L.Conv2D(4, 1, name="c3")], name="down")(x)
+    model = keras.Model(inp, L.Dense(2, name="newhead")(L.GlobalAveragePooling2D()(x)))
+    with pytest.raises(ValueError, match=r"nested model 'down' takes the output of layers with kernels \('c1', 'c2'\)"):
+        keras_spft.wrap_pretrained(model, radius=1.0, head_radius=1.0)
+
+    base = keras.applications.ConvNeXtTiny(weights=None, include_top=False, pooling="avg", input_shape=(32, 32, 3))
+    flat = keras.Model(base.input, L.Dense(5, name="newhead")(base.output))
+    with pytest.raises(ValueError, match="cannot tell the new head"):
+        keras_spft.wrap_pretrained(flat, radius=5.0, head_radius=1.0)
+    roles = [w.role for w in keras_spft.wrap_pretrained(flat, radius=5.0, head_radius=1.0, head=["newhead"]).wrapped]
+    assert (roles.count("backbone"), roles.count("head")) == (58, 1)
+    roles = [w.role for w in keras_spft.wrap_pretrained(keras.Sequential([base, L.Dense(5)]), radius=5.0,
+                                                          head_radius=1.0).wrapped]
+    assert (roles.count("backbone"), roles.count("head")) == (58, 1)
+
+
 @pytest.mark.parametrize("method,value", [("l2-pgm", {"head_radius": 3.0}), ("l2-sp", {"head_strength": 1.0})])
 def test_batchnorm_in_a_named_head_is_anchored_at_its_gamma_not_at_zero(method, value):
     """gamma starts at 1 by design: a head named with head=[...] bounded its
@@ -693,3 +718,41 @@ def test_head_and_exclude_take_layer_objects():
         keras_spft.wrap_pretrained(model, radius=0.5, exclude=[3])
     with pytest.raises(ValueError, match=r"`head` must be a layer name or path, a layer, or a list of them; got 3"):
         keras_spft.wrap_pretrained(model, radius=0.5, head=3)
+
+
+def test_option_values_that_would_be_ignored_are_refused():
+    """A review found these accepted without a word: a head layer's radius in
+    `radius` (the head got the default), a layer object as a dict key, a head
+    that is wholly excluded, values given to method="none"."""
+    L = keras.layers
+
+    def net():
+        keras.utils.set_random_seed(0)
+        return keras.Sequential([keras.Input((4,)), L.Dense(3, name="c1"), L.ReLU(name="relu"),
+                                 L.Dense(2, name="head")])
+
+    cases = [
+        (dict(radius={"head": 50.0, "*": 1.0}, head_radius=1.0),
+         r"`radius` names layer 'head', but it is in the new head: give its value in `head_radius`"),
+        (dict(radius=1.0, head_radius={"c1": 5.0, "*": 1.0}),
+         r"`head_radius` names layer 'c1', but it is not in the head: give its value in `radius`"),
+        (dict(radius={"relu": 2.0, "*": 1.0}), r"`radius` names layer 'relu', but no weight of it is wrapped"),
+        (dict(radius=1.0, head=["head"], exclude=["head"], head_radius=1.0),
+         r"every kernel layer of head=\['head'\] is also in `exclude` \(head\)"),
+        (dict(method="none", radius=1.0), r"method 'none' removes keras-spft's objects .*`radius` does not apply"),
+        (dict(method="none", batchnorm="gamma"), r"`batchnorm` does not apply"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            keras_spft.wrap_pretrained(net(), **kwargs)
+    model = net()
+    with pytest.raises(ValueError, match=r"`radius` dict keys must be layer names or paths \(or '\*'\), got <Dense"):
+        keras_spft.wrap_pretrained(model, radius={model.get_layer("c1"): 5.0, "*": 1.0})
+    # What is meant stays possible.
+    report = keras_spft.wrap_pretrained(net(), radius={"c1": 2.0}, head_radius={"head": 3.0})
+    assert {w.path: w.value for w in report.wrapped} == {"c1": "2", "head": "3"}
+    # A BatchNorm without gamma says so, whatever `batchnorm` is.
+    bn = keras.Sequential([keras.Input((4,)), L.Dense(3, name="c1"), L.BatchNormalization(scale=False, name="bn"),
+                           L.Dense(2, name="head")])
+    skipped = {s.path: s.reason for s in keras_spft.wrap_pretrained(bn, radius=1.0).skipped}
+    assert skipped["bn"] == "BatchNorm without a scale (gamma)"
