@@ -55,6 +55,14 @@ def check_positive(value, what, owner):
         )
 
 
+def check_count(value, what, owner, low=1):
+    """`value` as an int; a ValueError naming `owner` and `what` unless it is
+    an integer (not a bool) of at least `low`."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < low:
+        raise ValueError(f"{owner}: `{what}` must be an integer of at least {low}, got {value!r}.")
+    return int(value)
+
+
 def _outside_keras():
     """The `stacklevel` of the first caller outside Keras and keras-spft, so
     that a warning raised while Keras loads a file points at the user's

@@ -204,6 +204,10 @@ class _DistanceConstraint(Anchored, keras.constraints.Constraint):
             `keras_spft.ops.l1_radius_gradient`).
         """
         w = ops.convert_to_tensor(w)
+        self._check_shape(w)
+        if tuple(grad.shape) != tuple(w.shape):
+            raise ValueError(f"{self._owner()}: the gradient has shape {tuple(grad.shape)} but the kernel "
+                             f"has shape {tuple(w.shape)}.")
         x = ops.cast(w, "float32")
         t = x if self._anchor is None else x - self._anchor_value("float32", traced_with=w)
         # Storing W0 + offset rounds each element by up to half an ulp of its
@@ -359,6 +363,7 @@ class MARSDistance(_DistanceConstraint):
     def row_distances(self, w):
         """Per-row L1 distances of `w` to the anchor (reduced axes kept)."""
         w = ops.convert_to_tensor(w)
+        self._check_shape(w)
         w = ops.cast(w, _compute_dtype(w.dtype))   # 16-bit kernels: their distance in float32
         t = w if self._anchor is None else w - self._anchor_value(w.dtype)
         return spft_ops.row_l1_norms(t, self._axis_for(w))
@@ -487,6 +492,7 @@ class FrobeniusDistance(_DistanceConstraint):
     def distance(self, w):
         """The Frobenius distance of `w` to the anchor."""
         w = ops.convert_to_tensor(w)
+        self._check_shape(w)
         w = ops.cast(w, _compute_dtype(w.dtype))   # 16-bit kernels: their distance in float32
         t = w if self._anchor is None else w - self._anchor_value(w.dtype)
         return spft_ops.frobenius_norm(t)

@@ -474,6 +474,14 @@ def test_ema_weights_are_projected_at_the_end_of_fit(radius):
 def test_radius_optimizer_argument_errors():
     with pytest.raises(ValueError, match="shrink_factor"):
         keras_spft.RadiusOptimizer(keras.optimizers.Adam(), shrink_factor=2.0)
+    # Strings and None failed in a comparison; an infinite epsilon froze every radius.
+    for kwargs, match in ((dict(beta_1="0.9"), r"`beta_1` must be a number in \[0, 1\), got '0.9'"),
+                          (dict(beta_2=None), r"`beta_2` must be a number"),
+                          (dict(shrink_factor=None), r"`shrink_factor` must be a number in \[0, 1\]"),
+                          (dict(epsilon=float("inf")), r"RadiusOptimizer: `epsilon` must be positive and finite"),
+                          (dict(epsilon=None), r"RadiusOptimizer: `epsilon` must be positive and finite, got None")):
+        with pytest.raises(ValueError, match=match):
+            keras_spft.RadiusOptimizer(keras.optimizers.Adam(), **kwargs)
     # Options of the base optimizer belong on the inner one; 0.99 (the EMA
     # momentum's default) was let through silently for all of them.
     for key in ("clipnorm", "weight_decay", "global_clipnorm"):

@@ -316,3 +316,20 @@ def test_per_row_radii_of_a_head_are_checked_against_its_rows():
     c = keras_spft.MARSDistance(None, radius=np.array([1.0, 2.0, 3.0], "float32"), axis=0)
     out = to_np(c(ops.ones((4, 3)) * 2.0))
     np.testing.assert_allclose(np.abs(out).sum(axis=0), [1.0, 2.0, 3.0], rtol=1e-6)
+
+
+def test_distances_of_a_kernel_of_another_shape_are_refused():
+    """distance(), row_distances() and radius_gradient() broadcast a wrong
+    shape against the anchor and returned a number (9.64 for (1, 4) against
+    a (16, 4) anchor); __call__ refused it already."""
+    anchor = np.random.default_rng(0).normal(size=(16, 4)).astype("float32")
+    mars, fro = keras_spft.MARSDistance(anchor, 1.0), keras_spft.FrobeniusDistance(anchor, 1.0)
+    for bad in (np.zeros((1, 4), "float32"), np.zeros((4,), "float32")):
+        for call in (mars.distance, mars.row_distances, fro.distance):
+            with pytest.raises(ValueError, match=r"the weight has shape .* but the anchor has shape \(16, 4\)"):
+                call(bad)
+        with pytest.raises(ValueError, match=r"the anchor has shape \(16, 4\)"):
+            mars.radius_gradient(np.zeros((16, 4), "float32"), bad)
+    with pytest.raises(ValueError, match=r"the gradient has shape \(1, 4\) but the kernel has shape \(16, 4\)"):
+        mars.radius_gradient(np.zeros((1, 4), "float32"), anchor)
+    assert float(to_np(mars.distance(anchor))) == 0.0
