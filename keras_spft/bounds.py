@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import keras
 
+from keras_spft.anchors import check_count, check_positive
 from keras_spft.constraints import FrobeniusDistance, MARSDistance
 from keras_spft.diagnostics import _np, _row_l1, anchor_value, tracked_kernels
 from keras_spft.kernels import kernel_specs, walk_layers
@@ -335,6 +336,17 @@ def _assemble(theorem, constant, head_bound, layers):
                       full, log_full)
 
 
+def _check_constants(owner, input_bound, lipschitz, head_bound, layer_bounds):
+    """The theorems' constants are positive and finite: a negative one gave a
+    math domain error, a zero B_j a bound of 0."""
+    check_positive(input_bound, "input_bound", owner)
+    check_positive(lipschitz, "lipschitz", owner)
+    if head_bound is not None:
+        check_positive(head_bound, "head_bound", owner)
+    for name, b in (layer_bounds or {}).items():
+        check_positive(b, f"layer_bounds[{name!r}]", owner)
+
+
 def theorem2_bound(model, *, num_examples, num_classes, input_dim, input_bound,
                    lipschitz=1.0, distances="current", head=None,
                    layer_bounds=None, head_bound=None):
@@ -378,9 +390,9 @@ def theorem2_bound(model, *, num_examples, num_classes, input_dim, input_bound,
     terms.value, terms.distance_sum
     ```
     """
-    m, c, d = int(num_examples), int(num_classes), int(input_dim)
-    if m < 1 or c < 1 or d < 1:
-        raise ValueError("num_examples, num_classes and input_dim must be >= 1.")
+    m, c, d = (check_count(v, what, "theorem2_bound") for what, v in
+               (("num_examples", num_examples), ("num_classes", num_classes), ("input_dim", input_dim)))
+    _check_constants("theorem2_bound", input_bound, lipschitz, head_bound, layer_bounds)
     layers, hb = _terms(model, "mars", distances, head, layer_bounds, head_bound, False)
     constant = 2.0 * math.sqrt(math.log(2 * d)) * c * float(lipschitz) * float(input_bound) / math.sqrt(m)
     return _assemble(2, constant, hb, layers)
@@ -422,9 +434,9 @@ def theorem3_bound(model, *, num_examples, num_classes, input_bound,
     terms.log_value, [(t.path, t.bound, t.distance) for t in terms.layers]
     ```
     """
-    m, c = int(num_examples), int(num_classes)
-    if m < 1 or c < 1:
-        raise ValueError("num_examples and num_classes must be >= 1.")
+    m, c = (check_count(v, what, "theorem3_bound") for what, v in
+            (("num_examples", num_examples), ("num_classes", num_classes)))
+    _check_constants("theorem3_bound", input_bound, lipschitz, head_bound, layer_bounds)
     layers, hb = _terms(model, "frobenius", distances, head, layer_bounds, head_bound, conv_positions)
     constant = math.sqrt(2 * c) * float(lipschitz) * float(input_bound) / math.sqrt(m)
     return _assemble(3, constant, hb, layers)

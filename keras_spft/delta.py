@@ -36,6 +36,7 @@ import keras
 from keras import ops
 
 from keras_spft._files import atomic_write
+from keras_spft.anchors import check_count
 from keras_spft.kernels import UnsupportedLayerError, kernel_specs, walk_layers
 
 __all__ = [
@@ -381,8 +382,9 @@ class DeltaModel(keras.Model):
         if variant not in VARIANTS:
             raise ValueError(f"unknown DELTA variant {variant!r}; expected one of {VARIANTS}.")
         for what, v in (("alpha", alpha), ("beta", beta)):
-            if not (np.isfinite(v) and v >= 0):
-                raise ValueError(f"`{what}` must be finite and >= 0, got {v}.")
+            number = isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+            if not (number and np.isfinite(v) and v >= 0):
+                raise ValueError(f"DeltaModel: `{what}` must be a finite number >= 0, got {v!r}.")
         if not getattr(model, "built", False):
             raise ValueError("the model is not built: call it on data or build it first.")
         self.model = model
@@ -393,7 +395,7 @@ class DeltaModel(keras.Model):
             feature_layers = default_feature_layers(model, variant)
         elif isinstance(feature_layers, str):
             feature_layers = [feature_layers]
-        self.feature_layers = _find(model, list(feature_layers))
+        self.feature_layers = _find(model, _feature_list(feature_layers, "DeltaModel"))
         self.head = _head_names(model, head)
         # Found once (not at every training step); kept out of tracking (the
         # model's own variables).
@@ -578,6 +580,14 @@ class _ChannelAblation(keras.layers.Layer):
         return ops.reshape(xr * m, shape)
 
 
+def _feature_list(feature_layers, owner):
+    names = [feature_layers] if isinstance(feature_layers, str) else list(feature_layers)
+    if not names:
+        raise ValueError(f"{owner}: `feature_layers` is empty: name at least one layer, or pass None for the "
+                         "default feature maps.")
+    return names
+
+
 def _batches(x, y, batch_size, steps):
     if y is None:
         it = iter(x)
@@ -692,7 +702,9 @@ def compute_attention(model, x, y=None, *, feature_layers=None, variant="li2019"
         raise ValueError(f"unknown DELTA variant {variant!r}; expected one of {VARIANTS}.")
     if feature_layers is None:
         feature_layers = default_feature_layers(model, variant)
-    paths = _find(model, list(feature_layers))
+    paths = _find(model, _feature_list(feature_layers, "compute_attention"))
+    batch_size = check_count(batch_size, "batch_size", "compute_attention")
+    steps = None if steps is None else check_count(steps, "steps", "compute_attention")
     if cache is not None and os.path.exists(cache):
         try:
             loaded = load_attention(cache)
@@ -887,6 +899,8 @@ def add_delta(model, x=None, y=None, *, feature_layers=None, alpha=0.01, beta=0.
     model.predict(x_test)   # the fine-tuned network itself is `model`
     ```
     """
+    if x is None and y is not None:
+        raise ValueError("add_delta: `y` is given without `x`: pass both to compute the attention, or neither.")
     dm = DeltaModel(model, feature_layers=feature_layers, alpha=alpha, beta=beta,
                     variant=variant, head=head)
     if x is not None or (cache is not None and os.path.exists(cache)):

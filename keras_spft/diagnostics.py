@@ -16,7 +16,7 @@ import numpy as np
 import keras
 from keras import ops
 
-from keras_spft.anchors import Anchored
+from keras_spft.anchors import Anchored, check_count, check_flag
 from keras_spft import ops as spft_ops
 from keras_spft.constraints import _UNIT_ROUNDOFF, FrobeniusDistance, MARSDistance
 from keras_spft.kernels import UnsupportedLayerError, kernel_specs
@@ -235,9 +235,7 @@ class _EpochSchedule(keras.callbacks.Callback):
 
     def __init__(self, every):
         super().__init__()
-        if int(every) < 1:
-            raise ValueError(f"`every` must be >= 1, got {every}.")
-        self.every = int(every)
+        self.every = check_count(every, "every", type(self).__name__)
         self._epochs = None
         self._first = False
 
@@ -305,8 +303,11 @@ class DistanceMonitor(_EpochSchedule):
 
     def __init__(self, every=1, tol=1e-3, per_layer=True, prefix="spft", head=None):
         super().__init__(every)
+        if isinstance(tol, (bool, str)) or not isinstance(tol, (int, float, np.floating)) or not 0 <= tol < 1:
+            raise ValueError(f"DistanceMonitor: `tol` (relative tolerance of at_bound) must be a number in "
+                             f"[0, 1), got {tol!r}.")
         self.tol = float(tol)
-        self.per_layer = bool(per_layer)
+        self.per_layer = check_flag(per_layer, "per_layer", "DistanceMonitor")
         self.prefix = prefix
         self.head = head
         self.history = []
@@ -483,6 +484,7 @@ def gradient_norms(model, x, y, sample_weight=None, training=True, head=None):
     """
     if not getattr(model, "compiled", False):
         raise ValueError("gradient_norms needs a compiled model (model.compile(loss=...)).")
+    training = check_flag(training, "training", "gradient_norms")
     loss, grads = _gradients(model, x, y, sample_weight, training)
     by_id = {id(v): g for v, g in zip(model.trainable_variables, grads)}
     out = {"global": float(np.sqrt(sum(float((g.astype("float64") ** 2).sum()) for g in grads))),
@@ -555,8 +557,8 @@ class GradientNormMonitor(_EpochSchedule):
                  per_layer=True, prefix="grad", head=None):
         super().__init__(every)
         self.x, self.y, self.sample_weight = x, y, sample_weight
-        self.training = bool(training)
-        self.per_layer = bool(per_layer)
+        self.training = check_flag(training, "training", "GradientNormMonitor")
+        self.per_layer = check_flag(per_layer, "per_layer", "GradientNormMonitor")
         self.prefix = prefix
         self.head = head
         self.history = []

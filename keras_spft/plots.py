@@ -29,6 +29,10 @@ def _history_dict(run):
     raise TypeError(f"cannot read diagnostics from {type(run).__name__}.")
 
 
+#: The per-layer values `DistanceMonitor` logs.
+_METRICS = ("mars", "frobenius", "at_bound")
+
+
 def layer_distances(run, metric="mars", prefix="spft", epoch=-1, head=False):
     """Per-layer distances of one run at one logged epoch.
 
@@ -53,7 +57,17 @@ def layer_distances(run, metric="mars", prefix="spft", epoch=-1, head=False):
     layer_distances(history, metric="mars")   # {"base/conv1": 0.31, ...}
     ```
     """
+    if metric not in _METRICS:
+        raise ValueError(f"layer_distances: unknown metric {metric!r}; expected one of {_METRICS}.")
     h = _history_dict(run)
+    if not any(k.startswith(prefix + "/") for k in h):
+        prefixes = sorted({k.split("/", 1)[0] for k in h if "/" in k})
+        raise ValueError(f"layer_distances: no '{prefix}/...' values in this run: was a DistanceMonitor with "
+                         f"prefix={prefix!r} among its callbacks? (prefixes logged: {prefixes})")
+    logged = max((len(v) for k, v in h.items() if k.startswith(prefix + "/")), default=0)
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or not -logged <= epoch < logged:
+        raise ValueError(f"layer_distances: `epoch` must index the {logged} logged epoch(s) "
+                         f"(-{logged} to {logged - 1}), got {epoch!r}.")
     out = {}
     start, end = prefix + "/", "/" + metric
     for key, values in h.items():
@@ -88,6 +102,12 @@ def _figure(nrows, ncols=1, width=6.4, height=2.2):
     return fig
 
 
+def _check_results(results, owner):
+    if not isinstance(results, dict) or not results:
+        raise ValueError(f"{owner}: `results` must be a non-empty dict {{method name: run}} (a History, its "
+                         f"history dict or a monitor per method), got {type(results).__name__}.")
+
+
 def plot_distance_histograms(results, path, metric="mars", radius=None, bins=20,
                              prefix="spft", title=None):
     """Histograms of per-layer distances, one panel per method (Figure 2).
@@ -115,6 +135,7 @@ def plot_distance_histograms(results, path, metric="mars", radius=None, bins=20,
         {"mars-pgm": hist_pgm, "none": hist_none}, "distances.png", radius={"mars-pgm": 2.0})
     ```
     """
+    _check_results(results, "plot_distance_histograms")
     by_layer = {m: layer_distances(r, metric, prefix) for m, r in results.items()}
     for method, layers in by_layer.items():
         bad = [layer for layer, v in layers.items() if not np.isfinite(v)]
@@ -177,6 +198,7 @@ def plot_gradient_norms(results, path, key="grad/global", log_scale=True, title=
     fig = _figure(1, height=3.6)
     ax = fig.subplots()
     drawn = 0
+    _check_results(results, "plot_gradient_norms")
     for method, run in results.items():
         if hasattr(run, "history") and isinstance(run.history, list):
             pts = [(e["epoch"] + 1, e[key]) for e in run.history if key in e]

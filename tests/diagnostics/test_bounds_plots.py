@@ -390,3 +390,22 @@ def test_a_constraint_attached_by_hand_on_other_axes_is_measured_on_the_layers_r
     by_radius = bounds.theorem2_bound(model, distances="radius", **kw)
     assert by_radius.layers[0].distance == pytest.approx(0.2 * 3 * 2, rel=1e-6)
     assert by_radius.layers[0].distance >= now.layers[0].distance
+
+
+def test_bad_constants_of_the_bounds_are_named():
+    """A zero or negative B_j gave a bound of 0, a negative input_bound a
+    bare "math domain error", num_examples=1.5 was read as 1."""
+    model = two_layer_net()
+    kw = dict(num_examples=4, num_classes=2, input_dim=2, input_bound=1.0)
+    for change, match in ((dict(layer_bounds={"w1": 0.0}), r"theorem2_bound: `layer_bounds\['w1'\]` must be positive"),
+                          (dict(layer_bounds={"w1": -1.0}), r"`layer_bounds\['w1'\]` must be positive"),
+                          (dict(input_bound=-1.0), r"theorem2_bound: `input_bound` must be positive"),
+                          (dict(input_bound=float("nan")), r"`input_bound` must be positive and finite"),
+                          (dict(lipschitz=-1.0), r"`lipschitz` must be positive"),
+                          (dict(head_bound=-2.0), r"`head_bound` must be positive"),
+                          (dict(num_examples=1.5), r"`num_examples` must be an integer of at least 1, got 1.5")):
+        with pytest.raises(ValueError, match=match):
+            bounds.theorem2_bound(model, **dict(kw, **change))
+    with pytest.raises(ValueError, match=r"theorem3_bound: `num_classes` must be an integer of at least 1"):
+        bounds.theorem3_bound(model, num_examples=4, num_classes=0, input_bound=1.0)
+    assert bounds.theorem2_bound(model, **kw).value > 0

@@ -491,3 +491,21 @@ def test_channels_first_models_weigh_and_ablate_channels_not_columns():
         keras.config.set_image_data_format(previous)
     assert D.default_feature_layers(mobilenet) == ["conv_pw_3_relu", "conv_pw_5_relu", "conv_pw_11_relu",
                                                    "conv_pw_13_relu"]
+
+
+def test_bad_delta_options_are_named():
+    model = keras.Sequential([keras.Input((8, 8, 3)), L.Conv2D(4, 3, name="f1"), L.GlobalAveragePooling2D(),
+                              L.Dense(3, name="head")])
+    x, y = np.zeros((8, 8, 8, 3), "float32"), np.arange(8) % 3
+    for kwargs, match in ((dict(alpha="0.01"), r"DeltaModel: `alpha` must be a finite number >= 0, got '0.01'"),
+                          (dict(beta=None), r"DeltaModel: `beta` must be a finite number >= 0, got None"),
+                          (dict(feature_layers=[]), r"DeltaModel: `feature_layers` is empty")):
+        with pytest.raises(ValueError, match=match):
+            D.DeltaModel(model, head=["head"], **dict(dict(feature_layers=["f1"]), **kwargs))
+    for kwargs, match in ((dict(steps=0), r"compute_attention: `steps` must be an integer of at least 1"),
+                          (dict(batch_size=0), r"compute_attention: `batch_size` must be an integer of at least 1"),
+                          (dict(feature_layers=[]), r"compute_attention: `feature_layers` is empty")):
+        with pytest.raises(ValueError, match=match):
+            keras_spft.compute_attention(model, x, y, head=["head"], **dict(dict(feature_layers=["f1"]), **kwargs))
+    with pytest.raises(ValueError, match=r"add_delta: `y` is given without `x`"):
+        keras_spft.add_delta(model, None, y, feature_layers=["f1"], head=["head"])

@@ -185,3 +185,34 @@ def test_a_probe_of_one_class_warns():
         keras_spft.GradientNormMonitor(x, np.arange(6) % 3)
         keras_spft.GradientNormMonitor(x, np.linspace(0, 1, 6).astype("float32"))   # regression targets
         keras_spft.GradientNormMonitor(x[:1], np.array([1]))                        # one example
+
+
+def test_bad_diagnostics_options_are_named():
+    """A review found these read silently: training="False" measured in
+    training mode, tol=5 put every row at the bound, a misspelt metric or an
+    epoch past the end gave {}, a list of runs failed with AttributeError."""
+    x, y = data()
+    for make, match in ((lambda: keras_spft.GradientNormMonitor(x[:4], y[:4], training="False"),
+                         r"GradientNormMonitor: `training` must be True or False, got 'False'"),
+                        (lambda: keras_spft.DistanceMonitor(per_layer="False"),
+                         r"DistanceMonitor: `per_layer` must be True or False"),
+                        (lambda: keras_spft.DistanceMonitor(tol=5), r"`tol` .* must be a number in \[0, 1\), got 5"),
+                        (lambda: keras_spft.DistanceMonitor(every=0), r"DistanceMonitor: `every` must be an integer")):
+        with pytest.raises(ValueError, match=match):
+            make()
+    model = cnn()
+    keras_spft.wrap_pretrained(model, radius=0.5)
+    model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    history = model.fit(x, y, epochs=2, verbose=0, callbacks=[keras_spft.DistanceMonitor()])
+    assert plots.layer_distances(history, metric="mars")
+    assert plots.layer_distances(history, epoch=-2) and plots.layer_distances(history, epoch=1)
+    for kwargs, match in ((dict(metric="MARS"), r"unknown metric 'MARS'; expected one of \('mars', 'frobenius', 'at_bound'\)"),
+                          (dict(epoch=2), r"`epoch` must index the 2 logged epoch\(s\) \(-2 to 1\), got 2"),
+                          (dict(epoch=-3), r"got -3"),
+                          (dict(prefix="x"), r"no 'x/\.\.\.' values in this run: was a DistanceMonitor with prefix='x'.*'spft'")):
+        with pytest.raises(ValueError, match=match):
+            plots.layer_distances(history, **kwargs)
+    with pytest.raises(ValueError, match=r"plot_distance_histograms: `results` must be a non-empty dict"):
+        plots.plot_distance_histograms([history], "/tmp/never_written.png")
+    with pytest.raises(ValueError, match=r"gradient_norms: `training` must be True or False"):
+        keras_spft.gradient_norms(model, x[:4], y[:4], training="yes")
