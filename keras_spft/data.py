@@ -22,6 +22,8 @@ import numpy as np
 import tensorflow as tf
 import keras
 
+from keras_spft.anchors import check_count, check_flag
+
 __all__ = ["DataSplits", "load_data", "scan_image_folder"]
 
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png")
@@ -99,10 +101,16 @@ class DataSplits:
 
 
 def _size(image_size):
-    if isinstance(image_size, int):
-        return (image_size, image_size)
-    h, w = image_size
-    return (int(h), int(w))
+    """`(height, width)` from an int or a pair of ints, each at least 1."""
+    def whole(v):
+        return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) and v >= 1
+
+    if whole(image_size):
+        return (int(image_size), int(image_size))
+    if isinstance(image_size, (tuple, list)) and len(image_size) == 2 and all(whole(v) for v in image_size):
+        return tuple(int(v) for v in image_size)
+    raise ValueError(f"load_data: `image_size` must be a positive int or a pair (height, width) of them, "
+                     f"got {image_size!r}.")
 
 
 # ----------------------------------------------------------------------------
@@ -432,6 +440,12 @@ def load_data(
             or not 0 < crop_fraction <= 1:
         raise ValueError(f"crop_fraction must be a number in (0, 1], got {crop_fraction!r}.")
     size = _size(image_size)
+    check_count(batch_size, "batch_size", "load_data")
+    augment, cache, shuffle = (check_flag(v, what, "load_data") for what, v in
+                               (("augment", augment), ("cache", cache), ("shuffle", shuffle)))
+    if preprocess is not None and not callable(preprocess):
+        raise ValueError(f"load_data: `preprocess` must be a function (the backbone's preprocess_input, e.g. "
+                         f"keras_spft.backbones.get_backbone('mobilenet').preprocess_input), got {preprocess!r}.")
     source = str(source)
     if source.startswith("tfds:"):
         name = source[len("tfds:"):]

@@ -136,10 +136,41 @@ def method_values(method, values=None):
     out = {}
     for name in hyperparameter_names(method):
         v = values.get(name)
-        out[name] = float(DEFAULTS[name] if v is None else v)
+        out[name] = float(DEFAULTS[name] if v is None else _positive(v, name, f"method {method!r}"))
     if values.get("lr") is not None:
-        out["lr"] = float(values["lr"])
+        out["lr"] = float(_positive(values["lr"], "lr", f"method {method!r}"))
     return out
+
+
+def _positive(value, name, owner):
+    from keras_spft.anchors import check_positive
+
+    check_positive(value, name, owner)
+    return value
+
+
+#: Options `wrap` sets from the method and its values, not from `**options`.
+_SET_BY_WRAP = ("method", "radius", "head_radius", "strength", "head_strength", "alpha", "beta")
+
+
+def check_wrap_options(method, options):
+    """Raises `ValueError` for a `wrap` option that the method's values set,
+    or that `wrap_pretrained` (or `DeltaModel`) does not take."""
+    import inspect
+
+    for key in options:
+        if key in _SET_BY_WRAP:
+            raise ValueError(f"wrap option {key!r} is set by the method and its hyper-parameter values "
+                             f"(method {method!r}): give it as a value or range, not as a wrap option.")
+    if method in DELTA_METHODS:
+        from keras_spft.delta import DeltaModel as target
+    else:
+        target = wrap_pretrained
+    accepted = set(inspect.signature(target).parameters) - {"self", "model"}
+    unknown = sorted(set(options) - accepted, key=str)
+    if unknown:
+        raise ValueError(f"unknown wrap option(s) {unknown} for method {method!r}; "
+                         f"{target.__name__} takes {sorted(accepted - set(_SET_BY_WRAP))}.")
 
 
 #: The hyper-parameters of the new head.
@@ -190,6 +221,7 @@ def wrap(model, method, values=None, **options):
     compile_model(model, lr=1e-4)
     ```
     """
+    check_wrap_options(method, options)
     kwargs = {k: v for k, v in method_values(method, values).items() if k != "lr"}
     options = dict(options, **({"head": _head_list(options["head"])} if "head" in options else {}))
     if method not in DELTA_METHODS and _no_head(options.get("head")):
@@ -252,6 +284,8 @@ def compile_model(model, lr=DEFAULT_LR, radius_lr=DEFAULT_RADIUS_LR):
         raise ValueError(
             f"compile_model compiles a classifier with one output; '{model.name}' has {len(outputs)}: "
             "compile it yourself, with a loss and metrics per output.")
+    _positive(lr, "lr", "compile_model")
+    _positive(radius_lr, "radius_lr", "compile_model")
     optimizer = keras.optimizers.Adam(learning_rate=lr, amsgrad=True)
     variables = model.trainable_variables
     on_jax = keras.backend.backend() == "jax"

@@ -19,6 +19,7 @@ import keras_tuner
 
 from keras_spft import recipe
 from keras_spft._files import atomic_json, read_json
+from keras_spft.anchors import check_count, check_positive
 from keras_spft.recipe import METHODS
 
 try:   # KerasTuner's per-trial checkpoint (not public API)
@@ -112,12 +113,13 @@ class SPFTHyperModel(keras_tuner.HyperModel):
         super().__init__(name=name or f"spft_{method}", tunable=True)
         self.build_model = build_model
         self.method = method
+        for what, value in (("lr", lr), ("radius_lr", radius_lr)):
+            check_positive(value, what, "SPFTHyperModel")
         self.lr = float(lr)
         self.radius_lr = float(radius_lr)
-        if grid_points is not None and int(grid_points) < 2:
-            raise ValueError(f"`grid_points` must be at least 2, got {grid_points}.")
-        self.grid_points = None if grid_points is None else int(grid_points)
+        self.grid_points = None if grid_points is None else check_count(grid_points, "grid_points", "SPFTHyperModel", 2)
         self.wrap_options = dict(wrap_options or {})
+        recipe.check_wrap_options(method, self.wrap_options)
         if "head" in self.wrap_options:   # read by every trial: an iterator would be used up
             self.wrap_options["head"] = recipe._head_list(self.wrap_options["head"])
         self.seed = _checked_seed(seed, 2**32 - 1, "2**32 - 1")
@@ -140,11 +142,16 @@ class SPFTHyperModel(keras_tuner.HyperModel):
                     f"`ranges` key {key!r} does not apply to method {method!r} (expected one of {sorted(allowed)})."
                 )
             if isinstance(value, (tuple, list)):
+                if len(value) != 2:
+                    raise ValueError(f"range of {key!r} must be (low, high), got {value!r}.")
+                for v in value:
+                    check_positive(v, f"ranges[{key!r}]", "SPFTHyperModel")
                 lo, hi = (float(v) for v in value)
-                if not (0 < lo < hi and math.isfinite(hi)):
+                if not lo < hi:
                     raise ValueError(f"range of {key!r} must satisfy 0 < low < high, got {value}.")
                 self.ranges[key] = (lo, hi)
             else:
+                check_positive(value, f"ranges[{key!r}]", "SPFTHyperModel")
                 self.ranges[key] = float(value)
 
     def values(self, hp):
@@ -553,6 +560,9 @@ def search(
     print(result)
     ```
     """
+    # KerasTuner reads max_trials=0 as no limit: it would search forever.
+    check_count(max_trials, "max_trials", "search")
+    check_count(epochs, "epochs", "search")
     # Arrays come as `(x, y)` or `(x, y, sample_weight)`; `fit` takes them apart.
     arrays = isinstance(train, tuple) and len(train) in (2, 3)
     if batch_size is not None and not arrays:

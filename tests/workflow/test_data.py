@@ -264,6 +264,24 @@ def test_bad_crop_fraction_and_tfds_options_with_a_folder(image_folder):
         load_data(image_folder, val_fraction=0.2)
 
 
+
+def test_bad_sizes_flags_and_preprocess_are_named(image_folder):
+    """image_size="32" loaded 3x2 images (a string unpacked), augment="no"
+    turned augmentation on, batch_size=0 failed inside tf.data."""
+    for bad in ("32", True, 0, -4, 32.0, (32,), (32, 32, 3), (32, 0)):
+        with pytest.raises(ValueError, match=r"load_data: `image_size` must be a positive int or a pair"):
+            load_data(image_folder, image_size=bad)
+    for bad in (0, -1, 2.5, "8"):
+        with pytest.raises(ValueError, match=r"load_data: `batch_size` must be an integer of at least 1"):
+            load_data(image_folder, image_size=8, batch_size=bad)
+    for option in ("augment", "cache", "shuffle"):
+        with pytest.raises(ValueError, match=f"load_data: `{option}` must be True or False, got 'no'"):
+            load_data(image_folder, image_size=8, **{option: "no"})
+    with pytest.raises(ValueError, match=r"load_data: `preprocess` must be a function .*got 'mobilenet'"):
+        load_data(image_folder, image_size=8, preprocess="mobilenet")
+    assert load_data(image_folder, image_size=(8, 6), batch_size=2).image_size == (8, 6)
+
+
 def test_images_in_subfolders_of_a_class_count_as_in_keras(image_folder):
     import keras
     from PIL import Image

@@ -126,6 +126,30 @@ def test_hypermodel_options_and_errors():
         SPFTHyperModel(tiny_model, "mars-pgm", ranges={"radius": (5.0, 1.0)})
     with pytest.raises(ValueError, match="unknown method"):
         SPFTHyperModel(tiny_model, "delta-x")
+    # A review found these accepted: a negative learning rate trained by
+    # gradient ascent; max_trials=0 is "no limit" to KerasTuner (it searched on).
+    for kwargs, match in ((dict(lr=-1e-4), r"SPFTHyperModel: `lr` must be positive and finite"),
+                          (dict(radius_lr=0.0), r"`radius_lr` must be positive"),
+                          (dict(ranges={"radius": (1, 2, 3)}), r"range of 'radius' must be \(low, high\)"),
+                          (dict(ranges={"lr": -1e-3}), r"`ranges\['lr'\]` must be positive"),
+                          (dict(ranges={"radius": ("a", 2.0)}), r"`ranges\['radius'\]` must be a positive number"),
+                          (dict(wrap_options={"radius": 3}), r"wrap option 'radius' is set by the method"),
+                          (dict(wrap_options={"foo": 1}), r"unknown wrap option\(s\) \['foo'\] for method 'mars-pgm'"),
+                          (dict(grid_points=1), r"`grid_points` must be an integer of at least 2")):
+        with pytest.raises(ValueError, match=match):
+            SPFTHyperModel(tiny_model, "mars-pgm", **kwargs)
+    with pytest.raises(ValueError, match=r"unknown wrap option\(s\) \['batchnorm'\] for method 'delta'"):
+        SPFTHyperModel(tiny_model, "delta", wrap_options={"batchnorm": "gamma"})
+    x, y = np.zeros((4, 8), "float32"), np.zeros(4, "int64")
+    for kwargs, match in ((dict(max_trials=0), r"search: `max_trials` must be an integer of at least 1"),
+                          (dict(epochs=0), r"search: `epochs` must be an integer of at least 1"),
+                          (dict(lr=-1.0), r"`lr` must be positive")):
+        with pytest.raises(ValueError, match=match):
+            search(tiny_model, (x, y), (x, y), tuner="random", **kwargs)
+    with pytest.raises(ValueError, match=r"compile_model: `lr` must be positive"):
+        recipe.compile_model(tiny_model(), lr=-1e-2)
+    with pytest.raises(ValueError, match=r"method 'mars-pgm': `radius` must be a positive number, got 'learned'"):
+        recipe.method_values("mars-pgm", {"radius": "learned"})
     with pytest.raises(ValueError, match="unknown tuner 'tpe'"):
         search(tiny_model, None, None, tuner="tpe")
     with pytest.raises(ValueError, match="unknown objective"):
