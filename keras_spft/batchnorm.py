@@ -11,7 +11,6 @@ of the batch statistics the final weights give (as PyTorch's
 import warnings
 
 import keras
-import numpy as np
 
 from keras_spft.kernels import walk_layers
 
