@@ -202,6 +202,11 @@ class RadiusOptimizer(keras.optimizers.Optimizer):
 
     def _bind_constraints(self, var_list, allow_none=False):
         constrained = distance_constraints(var_list)
+        if not list(var_list) and not allow_none:
+            raise ValueError(
+                "RadiusOptimizer: built on no variables at all. Keras' legacy HDF5 loader does this "
+                "(`keras.models.load_model('model.h5')`); that format does not keep keras-spft's anchors "
+                "either: save with `model.save('model.keras')` or `model.save_weights('model.weights.h5')`.")
         if not constrained and not allow_none:
             raise ValueError(
                 "RadiusOptimizer: none of the weights it trains has a keras-spft constraint: "
