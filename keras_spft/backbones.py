@@ -223,7 +223,12 @@ def build_model(
                 f"weights file '{weights}' does not fit {backbone.name} with {what} at "
                 f"{size[0]}x{size[1]} without its top ({_first_line(e)}); check --weights/weights=, and "
                 f"--alpha/alpha= for a width multiplier.") from None
-        if weights not in (None, "imagenet") and isinstance(e, OSError):
+        if isinstance(e, ValueError) and any(m in str(e).lower() for m in ("input size", "input_shape", "should be")):
+            raise ValueError(
+                f"image size {size[0]}x{size[1]} does not fit {backbone.name} ({_first_line(e)}); check "
+                "--image-size/image_size=.") from None
+        if weights not in (None, "imagenet") and (
+                isinstance(e, OSError) or (isinstance(e, ValueError) and "file format not supported" in str(e).lower())):
             # Not an HDF5 file at all (h5py: "file signature not found"), or unreadable.
             raise ValueError(
                 f"weights file '{weights}' cannot be read as Keras weights ({_first_line(e)}); check "

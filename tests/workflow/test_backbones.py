@@ -75,12 +75,18 @@ def test_build_model_heads_and_default_wrap_head():
         build_model("mobilenet", 5, weights=None, image_size=32, head="gap")
 
 
-@pytest.mark.parametrize("name", ["junk.h5", "junk.weights.h5"])
+@pytest.mark.parametrize("name", ["junk.h5", "junk.weights.h5", "junk.png"])
 def test_a_file_that_is_not_keras_weights_is_named(tmp_path, name):
     path = tmp_path / name
     path.write_text("hi")
     with pytest.raises(ValueError, match=r"weights file '\S+junk\S*' cannot be read as Keras weights"):
         build_model("mobilenet", 3, weights=str(path), image_size=32, alpha=0.25)
+
+
+def test_an_image_size_the_architecture_refuses_names_the_option():
+    with pytest.raises(ValueError, match=r"image size 8x8 does not fit MobileNet \(Input size must be at least "
+                                         r"32x32.*check --image-size/image_size="):
+        build_model("mobilenet", 3, weights=None, image_size=8, alpha=0.25)
 
 
 @pytest.mark.skipif(not os.path.isfile(WEIGHTS), reason=f"shared weights {WEIGHTS} absent (../shared)")
