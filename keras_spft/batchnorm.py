@@ -20,16 +20,24 @@ def _np(variable):
     return keras.ops.convert_to_numpy(variable.value)
 
 
-def _record_mode(layer, updating):
-    """Shadows `layer.call` (until popped from its `__dict__`) to note whether
-    it ran in training mode, i.e. updated its moving statistics; a layer can
-    be called with `training=False` by the layer holding it."""
+def _record_mode(layer, seen):
+    """Shadows `layer.call` (until popped from its `__dict__`) so that each
+    call in training mode, which updates the moving statistics, first sets
+    `momentum` to `seen / (seen + n)` for its `n` examples: the running
+    average weighted by examples over every call (a layer shared by two
+    paths is called twice a batch). `seen[id(layer)]` counts them; a layer
+    called only with `training=False` (by the layer holding it) has none."""
     call = type(layer).call.__get__(layer)
 
-    def recording(inputs, training=None, mask=None):
+    def recording(inputs, *args, **kwargs):
+        training = kwargs["training"] if "training" in kwargs else args[0] if args else \
+            layer._get_call_context().training
         if training:
-            updating.add(id(layer))
-        return call(inputs, training=training, mask=mask)
+            n = int(keras.tree.flatten(inputs)[0].shape[0])
+            before = seen.get(id(layer), 0)
+            layer.momentum = before / (before + n)   # the first call replaces what fit left
+            seen[id(layer)] = before + n
+        return call(inputs, *args, **kwargs)
 
     layer.__dict__["call"] = recording
 
@@ -44,13 +52,16 @@ def _batchnorm_layers(model):
     return found
 
 
-def _batches(x, batch_size, steps):
+def _batches(model, x, batch_size, steps):
     """The inputs of each batch, as Keras' `fit` would read `x` (arrays, a
     `tf.data.Dataset`, a `PyDataset`, a generator, a PyTorch `DataLoader`;
     tuples `(x, y[, sample_weight])` give their `x`)."""
     from keras.src.trainers.data_adapters import get_data_adapter   # the adapter `fit` uses
 
     if isinstance(x, tuple) and len(x) in (2, 3):
+        if len(getattr(model, "inputs", None) or ()) > 1 and not isinstance(x[0], (list, tuple, dict)):
+            raise ValueError(f"reestimate_batchnorm: '{model.name}' takes {len(model.inputs)} inputs: give them "
+                             "as a list or dict (a tuple reads as (x, y) or (x, y, sample_weight)).")
         x = x[0]   # `(x, y)` arrays
     adapter = get_data_adapter(x, batch_size=batch_size, steps_per_epoch=steps, shuffle=False)
     for i, batch in enumerate(adapter.get_numpy_iterator()):
@@ -66,7 +77,8 @@ def reestimate_batchnorm(model, x, batch_size=32, steps=None):
     Runs the model forward in training mode on each batch of `x` (no weight
     changes) and sets every trainable BatchNormalization layer's moving mean
     and variance to the average, weighted by batch size, of the batch means
-    and variances it sees: statistics of the final weights, where `fit`
+    and variances it sees (over every call: a layer shared by two paths
+    averages both): statistics of the final weights, where `fit`
     leaves moving averages of statistics taken while the weights moved.
     Call it after `fit`, before evaluating or saving. Trainable weights,
     other non-trainable variables (random seeds, other layers' state) and
@@ -121,21 +133,15 @@ def reestimate_batchnorm(model, x, batch_size=32, steps=None):
     saved = [(v, _np(v)) for v in model.non_trainable_variables]   # BatchNorm statistics included
     stats = {id(v) for _, l in active for v in (l.moving_mean, l.moving_variance)}
     momentum = {p: l.momentum for p, l in active}
-    updating = set()   # ids of the layers called in training mode
+    seen = {}   # id(layer) -> examples it has seen in training mode
     for _, layer in active:
-        _record_mode(layer, updating)
-    seen, done = 0, False
+        _record_mode(layer, seen)
+    batches, done = 0, False
     try:
-        for inputs in _batches(x, batch_size, steps):
-            n = int(keras.tree.flatten(inputs)[0].shape[0])
-            for _, layer in active:
-                # moving = moving * m + batch * (1 - m) with m = seen / (seen + n):
-                # the running average weighted by batch size (the first batch
-                # replaces the statistics fit left).
-                layer.momentum = seen / (seen + n)
+        for inputs in _batches(model, x, batch_size, steps):
             model(inputs, training=True)
-            seen += n
-        done = seen > 0
+            batches += 1
+        done = batches > 0
     finally:
         for p, layer in active:
             layer.momentum = momentum[p]
@@ -145,7 +151,7 @@ def reestimate_batchnorm(model, x, batch_size=32, steps=None):
                 v.assign(value)
     if not done:
         raise ValueError("reestimate_batchnorm: `x` gave no batch.")
-    unchanged = [p for p, l in active if id(l) not in updating]
+    unchanged = [p for p, l in active if id(l) not in seen]
     frozen = [p for p, l in layers if not l.trainable]
     if unchanged or frozen:
         def names(paths):

@@ -119,3 +119,42 @@ def test_refusals_name_the_reason():
     with pytest.raises(ValueError, match="gave no batch"):
         keras_spft.reestimate_batchnorm(model, np.zeros((0, 3), "float32"))
     assert bn.momentum == 0.99
+
+
+class _BNWithoutMask(L.BatchNormalization):
+    def call(self, inputs, training=None):
+        return super().call(inputs, training=training)
+
+
+def test_a_shared_layer_averages_every_call_and_subclasses_keep_their_signature():
+    """One BatchNorm on two paths is called twice a batch: the momentum was
+    set once a batch, so the first path's statistics were overwritten (a
+    review); a subclass whose call takes no mask failed."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((3,))
+    bn = L.BatchNormalization(name="shared")
+    d1, d2 = L.Dense(4, name="d1"), L.Dense(4, name="d2")
+    model = keras.Model(inputs, L.Add()([bn(d1(inputs)), bn(d2(inputs))]))
+    x = np.random.default_rng(0).normal(size=(16, 3)).astype("float32")
+    keras_spft.reestimate_batchnorm(model, x, batch_size=8)
+    means, variances = [], []
+    for dense in (d1, d2):
+        w, b = (to_np(v).astype("float64") for v in dense.weights)
+        for part in (x[:8], x[8:]):
+            h = part @ w + b
+            means.append(h.mean(0))
+            variances.append(h.var(0))
+    np.testing.assert_allclose(to_np(bn.moving_mean), np.mean(means, 0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(to_np(bn.moving_variance), np.mean(variances, 0), rtol=1e-4)
+
+    sub = keras.Sequential([keras.Input((3,)), L.Dense(4, name="d"), _BNWithoutMask(name="bn")])
+    assert keras_spft.reestimate_batchnorm(sub, x, batch_size=8) == ["bn"]
+    h = x.astype("float64") @ to_np(sub.get_layer("d").kernel) + to_np(sub.get_layer("d").bias)
+    np.testing.assert_allclose(to_np(sub.get_layer("bn").moving_mean), h.mean(0), rtol=1e-5, atol=1e-6)
+    assert "call" not in sub.get_layer("bn").__dict__
+
+    a, b = keras.Input((3,)), keras.Input((3,))
+    two = keras.Model([a, b], L.BatchNormalization()(L.Concatenate()([a, b])), name="two")
+    with pytest.raises(ValueError, match=r"'two' takes 2 inputs: give them as a list or dict"):
+        keras_spft.reestimate_batchnorm(two, (x, x))
+    assert keras_spft.reestimate_batchnorm(two, [x, x], batch_size=8)
