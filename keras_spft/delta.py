@@ -55,10 +55,23 @@ VARIANTS = ("li2019", "last-layer")
 # -- finding layers -------------------------------------------------------------
 def _channels_first(layer, rank):
     """Whether a feature map of `rank` from `layer` has its channels on axis 1:
-    the layer's `data_format`, else Keras' `image_data_format()` (by which
-    keras.applications builds its layers)."""
-    fmt = getattr(layer, "data_format", None) or keras.config.image_data_format()
-    return rank >= 3 and fmt == "channels_first"
+    the `data_format` of the layer, else of the nearest layer before it that
+    has one (a ReLU or an Add after a convolution), else Keras'
+    `image_data_format()` (by which keras.applications builds its layers)."""
+    if rank < 3:
+        return False
+    seen, todo = set(), [layer]
+    while todo:
+        op = todo.pop(0)
+        if id(op) in seen:
+            continue
+        seen.add(id(op))
+        fmt = getattr(op, "data_format", None)
+        if fmt in ("channels_first", "channels_last"):
+            return fmt == "channels_first"
+        for node in getattr(op, "_inbound_nodes", [])[:1]:
+            todo.extend(p.operation for p in node.parent_nodes)
+    return keras.config.image_data_format() == "channels_first"
 
 
 def _output_shape(layer):

@@ -65,7 +65,7 @@ def layer_distances(run, metric="mars", prefix="spft", epoch=-1, head=False):
         raise ValueError(f"layer_distances: no '{prefix}/...' values in this run: was a DistanceMonitor with "
                          f"prefix={prefix!r} among its callbacks? (prefixes logged: {prefixes})")
     logged = max((len(v) for k, v in h.items() if k.startswith(prefix + "/")), default=0)
-    if isinstance(epoch, bool) or not isinstance(epoch, int) or not -logged <= epoch < logged:
+    if isinstance(epoch, (bool, np.bool_)) or not isinstance(epoch, (int, np.integer)) or not -logged <= epoch < logged:
         raise ValueError(f"layer_distances: `epoch` must index the {logged} logged epoch(s) "
                          f"(-{logged} to {logged - 1}), got {epoch!r}.")
     out = {}

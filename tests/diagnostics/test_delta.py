@@ -453,7 +453,8 @@ def test_a_softmax_at_the_end_of_a_nested_head_is_read_as_probabilities():
 def _twin(data_format):
     keras.utils.set_random_seed(0)
     inp = keras.Input((3, 8, 10) if data_format == "channels_first" else (8, 10, 3))
-    f1 = L.Conv2D(4, 3, activation="relu", name="f1", data_format=data_format)(inp)
+    # r1: a layer without data_format of its own, after a convolution that has one
+    f1 = L.ReLU(name="r1")(L.Conv2D(4, 3, name="f1", data_format=data_format)(inp))
     f2 = L.Conv2D(5, 3, activation="relu", name="f2", data_format=data_format)(f1)
     return keras.Model(inp, L.Dense(3, name="head")(L.GlobalAveragePooling2D(data_format=data_format)(f2)))
 
@@ -467,14 +468,14 @@ def test_channels_first_models_weigh_and_ablate_channels_not_columns():
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(16, 8, 10, 3)).astype("float32"), np.arange(16) % 3
     x_first = x.transpose(0, 3, 1, 2)
-    kwargs = dict(feature_layers=["f1", "f2"], head=["head"], head_epochs=0, batch_size=8)
+    kwargs = dict(feature_layers=["r1", "f2"], head=["head"], head_epochs=0, batch_size=8)
     att_last = keras_spft.compute_attention(last, x, y, **kwargs)
     att_first = keras_spft.compute_attention(first, x_first, y, **kwargs)
     assert [a.shape for a in att_first] == [(4,), (5,)]
     for a, b in zip(att_last, att_first):
         np.testing.assert_allclose(b, a, atol=1e-6)
-    dm_last = D.DeltaModel(last, feature_layers=["f1", "f2"], attention=att_last, head=["head"])
-    dm_first = D.DeltaModel(first, feature_layers=["f1", "f2"], attention=att_first, head=["head"])
+    dm_last = D.DeltaModel(last, feature_layers=["r1", "f2"], attention=att_last, head=["head"])
+    dm_first = D.DeltaModel(first, feature_layers=["r1", "f2"], attention=att_first, head=["head"])
     for a, b in zip(last.trainable_weights, first.trainable_weights):
         moved = keras.ops.convert_to_numpy(a) + 0.1 * rng.normal(size=a.shape)
         a.assign(moved)

@@ -206,6 +206,7 @@ def test_bad_diagnostics_options_are_named():
     history = model.fit(x, y, epochs=2, verbose=0, callbacks=[keras_spft.DistanceMonitor()])
     assert plots.layer_distances(history, metric="mars")
     assert plots.layer_distances(history, epoch=-2) and plots.layer_distances(history, epoch=1)
+    assert plots.layer_distances(history, epoch=np.argmin(history.history["loss"]))   # a numpy int
     for kwargs, match in ((dict(metric="MARS"), r"unknown metric 'MARS'; expected one of \('mars', 'frobenius', 'at_bound'\)"),
                           (dict(epoch=2), r"`epoch` must index the 2 logged epoch\(s\) \(-2 to 1\), got 2"),
                           (dict(epoch=-3), r"got -3"),
