@@ -44,7 +44,10 @@ RANGE_OPTIONS = ("radius-range", "head-radius-range", "strength-range", "head-st
 ATTENTION_BATCHES = 4
 # Settings that must match for a finished run on disk to be reused.
 SETTING_KEYS = ("data", "data_files", "model", "weights", "weights_file", "alpha", "image_size", "head", "epochs",
-                "batch_size", "augment", "batchnorm", "radius_lr", "stage")
+                "batch_size", "augment", "batchnorm", "radius_lr", "stage", "delta_maps")
+#: DELTA's feature maps, recorded with its runs: ResNet's changed on 2026-11-28
+#: (block outputs before; Li et al.'s last convolution of each stage since).
+DELTA_MAPS = "li2019 (ResNet: last convolution of each stage)"
 #: What a setting that older versions did not record was: runs they finished
 #: are reused (batchnorm options and --radius-lr came later; the radius step
 #: size has been 0.01 throughout).
@@ -373,6 +376,8 @@ class Session:
 
     def settings(self, stage, method, epochs=None):
         """What a run (or search) of `method` depends on, as recorded with it."""
+        from keras_spft import recipe
+
         a = self.args
         return self.comparable({
             "data": _data_key(a.data), "data_files": self.data_files, "model": self.backbone.name, "weights": self.weights,
@@ -380,6 +385,7 @@ class Session:
             "image_size": a.image_size, "head": a.head, "epochs": epochs or a.epochs,
             "batch_size": a.batch_size, "augment": a.augment, "batchnorm": a.batchnorm,
             "radius_lr": self.radius_lr, "stage": stage,
+            **({"delta_maps": DELTA_MAPS} if method in recipe.DELTA_METHODS else {}),
         }, method)
 
     def comparable(self, settings, method):
@@ -411,6 +417,8 @@ class Session:
             out["radius_lr"] = recipe.DEFAULT_RADIUS_LR
         if out.get("tuner") == "hyperband":
             out.pop("trials", None)   # Hyperband sets its own budget: --trials does not apply
+        if method in recipe.DELTA_METHODS and "delta_maps" not in out:
+            out["delta_maps"] = _unrecorded_delta_maps(out.get("model"))
         return out
 
     @property
@@ -501,6 +509,14 @@ def batchnorm_methods(mode):
     if mode == "reference":
         return recipe.PGM_METHODS   # per-element radii: not learned ones
     return recipe.PGM_METHODS + recipe.SP_METHODS + recipe.LEARNED_METHODS
+
+
+def _unrecorded_delta_maps(model):
+    """The feature maps of a DELTA run recorded before they were: other than
+    today's for a ResNet (its block outputs), the same for the others."""
+    if str(model or "").lower().startswith("resnet"):
+        return "li2019 (ResNet: block outputs, keras-spft before 2026-11-28)"
+    return DELTA_MAPS
 
 
 def _finished(session, path, method, settings, values=None):

@@ -90,6 +90,21 @@ def test_delta_finetune_caches_attention_and_evaluates_plain_model(tiny, monkeyp
     assert os.stat(calls[0]).st_mtime_ns == mtime
 
 
+    # Runs recorded before the feature maps were: reused, except a ResNet's,
+    # whose maps changed on 2026-11-28 (block outputs before).
+    path = out / "runs" / "delta" / "seed1.json"
+    done = json.loads(path.read_text())
+    assert done["settings"]["delta_maps"] == cli.DELTA_MAPS
+    del done["settings"]["delta_maps"]
+    path.write_text(json.dumps(done))
+    monkeypatch.setattr(cli, "train_one", lambda *a, **k: pytest.fail("re-ran a finished run"))
+    cli.run(["finetune"] + _args(data, out, "--method", "delta", "--delta-alpha", "0.05",
+                                  "--delta-beta", "0.002", "--seeds", "1,2"))
+    assert "[delta seed 1] done already" in capsys.readouterr().out
+    assert cli._unrecorded_delta_maps("ResNet50") != cli.DELTA_MAPS
+    assert cli._unrecorded_delta_maps("MobileNet") == cli.DELTA_MAPS
+
+
 def test_compare_with_delta_searches_alpha_beta_and_plots_diagnostics(tiny, capsys):
     data, out = tiny
     summary = cli.run(["compare"] + _args(data, out, "--methods", "none,mars-pgm,delta", "--seeds", "1",
