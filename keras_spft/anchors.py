@@ -57,8 +57,10 @@ def check_positive(value, what, owner):
 
 def check_count(value, what, owner, low=1):
     """`value` as an int; a ValueError naming `owner` and `what` unless it is
-    an integer (not a bool) of at least `low`."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < low:
+    a whole number (an int, or a float such as 3.0; not a bool) of at least `low`."""
+    whole = isinstance(value, (int, np.integer)) or (
+        isinstance(value, (float, np.floating)) and np.isfinite(value) and float(value).is_integer())
+    if isinstance(value, (bool, np.bool_)) or not whole or value < low:
         raise ValueError(f"{owner}: `{what}` must be an integer of at least {low}, got {value!r}.")
     return int(value)
 

@@ -107,8 +107,13 @@ def _size(image_size):
 
     if whole(image_size):
         return (int(image_size), int(image_size))
-    if isinstance(image_size, (tuple, list)) and len(image_size) == 2 and all(whole(v) for v in image_size):
-        return tuple(int(v) for v in image_size)
+    if not isinstance(image_size, (str, bytes, dict)):
+        try:
+            pair = list(image_size)   # a tuple, list, array or TensorShape
+        except TypeError:
+            pair = None
+        if pair is not None and len(pair) == 2 and all(whole(v) for v in pair):
+            return tuple(int(v) for v in pair)
     raise ValueError(f"load_data: `image_size` must be a positive int or a pair (height, width) of them, "
                      f"got {image_size!r}.")
 

@@ -9,6 +9,7 @@ hyper-parameters live here. TensorFlow-free.
 import math
 
 import keras
+import numpy as np
 
 from keras_spft.wrap import METHODS as WRAP_METHODS, PGM_METHODS, SP_METHODS, wrap_pretrained
 
@@ -136,16 +137,25 @@ def method_values(method, values=None):
     out = {}
     for name in hyperparameter_names(method):
         v = values.get(name)
-        out[name] = float(DEFAULTS[name] if v is None else _positive(v, name, f"method {method!r}"))
+        out[name] = float(DEFAULTS[name] if v is None else _check_value(v, name, f"method {method!r}"))
     if values.get("lr") is not None:
-        out["lr"] = float(_positive(values["lr"], "lr", f"method {method!r}"))
+        out["lr"] = float(_check_value(values["lr"], "lr", f"method {method!r}"))
     return out
 
 
-def _positive(value, name, owner):
+#: Hyper-parameters that may be 0 (DELTA without its feature or head term).
+_MAY_BE_ZERO = ("alpha", "beta")
+
+
+def _check_value(value, name, owner, what=None):
+    """`value`, once checked: a positive finite number; DELTA's alpha and
+    beta may also be 0."""
     from keras_spft.anchors import check_positive
 
-    check_positive(value, name, owner)
+    if name in _MAY_BE_ZERO and isinstance(value, (int, float, np.integer, np.floating)) \
+            and not isinstance(value, (bool, np.bool_)) and value == 0:
+        return value
+    check_positive(value, what or name, owner)
     return value
 
 
@@ -166,7 +176,10 @@ def check_wrap_options(method, options):
         from keras_spft.delta import DeltaModel as target
     else:
         target = wrap_pretrained
-    accepted = set(inspect.signature(target).parameters) - {"self", "model"}
+    params = inspect.signature(target).parameters
+    accepted = {n for n, p in params.items() if p.kind is not p.VAR_KEYWORD} - {"self", "model"}
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        accepted |= {"name", "dtype", "trainable"}   # DeltaModel passes them on to keras.Model
     unknown = sorted(set(options) - accepted, key=str)
     if unknown:
         raise ValueError(f"unknown wrap option(s) {unknown} for method {method!r}; "
@@ -284,8 +297,9 @@ def compile_model(model, lr=DEFAULT_LR, radius_lr=DEFAULT_RADIUS_LR):
         raise ValueError(
             f"compile_model compiles a classifier with one output; '{model.name}' has {len(outputs)}: "
             "compile it yourself, with a loss and metrics per output.")
-    _positive(lr, "lr", "compile_model")
-    _positive(radius_lr, "radius_lr", "compile_model")
+    if not isinstance(lr, keras.optimizers.schedules.LearningRateSchedule) and not callable(lr):
+        lr = float(_check_value(lr, "lr", "compile_model"))
+    radius_lr = float(_check_value(radius_lr, "radius_lr", "compile_model"))
     optimizer = keras.optimizers.Adam(learning_rate=lr, amsgrad=True)
     variables = model.trainable_variables
     on_jax = keras.backend.backend() == "jax"

@@ -151,7 +151,7 @@ class SPFTHyperModel(keras_tuner.HyperModel):
                     raise ValueError(f"range of {key!r} must satisfy 0 < low < high, got {value}.")
                 self.ranges[key] = (lo, hi)
             else:
-                check_positive(value, f"ranges[{key!r}]", "SPFTHyperModel")
+                recipe._check_value(value, key, "SPFTHyperModel", f"ranges[{key!r}]")
                 self.ranges[key] = float(value)
 
     def values(self, hp):
@@ -560,8 +560,6 @@ def search(
     print(result)
     ```
     """
-    # KerasTuner reads max_trials=0 as no limit: it would search forever.
-    check_count(max_trials, "max_trials", "search")
     check_count(epochs, "epochs", "search")
     # Arrays come as `(x, y)` or `(x, y, sample_weight)`; `fit` takes them apart.
     arrays = isinstance(train, tuple) and len(train) in (2, 3)
@@ -619,7 +617,8 @@ def search(
         if cls is keras_tuner.Hyperband:
             kwargs["max_epochs"] = tuner_kwargs.pop("max_epochs", epochs)
         else:
-            kwargs["max_trials"] = max_trials
+            # KerasTuner reads max_trials=0 (or None) as no limit: it would search forever.
+            kwargs["max_trials"] = check_count(max_trials, "max_trials", "search")
         settings = _fingerprint({
             "build_model": build_model, "seed": seed,
             "method": method, "objective": [objective.name, objective.direction], "tuner": cls.__name__,

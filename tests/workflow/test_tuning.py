@@ -150,6 +150,27 @@ def test_hypermodel_options_and_errors():
         recipe.compile_model(tiny_model(), lr=-1e-2)
     with pytest.raises(ValueError, match=r"method 'mars-pgm': `radius` must be a positive number, got 'learned'"):
         recipe.method_values("mars-pgm", {"radius": "learned"})
+
+
+
+def test_what_the_new_checks_must_still_take(tmp_path):
+    """A diff review found today's checks refusing valid input: max_trials=None
+    where it is unused (hyperband), a learning-rate schedule, DELTA's alpha or
+    beta at 0, a grid count given as a whole float, DeltaModel's name=."""
+    import keras
+
+    x, y = np.random.default_rng(0).random((8, 16, 16, 3)).astype("float32"), np.arange(8) % 3
+    search(lambda: tiny_model(3, size=16), (x, y), (x, y), method="mars-pgm", tuner="hyperband", max_trials=None,
+           epochs=1, verbose=0, directory=str(tmp_path), batch_size=4)
+    recipe.compile_model(tiny_model(), lr=keras.optimizers.schedules.CosineDecay(1e-3, 10))
+    recipe.compile_model(tiny_model(), lr=np.float32(1e-3))
+    assert recipe.method_values("delta", {"alpha": 0.0, "beta": 0})["beta"] == 0.0
+    hm = SPFTHyperModel(tiny_model, "delta", ranges={"beta": 0.0}, grid_points=3.0, wrap_options={"name": "d"})
+    assert hm.ranges["beta"] == 0.0 and hm.grid_points == 3
+    with pytest.raises(ValueError, match=r"`ranges\['alpha'\]` must be positive"):
+        SPFTHyperModel(tiny_model, "delta", ranges={"alpha": (0.0, 1.0)})
+    with pytest.raises(ValueError, match=r"method 'delta': `beta` must be positive and finite, got -1"):
+        recipe.method_values("delta", {"beta": -1.0})
     with pytest.raises(ValueError, match="unknown tuner 'tpe'"):
         search(tiny_model, None, None, tuner="tpe")
     with pytest.raises(ValueError, match="unknown objective"):
