@@ -27,7 +27,10 @@ SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.ab
 
 
 def run(args, method, seed, splits):
+    # The seed fixes the weights of the head and the data order (a pipeline
+    # reseeded for this run): rows do not depend on the runs before them.
     keras.utils.set_random_seed(seed)
+    train = splits.reseeded(seed).train
     model = build_model("mobilenet", splits.num_classes, weights=args.weights,
                         image_size=args.image_size, alpha=0.25)
     if method != "none":
@@ -35,11 +38,11 @@ def run(args, method, seed, splits):
     model.compile(optimizer=keras.optimizers.Adam(args.lr, amsgrad=True),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
     start = time.time()
-    model.fit(splits.train, epochs=args.epochs, verbose=0, callbacks=[recipe.lr_schedule(args.lr, args.epochs)])
+    model.fit(train, epochs=args.epochs, verbose=0, callbacks=[recipe.lr_schedule(args.lr, args.epochs)])
     fit_s = time.time() - start
     _, acc_fit = model.evaluate(splits.eval, verbose=0)
     start = time.time()
-    updated = keras_spft.reestimate_batchnorm(model, splits.train)
+    updated = keras_spft.reestimate_batchnorm(model, train)
     reestimate_s = time.time() - start
     _, acc_re = model.evaluate(splits.eval, verbose=0)
     return {"method": method, "seed": seed, "test_acc_fit_stats": float(acc_fit),
