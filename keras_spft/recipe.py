@@ -163,7 +163,7 @@ def _check_value(value, name, owner, what=None):
 _SET_BY_WRAP = ("method", "radius", "head_radius", "strength", "head_strength", "alpha", "beta")
 
 
-def check_wrap_options(method, options):
+def _check_wrap_options(method, options):
     """Raises `ValueError` for a `wrap` option that the method's values set,
     or that `wrap_pretrained` (or `DeltaModel`) does not take."""
     import inspect
@@ -234,7 +234,7 @@ def wrap(model, method, values=None, **options):
     compile_model(model, lr=1e-4)
     ```
     """
-    check_wrap_options(method, options)
+    _check_wrap_options(method, options)
     kwargs = {k: v for k, v in method_values(method, values).items() if k != "lr"}
     options = dict(options, **({"head": _head_list(options["head"])} if "head" in options else {}))
     if method not in DELTA_METHODS and _no_head(options.get("head")):

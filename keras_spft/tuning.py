@@ -119,7 +119,7 @@ class SPFTHyperModel(keras_tuner.HyperModel):
         self.radius_lr = float(radius_lr)
         self.grid_points = None if grid_points is None else check_count(grid_points, "grid_points", "SPFTHyperModel", 2)
         self.wrap_options = dict(wrap_options or {})
-        recipe.check_wrap_options(method, self.wrap_options)
+        recipe._check_wrap_options(method, self.wrap_options)
         if "head" in self.wrap_options:   # read by every trial: an iterator would be used up
             self.wrap_options["head"] = recipe._head_list(self.wrap_options["head"])
         self.seed = _checked_seed(seed, 2**32 - 1, "2**32 - 1")
