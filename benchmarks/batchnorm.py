@@ -67,7 +67,7 @@ def main():
     splits = load_data(args.data, image_size=args.image_size, batch_size=32, stage="final",
                        preprocess=get_backbone("mobilenet").preprocess_input)
     print(splits)
-    print(f"| method | seed | test acc, fit's statistics | test acc, re-estimated | change | fit (s) | re-estimate (s) |")
+    print("| method | seed | test acc, fit's statistics | test acc, re-estimated | change | fit (s) | re-estimate (s) |")
     print("|---|---|---|---|---|---|---|")
     rows = []
     for method in args.methods.split(","):
