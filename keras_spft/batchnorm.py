@@ -8,6 +8,7 @@ of the batch statistics the final weights give (as PyTorch's
 `torch.optim.swa_utils.update_bn` does).
 """
 
+import inspect
 import warnings
 
 import keras
@@ -28,16 +29,22 @@ def _record_mode(layer, seen):
     paths is called twice a batch). `seen[id(layer)]` counts them; a layer
     called only with `training=False` (by the layer holding it) has none."""
     call = type(layer).call.__get__(layer)
+    signature = inspect.signature(call)
 
-    def recording(inputs, *args, **kwargs):
-        training = kwargs["training"] if "training" in kwargs else args[0] if args else \
+    def recording(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        inputs = next(iter(bound.arguments.values()))
+        # What the layer's own call reads: its `training` argument (its
+        # default, None, is inference mode), else Keras' call context.
+        training = bound.arguments["training"] if "training" in signature.parameters else \
             layer._get_call_context().training
         if training:
             n = int(keras.tree.flatten(inputs)[0].shape[0])
             before = seen.get(id(layer), 0)
             layer.momentum = before / (before + n)   # the first call replaces what fit left
             seen[id(layer)] = before + n
-        return call(inputs, *args, **kwargs)
+        return call(*args, **kwargs)
 
     layer.__dict__["call"] = recording
 

@@ -158,3 +158,29 @@ def test_a_shared_layer_averages_every_call_and_subclasses_keep_their_signature(
     with pytest.raises(ValueError, match=r"'two' takes 2 inputs: give them as a list or dict"):
         keras_spft.reestimate_batchnorm(two, (x, x))
     assert keras_spft.reestimate_batchnorm(two, [x, x], batch_size=8)
+
+
+class _CallsItsBatchNormDirectly(L.Layer):
+    """Calls its BatchNorm's `call` itself: `training` keeps its default,
+    None, which is inference mode, whatever the model's mode."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.bn = L.BatchNormalization(name="bn_direct")
+
+    def build(self, input_shape):
+        self.bn.build(input_shape)
+
+    def call(self, x):
+        return self.bn.call(x)
+
+
+def test_a_batchnorm_whose_call_gets_no_training_flag_is_named_not_listed():
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((3,))
+    h = _CallsItsBatchNormDirectly(name="direct")(L.Dense(4)(inputs))
+    model = keras.Model(inputs, L.Dense(2)(L.BatchNormalization(name="bn_top")(L.Dense(4)(h))))
+    x = np.random.default_rng(2).normal(size=(16, 3)).astype("float32")
+    with pytest.warns(UserWarning, match=r"1 called with training=False by a layer: 'direct/bn_direct'"):
+        assert keras_spft.reestimate_batchnorm(model, x, batch_size=8) == ["bn_top"]
+    np.testing.assert_array_equal(to_np(model.get_layer("direct").bn.moving_mean), np.zeros(4))
