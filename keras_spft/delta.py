@@ -53,24 +53,42 @@ VARIANTS = ("li2019", "last-layer")
 
 
 # -- finding layers -------------------------------------------------------------
+# Layers that keep their input's layout: the channel axis of their output is
+# their input's (a ReLU, an Add, a BatchNorm after a convolution).
+_SAME_LAYOUT = (keras.layers.ReLU, keras.layers.Activation, keras.layers.LeakyReLU, keras.layers.PReLU,
+                keras.layers.ELU, keras.layers.BatchNormalization, keras.layers.Dropout, keras.layers.GaussianNoise,
+                keras.layers.GaussianDropout, keras.layers.Add, keras.layers.Subtract, keras.layers.Multiply,
+                keras.layers.Average, keras.layers.Maximum, keras.layers.Minimum)
+_SAME_LAYOUT_OPS = ("Add", "Subtract", "Multiply", "Maximum", "Minimum", "Relu", "Sigmoid", "Tanh")
+
+
 def _channels_first(layer, rank):
     """Whether a feature map of `rank` from `layer` has its channels on axis 1:
-    the `data_format` of the layer, else of the nearest layer before it that
-    has one (a ReLU or an Add after a convolution), else Keras'
-    `image_data_format()` (by which keras.applications builds its layers)."""
+    the `data_format` of the layer, else of the layers before it through
+    layers that keep the layout (a ReLU or an Add after a convolution), when
+    they all agree; else Keras' `image_data_format()` (by which
+    keras.applications builds its layers)."""
     if rank < 3:
         return False
-    seen, todo = set(), [layer]
+    found, seen, todo = set(), set(), [layer]
     while todo:
-        op = todo.pop(0)
+        op = todo.pop()
         if id(op) in seen:
             continue
         seen.add(id(op))
         fmt = getattr(op, "data_format", None)
         if fmt in ("channels_first", "channels_last"):
-            return fmt == "channels_first"
-        for node in getattr(op, "_inbound_nodes", [])[:1]:
+            found.add(fmt)
+            continue
+        passes = isinstance(op, _SAME_LAYOUT) or (
+            not isinstance(op, keras.layers.Layer) and type(op).__name__ in _SAME_LAYOUT_OPS)
+        if not passes:
+            found.add(None)   # a Permute, Reshape, Dense...: the layout is not known from before it
+            continue
+        for node in getattr(op, "_inbound_nodes", []):
             todo.extend(p.operation for p in node.parent_nodes)
+    if len(found) == 1 and None not in found:
+        return found == {"channels_first"}
     return keras.config.image_data_format() == "channels_first"
 
 

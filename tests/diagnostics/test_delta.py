@@ -510,3 +510,23 @@ def test_bad_delta_options_are_named():
             keras_spft.compute_attention(model, x, y, head=["head"], **dict(dict(feature_layers=["f1"]), **kwargs))
     with pytest.raises(ValueError, match=r"add_delta: `y` is given without `x`"):
         keras_spft.add_delta(model, None, y, feature_layers=["f1"], head=["head"])
+
+
+def test_the_channel_axis_is_not_read_through_layers_that_change_the_layout():
+    """A review: after a channels_first convolution, a Permute back to
+    channels-last (or a Reshape to tokens) made DELTA read the convolution's
+    format through it, and a ReLU used in another channels_first graph first
+    took that graph's format."""
+    inp = keras.Input((3, 8, 10))
+    x = L.Conv2D(4, 3, name="c1", data_format="channels_first")(inp)        # (B, 4, 6, 8)
+    tap = L.ReLU(name="tap")(L.Permute((2, 3, 1))(x))                         # (B, 6, 8, 4): channels last
+    m1 = keras.Model(inp, L.Dense(3, name="head")(L.GlobalAveragePooling2D()(tap)))
+    assert D.DeltaModel(m1, feature_layers=["tap"], head=["head"])._channels == [4]
+
+    shared = L.ReLU(name="shared_tap")
+    other = keras.Input((3, 8, 10))
+    shared(L.Conv2D(4, 3, data_format="channels_first")(other))                # a first use, channels_first
+    inp2 = keras.Input((8, 10, 3))
+    y = shared(L.Conv2D(4, 3, name="c2")(inp2))                                # (B, 6, 8, 4)
+    m2 = keras.Model(inp2, L.Dense(3, name="head")(L.GlobalAveragePooling2D()(y)))
+    assert D.DeltaModel(m2, feature_layers=["shared_tap"], head=["head"])._channels == [4]
