@@ -445,7 +445,7 @@ def load_data(
             or not 0 < crop_fraction <= 1:
         raise ValueError(f"crop_fraction must be a number in (0, 1], got {crop_fraction!r}.")
     size = _size(image_size)
-    check_count(batch_size, "batch_size", "load_data")
+    batch_size = check_count(batch_size, "batch_size", "load_data")
     augment, cache, shuffle = (check_flag(v, what, "load_data") for what, v in
                                (("augment", augment), ("cache", cache), ("shuffle", shuffle)))
     if preprocess is not None and not callable(preprocess):

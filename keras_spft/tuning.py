@@ -560,7 +560,7 @@ def search(
     print(result)
     ```
     """
-    check_count(epochs, "epochs", "search")
+    epochs = check_count(epochs, "epochs", "search")
     # Arrays come as `(x, y)` or `(x, y, sample_weight)`; `fit` takes them apart.
     arrays = isinstance(train, tuple) and len(train) in (2, 3)
     if batch_size is not None and not arrays:
@@ -594,6 +594,7 @@ def search(
             # KerasTuner's grid over an unstepped range takes 10 values each,
             # so 20 trials of a 10 x 10 grid would hardly move the first
             # hyper-parameter: as many values per range as the trials allow.
+            max_trials = check_count(max_trials, "max_trials", "search")
             if max_trials < _grid_min_trials(searched):
                 raise ValueError(
                     f"tuner='grid' over {searched} searched range(s) needs at least {_grid_min_trials(searched)} trials "

@@ -281,6 +281,8 @@ def test_bad_sizes_flags_and_preprocess_are_named(image_folder):
         load_data(image_folder, image_size=8, preprocess="mobilenet")
     assert load_data(image_folder, image_size=(8, 6), batch_size=2).image_size == (8, 6)
     assert load_data(image_folder, image_size=np.array([8, 6]), batch_size=np.int64(2)).image_size == (8, 6)
+    x, _ = next(iter(load_data(image_folder, image_size=8, batch_size=2.0).train))
+    assert x.shape[0] == 2
 
 
 def test_images_in_subfolders_of_a_class_count_as_in_keras(image_folder):

@@ -171,6 +171,11 @@ def test_what_the_new_checks_must_still_take(tmp_path):
         SPFTHyperModel(tiny_model, "delta", ranges={"alpha": (0.0, 1.0)})
     with pytest.raises(ValueError, match=r"method 'delta': `beta` must be positive and finite, got -1"):
         recipe.method_values("delta", {"beta": -1.0})
+    with pytest.raises(ValueError, match=r"search: `max_trials` must be an integer of at least 1, got None"):
+        search(tiny_model, (x, y), (x, y), method="l2-sp", tuner="grid", max_trials=None, directory=str(tmp_path))
+    result = search(lambda: tiny_model(3, size=16), (x, y), (x, y), method="mars-pgm", tuner="random",
+                    max_trials=1, epochs=1.0, verbose=0, directory=str(tmp_path / "f"), batch_size=4)
+    assert result.best   # epochs=1.0 is read as 1
     with pytest.raises(ValueError, match="unknown tuner 'tpe'"):
         search(tiny_model, None, None, tuner="tpe")
     with pytest.raises(ValueError, match="unknown objective"):
