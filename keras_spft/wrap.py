@@ -344,10 +344,12 @@ def _resolve(value, layer, path, what, shared_paths=()):
     return float(number)
 
 
-def _refuse_idle_keys(planned, backbone_value, head_value, sp):
+def _refuse_idle_keys(planned, left_out, backbone_value, head_value, sp):
     """A dict entry that selects no weight of its option's role would be
     ignored without a word (a head layer's radius given in `radius`).
-    `planned`: `(path, is_head)` of every weight to wrap."""
+    `planned`: `(path, is_head)` of every weight to wrap; `left_out`: paths
+    excluded or skipped with a reason in the report (an entry for them may
+    stay in a dict written for the whole model)."""
     options = (("strength" if sp else "radius", backbone_value, False),
                ("head_strength" if sp else "head_radius", head_value, True))
     for what, value, head in options:
@@ -360,8 +362,10 @@ def _refuse_idle_keys(planned, backbone_value, head_value, sp):
                 other = options[0][0] if head else options[1][0]
                 why = (f"it is not in the head: give its value in `{other}`" if head
                        else f"it is in the new head: give its value in `{other}`")
+            elif any(_selected({key}, p) for p in left_out):
+                continue
             else:
-                why = "no weight of it is wrapped (excluded, skipped, or without kernels; see the report)"
+                why = "it holds no weight to bound"
             raise ValueError(f"`{what}` names layer '{key}', but {why}.")
 
 
@@ -658,7 +662,8 @@ def wrap_pretrained(
     if method != "none":
         # Every path of a planned layer (a shared one has several).
         planned = [(q, h) for p, layer, _, h in plan for q in (p,) + tuple(others[id(layer)])]
-        _refuse_idle_keys(planned, backbone_value, head_value, sp)
+        left_out = [p for p, l in layers if id(l) in excluded or own_weights(l)]
+        _refuse_idle_keys(planned, left_out, backbone_value, head_value, sp)
 
     for path, layer, spec, is_head in plan:
         var = spec.variable

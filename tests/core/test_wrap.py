@@ -736,7 +736,7 @@ def test_option_values_that_would_be_ignored_are_refused():
          r"`radius` names layer 'head', but it is in the new head: give its value in `head_radius`"),
         (dict(radius=1.0, head_radius={"c1": 5.0, "*": 1.0}),
          r"`head_radius` names layer 'c1', but it is not in the head: give its value in `radius`"),
-        (dict(radius={"relu": 2.0, "*": 1.0}), r"`radius` names layer 'relu', but no weight of it is wrapped"),
+        (dict(radius={"relu": 2.0, "*": 1.0}), r"`radius` names layer 'relu', but it holds no weight to bound"),
         (dict(radius=1.0, head=["head"], exclude=["head"], head_radius=1.0),
          r"every kernel layer of head=\['head'\] is also in `exclude` \(head\)"),
         (dict(method="none", radius=1.0), r"method 'none' removes keras-spft's objects .*`radius` does not apply"),
@@ -748,9 +748,13 @@ def test_option_values_that_would_be_ignored_are_refused():
     model = net()
     with pytest.raises(ValueError, match=r"`radius` dict keys must be layer names or paths \(or '\*'\), got <Dense"):
         keras_spft.wrap_pretrained(model, radius={model.get_layer("c1"): 5.0, "*": 1.0})
-    # What is meant stays possible.
+    # What is meant stays possible, also a dict written for the whole model
+    # whose layer is then excluded (the fuzz test's case).
     report = keras_spft.wrap_pretrained(net(), radius={"c1": 2.0}, head_radius={"head": 3.0})
     assert {w.path: w.value for w in report.wrapped} == {"c1": "2", "head": "3"}
+    wide = keras.Sequential([keras.Input((4,)), L.Dense(3, name="c0"), L.Dense(3, name="c1"), L.Dense(2, name="head")])
+    report = keras_spft.wrap_pretrained(wide, radius={"c0": 2.0, "c1": 5.0}, exclude=["c1"])
+    assert {w.path: w.value for w in report.wrapped if w.role == "backbone"} == {"c0": "2"}
     # A BatchNorm without gamma says so, whatever `batchnorm` is.
     bn = keras.Sequential([keras.Input((4,)), L.Dense(3, name="c1"), L.BatchNormalization(scale=False, name="bn"),
                            L.Dense(2, name="head")])
