@@ -55,6 +55,11 @@ def check_positive(value, what, owner):
         )
 
 
+def is_number(value):
+    """Whether `value` is a real number (a Python or NumPy int or float), not a bool."""
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+
+
 def check_count(value, what, owner, low=1):
     """`value` as an int; a ValueError naming `owner` and `what` unless it is
     a whole number (an int, or a float such as 3.0; not a bool) of at least `low`."""

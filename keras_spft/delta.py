@@ -36,7 +36,7 @@ import keras
 from keras import ops
 
 from keras_spft._files import atomic_write
-from keras_spft.anchors import check_count
+from keras_spft.anchors import check_count, is_number
 from keras_spft.kernels import UnsupportedLayerError, kernel_specs, walk_layers
 
 __all__ = [
@@ -413,8 +413,7 @@ class DeltaModel(keras.Model):
         if variant not in VARIANTS:
             raise ValueError(f"unknown DELTA variant {variant!r}; expected one of {VARIANTS}.")
         for what, v in (("alpha", alpha), ("beta", beta)):
-            number = isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
-            if not (number and np.isfinite(v) and v >= 0):
+            if not (is_number(v) and np.isfinite(v) and v >= 0):
                 raise ValueError(f"DeltaModel: `{what}` must be a finite number >= 0, got {v!r}.")
         if not getattr(model, "built", False):
             raise ValueError("the model is not built: call it on data or build it first.")

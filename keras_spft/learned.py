@@ -18,7 +18,7 @@ import keras
 from keras import ops
 from keras.src.utils import tracking
 
-from keras_spft.anchors import check_positive
+from keras_spft.anchors import check_positive, is_number
 from keras_spft.constraints import (
     _DistanceConstraint,
     radius_learning,
@@ -157,14 +157,11 @@ class RadiusOptimizer(keras.optimizers.Optimizer):
             raise ValueError(
                 f"RadiusOptimizer: `radius_learning_rate` must be a positive finite number, got {radius_learning_rate!r}."
             )
-        def number(v):
-            return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
-
         for what, b in (("beta_1", beta_1), ("beta_2", beta_2)):
-            if not (number(b) and 0.0 <= b < 1.0):
+            if not (is_number(b) and 0.0 <= b < 1.0):
                 raise ValueError(f"RadiusOptimizer: `{what}` must be a number in [0, 1), got {b!r}.")
         check_positive(epsilon, "epsilon", "RadiusOptimizer")
-        if not (number(shrink_factor) and 0.0 <= shrink_factor <= 1.0):
+        if not (is_number(shrink_factor) and 0.0 <= shrink_factor <= 1.0):
             raise ValueError(
                 f"RadiusOptimizer: `shrink_factor` must be a number in [0, 1], got {shrink_factor!r}."
             )

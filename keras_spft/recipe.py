@@ -9,7 +9,6 @@ hyper-parameters live here. TensorFlow-free.
 import math
 
 import keras
-import numpy as np
 
 from keras_spft.wrap import METHODS as WRAP_METHODS, PGM_METHODS, SP_METHODS, wrap_pretrained
 
@@ -150,10 +149,9 @@ _MAY_BE_ZERO = ("alpha", "beta")
 def _check_value(value, name, owner, what=None):
     """`value`, once checked: a positive finite number; DELTA's alpha and
     beta may also be 0."""
-    from keras_spft.anchors import check_positive
+    from keras_spft.anchors import check_positive, is_number
 
-    if name in _MAY_BE_ZERO and isinstance(value, (int, float, np.integer, np.floating)) \
-            and not isinstance(value, (bool, np.bool_)) and value == 0:
+    if name in _MAY_BE_ZERO and is_number(value) and value == 0:
         return value
     check_positive(value, what or name, owner)
     return value
