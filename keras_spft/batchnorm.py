@@ -17,9 +17,6 @@ from keras_spft.kernels import walk_layers
 
 __all__ = ["reestimate_batchnorm"]
 
-def _np(variable):
-    return keras.ops.convert_to_numpy(variable.value)
-
 
 def _record_mode(layer, seen):
     """Shadows `layer.call` (until popped from its `__dict__`) so that each
@@ -137,7 +134,7 @@ def reestimate_batchnorm(model, x, batch_size=32, steps=None):
                 if layers else "it has none")
         raise ValueError(f"reestimate_batchnorm: '{model.name}' has no trainable BatchNormalization layer to "
                          f"re-estimate: {what}.")
-    saved = [(v, _np(v)) for v in model.non_trainable_variables]   # BatchNorm statistics included
+    saved = [(v, keras.ops.convert_to_numpy(v.value)) for v in model.non_trainable_variables]   # BatchNorm statistics included
     stats = {id(v) for _, l in active for v in (l.moving_mean, l.moving_variance)}
     momentum = {p: l.momentum for p, l in active}
     seen = {}   # id(layer) -> examples it has seen in training mode

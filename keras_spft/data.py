@@ -118,6 +118,14 @@ def _size(image_size):
                      f"got {image_size!r}.")
 
 
+def _preprocess_name(preprocess):
+    """How `print(splits)` names the preprocessing: e.g. `mobilenet.preprocess_input`."""
+    if preprocess is None:
+        return "none (0-255 RGB)"
+    module = getattr(preprocess, "__module__", "") or ""
+    return f"{module.split('.')[-1]}.{getattr(preprocess, '__name__', 'function')}".lstrip(".")
+
+
 # ----------------------------------------------------------------------------
 # Image folders
 # ----------------------------------------------------------------------------
@@ -526,7 +534,5 @@ def load_data(
         counts=counts,
         source=source,
         image_size=size,
-        preprocess=("none (0-255 RGB)" if preprocess is None else
-                    f"{getattr(preprocess, '__module__', '').split('.')[-1]}.{getattr(preprocess, '__name__', 'function')}"
-                    .lstrip(".")),
+        preprocess=_preprocess_name(preprocess),
     )

@@ -423,8 +423,6 @@ class DeltaModel(keras.Model):
         self.beta = float(beta)
         if feature_layers is None:
             feature_layers = default_feature_layers(model, variant)
-        elif isinstance(feature_layers, str):
-            feature_layers = [feature_layers]
         self.feature_layers = _find(model, _feature_list(feature_layers, "DeltaModel"))
         self.head = _head_names(model, head)
         # Found once (not at every training step); kept out of tracking (the

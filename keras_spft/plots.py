@@ -86,7 +86,7 @@ def layer_distances(run, metric="mars", prefix="spft", epoch=-1, head=False):
             out[layer] = float(v)
     # Aggregates are "prefix/name" ("spft/mars_max"), per-layer keys "prefix/layer/name".
     per_layer = any(k.startswith(start) and "/" in k[len(start):] for k in h)
-    if not out and not per_layer and any(k.startswith(start) for k in h):
+    if not out and not per_layer:
         raise ValueError(
             f"no '{prefix}/<layer>/{metric}' values in this run: with DistanceMonitor(per_layer=False) a "
             "History holds the aggregates only: pass the monitor itself, whose history keeps every layer.")
@@ -195,10 +195,10 @@ def plot_gradient_norms(results, path, key="grad/global", log_scale=True, title=
     plot_gradient_norms({"mars-pgm": grads}, "gradient_norms.png")
     ```
     """
+    _check_results(results, "plot_gradient_norms")
     fig = _figure(1, height=3.6)
     ax = fig.subplots()
     drawn = 0
-    _check_results(results, "plot_gradient_norms")
     for method, run in results.items():
         if hasattr(run, "history") and isinstance(run.history, list):
             pts = [(e["epoch"] + 1, e[key]) for e in run.history if key in e]

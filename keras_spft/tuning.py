@@ -590,11 +590,13 @@ def search(
         hypermodel = SPFTHyperModel(build_model, method, ranges=ranges, lr=lr, radius_lr=radius_lr,
                                     wrap_options=wrap_options, seed=seed)
         searched = sum(isinstance(v, tuple) for v in hypermodel.ranges.values())
+        if not issubclass(cls, keras_tuner.Hyperband):
+            # KerasTuner reads max_trials=0 (or None) as no limit: it would search forever.
+            max_trials = check_count(max_trials, "max_trials", "search")
         if issubclass(cls, keras_tuner.GridSearch) and searched:
             # KerasTuner's grid over an unstepped range takes 10 values each,
             # so 20 trials of a 10 x 10 grid would hardly move the first
             # hyper-parameter: as many values per range as the trials allow.
-            max_trials = check_count(max_trials, "max_trials", "search")
             if max_trials < _grid_min_trials(searched):
                 raise ValueError(
                     f"tuner='grid' over {searched} searched range(s) needs at least {_grid_min_trials(searched)} trials "
@@ -618,8 +620,7 @@ def search(
         if cls is keras_tuner.Hyperband:
             kwargs["max_epochs"] = tuner_kwargs.pop("max_epochs", epochs)
         else:
-            # KerasTuner reads max_trials=0 (or None) as no limit: it would search forever.
-            kwargs["max_trials"] = check_count(max_trials, "max_trials", "search")
+            kwargs["max_trials"] = max_trials
         settings = _fingerprint({
             "build_model": build_model, "seed": seed,
             "method": method, "objective": [objective.name, objective.direction], "tuner": cls.__name__,

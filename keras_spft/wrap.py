@@ -584,9 +584,10 @@ def wrap_pretrained(
                 "this warning).", UserWarning, stacklevel=2)
     else:
         head_ids = lookup(head, "head")
-        head_kernels = [p for p, l in layers if id(l) in head_ids and _has_kernel(l)]
-        if head_kernels and all(id(by_path[p]) in excluded for p in head_kernels):
-            raise ValueError(f"every kernel layer of head={head!r} is also in `exclude` ({', '.join(head_kernels[:4])}"
+        head_kernels = [(p, l) for p, l in layers if id(l) in head_ids and _has_kernel(l)]
+        if head_kernels and all(id(l) in excluded for _, l in head_kernels):
+            raise ValueError(f"every kernel layer of head={head!r} is also in `exclude` "
+                             f"({', '.join(p for p, _ in head_kernels[:4])}"
                              f"{', ...' if len(head_kernels) > 4 else ''}): a layer is the new head or left out, "
                              "not both.")
 
