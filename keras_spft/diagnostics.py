@@ -16,7 +16,7 @@ import numpy as np
 import keras
 from keras import ops
 
-from keras_spft.anchors import Anchored, check_count, check_flag
+from keras_spft.anchors import Anchored, check_count, check_flag, is_number
 from keras_spft import ops as spft_ops
 from keras_spft.constraints import _UNIT_ROUNDOFF, FrobeniusDistance, MARSDistance
 from keras_spft.kernels import UnsupportedLayerError, kernel_specs
@@ -303,7 +303,7 @@ class DistanceMonitor(_EpochSchedule):
 
     def __init__(self, every=1, tol=1e-3, per_layer=True, prefix="spft", head=None):
         super().__init__(every)
-        if isinstance(tol, (bool, str)) or not isinstance(tol, (int, float, np.floating)) or not 0 <= tol < 1:
+        if not is_number(tol) or not 0 <= tol < 1:
             raise ValueError(f"DistanceMonitor: `tol` (relative tolerance of at_bound) must be a number in "
                              f"[0, 1), got {tol!r}.")
         self.tol = float(tol)
@@ -485,6 +485,7 @@ def gradient_norms(model, x, y, sample_weight=None, training=True, head=None):
     if not getattr(model, "compiled", False):
         raise ValueError("gradient_norms needs a compiled model (model.compile(loss=...)).")
     training = check_flag(training, "training", "gradient_norms")
+    _check_batch(x, y, sample_weight, "gradient_norms")
     loss, grads = _gradients(model, x, y, sample_weight, training)
     by_id = {id(v): g for v, g in zip(model.trainable_variables, grads)}
     out = {"global": float(np.sqrt(sum(float((g.astype("float64") ** 2).sum()) for g in grads))),
@@ -497,6 +498,25 @@ def gradient_norms(model, x, y, sample_weight=None, training=True, head=None):
                 name = f"{k.path}.{k.weight}"
             out[name] = float(np.sqrt((g.astype("float64") ** 2).sum()))
     return out
+
+
+def _check_batch(x, y, sample_weight, owner):
+    """A ValueError naming `owner` unless every array of the probe batch
+    (inputs, targets, sample weights) holds the same number of examples:
+    Keras' losses broadcast a single target (or a mean squared error a
+    target of shape `(1, n)`) over the whole batch without a word."""
+    sizes = {}
+    for what, part in (("x", x), ("y", y), ("sample_weight", sample_weight)):
+        for leaf in keras.tree.flatten(part):
+            shape = getattr(leaf, "shape", None)
+            if shape is None:
+                shape = np.shape(leaf)
+            if len(shape):
+                sizes.setdefault(int(shape[0]), what)
+    if len(sizes) > 1:
+        found = ", ".join(f"{n} ({what})" for n, what in sizes.items())
+        raise ValueError(f"{owner}: the probe batch's arrays must hold the same number of examples, "
+                         f"got {found}.")
 
 
 def _warn_one_class(y):
@@ -563,6 +583,7 @@ class GradientNormMonitor(_EpochSchedule):
         self.head = head
         self.history = []
         self._measured = lambda: None   # a weak reference to the model measured at epoch -1
+        _check_batch(x, y, sample_weight, "GradientNormMonitor")
         _warn_one_class(y)
 
     def _measure(self, epoch):

@@ -217,3 +217,29 @@ def test_bad_diagnostics_options_are_named():
         plots.plot_distance_histograms([history], "/tmp/never_written.png")
     with pytest.raises(ValueError, match=r"gradient_norms: `training` must be True or False"):
         keras_spft.gradient_norms(model, x[:4], y[:4], training="yes")
+
+
+def test_a_probe_batch_of_unequal_lengths_is_refused():
+    """A single target was broadcast over the whole probe batch by a mean
+    squared error loss, and the gradient norms came out without a word."""
+    model = keras.Sequential([keras.Input((4,)), L.Dense(2)])
+    model.compile(optimizer="sgd", loss="mse")
+    x = np.random.default_rng(0).normal(size=(8, 4)).astype("float32")
+    y = np.zeros((8, 2), "float32")
+    assert keras_spft.gradient_norms(model, x, y)["loss"] > 0
+    assert keras_spft.gradient_norms(model, x, y, sample_weight=np.ones(8))["loss"] > 0
+    for args, owner, found in (((x, y[:1]), "gradient_norms", r"8 \(x\), 1 \(y\)"),
+                               ((x, y, np.ones(4)), "gradient_norms", r"8 \(x\), 4 \(sample_weight\)")):
+        with pytest.raises(ValueError, match=owner + r": the probe batch's arrays must hold the same "
+                                                     r"number of examples, got " + found):
+            keras_spft.gradient_norms(model, *args)
+    with pytest.raises(ValueError, match=r"GradientNormMonitor: .* got 8 \(x\), 1 \(y\)"):
+        keras_spft.GradientNormMonitor(x, y[:1])
+
+
+def test_distance_monitor_takes_a_numpy_tolerance():
+    assert keras_spft.DistanceMonitor(tol=np.int64(0)).tol == 0.0
+    assert keras_spft.DistanceMonitor(tol=np.float32(0.01)).tol == pytest.approx(0.01)
+    for bad in (True, np.bool_(False), "0.1", float("nan"), 1):
+        with pytest.raises(ValueError, match="`tol`"):
+            keras_spft.DistanceMonitor(tol=bad)
