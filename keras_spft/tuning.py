@@ -15,6 +15,7 @@ import os
 import warnings
 from dataclasses import dataclass, field
 
+import numpy as np
 import keras_tuner
 
 from keras_spft import recipe
@@ -502,7 +503,7 @@ def search(
             model with its head (see `SPFTHyperModel`).
         train: training data, e.g. `load_data(..., stage="tune").train`
             (a `tf.data.Dataset`, a `keras.utils.PyDataset`...), or NumPy
-            arrays as a tuple `(x, y)` or `(x, y, sample_weight)`.
+            arrays as a tuple (or list) `(x, y)` or `(x, y, sample_weight)`.
         val: validation data, e.g. `load_data(..., stage="tune").eval`,
             or `(x_val, y_val)`.
         method: a `wrap_pretrained` method name or `"delta"`.
@@ -561,8 +562,14 @@ def search(
     ```
     """
     epochs = check_count(epochs, "epochs", "search")
-    # Arrays come as `(x, y)` or `(x, y, sample_weight)`; `fit` takes them apart.
-    arrays = isinstance(train, tuple) and len(train) in (2, 3)
+    # Arrays come as `(x, y)` or `(x, y, sample_weight)` (a list too, as in
+    # Keras' own data handling); `fit` takes them apart.
+    if isinstance(train, list) and len(train) in (2, 3):
+        train = tuple(train)
+    arrays = isinstance(train, tuple)
+    if (arrays and len(train) not in (2, 3)) or isinstance(train, np.ndarray):
+        what = f"a tuple of {len(train)}" if arrays else "an array alone"
+        raise ValueError(f"search: array data `train` must be `(x, y)` or `(x, y, sample_weight)`, got {what}.")
     if batch_size is not None and not arrays:
         raise ValueError("`batch_size` applies to array data `(x, y)`; a dataset or generator is batched already.")
     if isinstance(objective, str):

@@ -438,6 +438,10 @@ def test_search_without_validation_data_and_a_misspelt_value_are_named_up_front(
     with pytest.raises(ValueError, match=r"`batch_size` applies to array data `\(x, y\)`; a dataset"):
         search(tiny_model, train, train, tuner="random", max_trials=1, epochs=1, directory=str(tmp_path),
                batch_size=4)
+    for bad, what in (((x,), "a tuple of 1"), ((x, y, y, y), "a tuple of 4"), (x, "an array alone")):
+        with pytest.raises(ValueError, match=r"search: array data `train` must be `\(x, y\)` or "
+                                             r"`\(x, y, sample_weight\)`, got " + what):
+            search(tiny_model, bad, (x, y), tuner="random", max_trials=1, epochs=1, directory=str(tmp_path))
     assert not (tmp_path / "spft_mars-pgm").exists()   # nothing trained, nothing stored
     with pytest.raises(ValueError, match=r"unknown hyper-parameter\(s\) \['head-radius'\] for method 'mars-pgm'"):
         recipe.wrap(tiny_model(), "mars-pgm", {"radius": 2.0, "head-radius": 5.0})
@@ -518,13 +522,15 @@ def test_a_write_that_fails_midway_keeps_the_old_file_and_leaves_no_temporary(tm
 
 
 def test_sample_weights_reach_fit_and_compile_model_refuses_two_outputs(tmp_path):
+    """Also given as a list, as Keras' own data handling takes it: a list
+    went to `fit` as the inputs of a model with three."""
     import keras
 
     x, y = _data()
     spy = Spy()
     start = []
     search(lambda: start.append(spy().get_layer("base").get_layer("c1").kernel.numpy().copy()) or spy.models[-1],
-           (x, y, np.zeros(len(y), "float32")), (x, y), "mars-pgm", tuner="random", max_trials=1, epochs=1,
+           [x, y, np.zeros(len(y), "float32")], (x, y), "mars-pgm", tuner="random", max_trials=1, epochs=1,
            verbose=0, directory=str(tmp_path), ranges={"radius": (2.0, 4.0), "head_radius": (5.0, 9.0)})
     # Zero weights, zero loss, zero gradients: the trained kernel did not move.
     np.testing.assert_array_equal(spy.models[-1].get_layer("base").get_layer("c1").kernel.numpy(), start[-1])
