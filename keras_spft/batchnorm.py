@@ -4,27 +4,33 @@ During fine-tuning, Keras' BatchNormalization keeps exponential moving
 averages (momentum 0.99 by default) of batch statistics taken while the
 weights moved, so after `fit` they trail the final weights; inference uses
 them. `reestimate_batchnorm` replaces them with the average over the data
-of the batch statistics the final weights give (as PyTorch's
-`torch.optim.swa_utils.update_bn` does).
+of the batch statistics the final weights give (the idea of PyTorch's
+`torch.optim.swa_utils.update_bn`, in Keras' convention: batches weighted by
+their size, and the biased batch variance that Keras' own moving average
+takes, where `update_bn` weights batches equally and takes the unbiased one).
 """
 
 import inspect
 import warnings
 
 import keras
+import numpy as np
 
+from keras_spft.anchors import check_count
 from keras_spft.kernels import walk_layers
 
 __all__ = ["reestimate_batchnorm"]
 
 
-def _record_mode(layer, seen):
+def _record_mode(path, layer, seen):
     """Shadows `layer.call` (until popped from its `__dict__`) so that each
     call in training mode, which updates the moving statistics, first sets
     `momentum` to `seen / (seen + n)` for its `n` examples: the running
     average weighted by examples over every call (a layer shared by two
     paths is called twice a batch). `seen[id(layer)]` counts them; a layer
-    called only with `training=False` (by the layer holding it) has none."""
+    called only with `training=False` (by the layer holding it) has none.
+    The first such call zeroes the statistics (momentum 0 alone would keep
+    a NaN that `fit` left: 0 * NaN is NaN)."""
     call = type(layer).call.__get__(layer)
     signature = inspect.signature(call)
 
@@ -37,9 +43,18 @@ def _record_mode(layer, seen):
         training = bound.arguments["training"] if "training" in signature.parameters else \
             layer._get_call_context().training
         if training:
-            n = int(keras.tree.flatten(inputs)[0].shape[0])
+            shape = tuple(keras.tree.flatten(inputs)[0].shape)
+            n = int(shape[0])
+            if int(np.prod(shape)) == shape[layer.axis]:
+                raise ValueError(
+                    f"reestimate_batchnorm: BatchNormalization '{path}' got a batch of one value per channel "
+                    f"(input shape {shape}), whose variance is 0. Use a batch_size that leaves no batch of a "
+                    "single example (or `steps` to stop before it).")
             before = seen.get(id(layer), 0)
-            layer.momentum = before / (before + n)   # the first call replaces what fit left
+            if not before:   # the first call replaces what fit left
+                for v in (layer.moving_mean, layer.moving_variance):
+                    v.assign(keras.ops.zeros(v.shape, v.dtype))
+            layer.momentum = before / (before + n)
             seen[id(layer)] = before + n
         return call(*args, **kwargs)
 
@@ -82,7 +97,8 @@ def reestimate_batchnorm(model, x, batch_size=32, steps=None):
     changes) and sets every trainable BatchNormalization layer's moving mean
     and variance to the average, weighted by batch size, of the batch means
     and variances it sees (over every call: a layer shared by two paths
-    averages both): statistics of the final weights, where `fit`
+    averages both; the biased batch variance, as Keras' own moving average
+    takes it): statistics of the final weights, where `fit`
     leaves moving averages of statistics taken while the weights moved.
     Call it after `fit`, before evaluating or saving. Trainable weights,
     other non-trainable variables (random seeds, other layers' state) and
@@ -113,7 +129,9 @@ def reestimate_batchnorm(model, x, batch_size=32, steps=None):
     Raises:
         ValueError: the model has no trainable BatchNormalization layer, a
             layer uses batch renormalization (`renorm=True`, whose moving
-            statistics Keras updates differently), or `x` holds no batch.
+            statistics Keras updates differently), `x` holds no batch, or a
+            batch gives a layer one value per channel (a variance of 0: a
+            batch of one example before a Dense layer's BatchNorm).
 
     Example:
 
@@ -123,6 +141,9 @@ def reestimate_batchnorm(model, x, batch_size=32, steps=None):
     model.evaluate(x_test, y_test)
     ```
     """
+    batch_size = check_count(batch_size, "batch_size", "reestimate_batchnorm")
+    if steps is not None:
+        steps = check_count(steps, "steps", "reestimate_batchnorm")
     layers = _batchnorm_layers(model)
     renorm = [p for p, l in layers if getattr(l, "renorm", False)]
     if renorm:
@@ -138,8 +159,8 @@ def reestimate_batchnorm(model, x, batch_size=32, steps=None):
     stats = {id(v) for _, l in active for v in (l.moving_mean, l.moving_variance)}
     momentum = {p: l.momentum for p, l in active}
     seen = {}   # id(layer) -> examples it has seen in training mode
-    for _, layer in active:
-        _record_mode(layer, seen)
+    for path, layer in active:
+        _record_mode(path, layer, seen)
     batches, done = 0, False
     try:
         for inputs in _batches(model, x, batch_size, steps):

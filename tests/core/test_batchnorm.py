@@ -119,6 +119,39 @@ def test_refusals_name_the_reason():
     with pytest.raises(ValueError, match="gave no batch"):
         keras_spft.reestimate_batchnorm(model, np.zeros((0, 3), "float32"))
     assert bn.momentum == 0.99
+    x = np.random.default_rng(0).normal(size=(9, 3)).astype("float32")
+    for kwargs, match in ((dict(batch_size=0), "`batch_size` must be an integer of at least 1, got 0"),
+                          (dict(batch_size=2.5), "`batch_size` must be an integer of at least 1, got 2.5"),
+                          (dict(batch_size=True), "`batch_size` must be an integer"),
+                          (dict(steps=0), "`steps` must be an integer of at least 1, got 0"),
+                          (dict(steps=1.5), "`steps` must be an integer")):
+        with pytest.raises(ValueError, match="reestimate_batchnorm: " + match):
+            keras_spft.reestimate_batchnorm(model, x, **kwargs)
+    # A batch of one example gives a Dense layer's BatchNorm a variance of 0
+    # (PyTorch refuses it too): the last batch of 9 by 4, or batches of 1.
+    before = [to_np(bn.moving_mean), to_np(bn.moving_variance)]
+    for kwargs in (dict(batch_size=4), dict(batch_size=1)):
+        with pytest.raises(ValueError, match=r"BatchNormalization 'base/bn' got a batch of one value per channel "
+                                             r"\(input shape \(1, 4\)\), whose variance is 0"):
+            keras_spft.reestimate_batchnorm(model, x, **kwargs)
+        for b, v in zip(before, (bn.moving_mean, bn.moving_variance)):
+            np.testing.assert_array_equal(to_np(v), b)
+    assert keras_spft.reestimate_batchnorm(model, x, batch_size=4, steps=2) == ["base/bn"]   # stops before it
+
+
+def test_statistics_that_fit_left_as_nan_are_replaced():
+    """Momentum 0 alone kept them: 0 * NaN is NaN (a float16 overflow in
+    mixed precision writes NaN into the statistics while the loss scale
+    skips the weight update)."""
+    model = _model()
+    bn = model.get_layer("base").get_layer("bn")
+    x = np.random.default_rng(0).normal(size=(16, 3)).astype("float32")
+    bn.moving_mean.assign(np.array([np.nan, 0.0, np.inf, 1.0], "float32"))
+    bn.moving_variance.assign(np.array([1.0, np.nan, 1.0, -np.inf], "float32"))
+    keras_spft.reestimate_batchnorm(model, x, batch_size=8)
+    mean, var = _expected(model, x, 8)
+    np.testing.assert_allclose(to_np(bn.moving_mean), mean, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(to_np(bn.moving_variance), var, rtol=1e-4)
 
 
 class _BNWithoutMask(L.BatchNormalization):
