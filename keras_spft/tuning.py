@@ -624,7 +624,7 @@ def search(
             overwrite=overwrite,
             seed=None if seed is None else int(seed) + 1,
         )
-        if cls is keras_tuner.Hyperband:
+        if issubclass(cls, keras_tuner.Hyperband):
             kwargs["max_epochs"] = tuner_kwargs.pop("max_epochs", epochs)
         else:
             kwargs["max_trials"] = max_trials

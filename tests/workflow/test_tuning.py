@@ -160,7 +160,10 @@ def test_what_the_new_checks_must_still_take(tmp_path):
     import keras
 
     x, y = np.random.default_rng(0).random((8, 16, 16, 3)).astype("float32"), np.arange(8) % 3
-    search(lambda: tiny_model(3, size=16), (x, y), (x, y), method="mars-pgm", tuner="hyperband", max_trials=None,
+    # A Hyperband subclass (the string "hyperband": test_hyperband_bookkeeping)
+    # was given max_trials and no max_epochs: "Unrecognized arguments".
+    search(lambda: tiny_model(3, size=16), (x, y), (x, y), method="mars-pgm", max_trials=None,
+           tuner=type("MyHyperband", (keras_tuner.Hyperband,), {}),
            epochs=1, verbose=0, directory=str(tmp_path), batch_size=4)
     recipe.compile_model(tiny_model(), lr=keras.optimizers.schedules.CosineDecay(1e-3, 10))
     recipe.compile_model(tiny_model(), lr=np.float32(1e-3))
