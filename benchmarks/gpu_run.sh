@@ -12,10 +12,13 @@ OUT=${OUT:-/tmp/spft_gpu}
 mkdir -p "$OUT"
 PY=${PY:-python3}
 $PY -m pip install --no-index --no-deps -q .whl/*.whl 2>&1 | grep -v "^WARNING: Running pip"
-if ! $PY -c "import keras" 2>/dev/null; then
-  echo "keras did not install from .whl/ (carried? filled for this Python?): stopping"; exit 3
-fi
+# The backend before the first import: without it (and without a keras.json)
+# Keras starts TensorFlow, which that machine lacks.
 export KERAS_BACKEND=jax PYTHONPATH=$PWD
+if ! err=$($PY -c "import keras" 2>&1); then
+  echo "$err" | tail -3
+  echo "keras did not import after installing .whl/ (carried? filled for this Python?): stopping"; exit 3
+fi
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 $PY -c "import jax, keras; print('jax', jax.__version__, 'keras', keras.__version__, jax.devices())" | tee -a "$OUT/gpu.txt"
 run() {  # name, timeout, command...
@@ -23,7 +26,7 @@ run() {  # name, timeout, command...
   local t0=$(date +%s)
   timeout "$limit" "$@" > "$OUT/$name.txt" 2>&1
   echo "== $name: exit $? in $(( $(date +%s) - t0 )) s"
-  grep "^|" "$OUT/$name.txt"
+  grep "^|\|^rep " "$OUT/$name.txt"
 }
 # Method lists and limits can be narrowed to fit the device time left (one
 # command may run 600 s: projection 90 + two models at LIMIT must stay below).
@@ -36,7 +39,9 @@ run() {  # name, timeout, command...
 # recompiling, not of autotuning (compare runs of separate processes for that).
 R101=${R101-none,none#2,floor,mars-pgm,l2-pgm}
 EFF=${EFF-none,floor,mars-pgm,mars-pgm-learned}
-LIMIT=${LIMIT:-240}
+# Seconds per model: 240 each with both models (90 + 2 x 240 = 570 s); with
+# EFF= the ResNet101 stage may take 420 (its five warm-ups took 45-70 s each).
+if [ -n "$EFF" ]; then LIMIT=${LIMIT:-240}; else LIMIT=${LIMIT:-420}; fi
 LOOP=${LOOP:-fit}   # fit: steps_per_execution, no per-step host round trip; or train_on_batch
 # --passes 20: the pass time without the call's fixed costs (earlier GPU runs
 # timed one pass per call: 3.5 ms on the H200, 144 GB/s, over 20 times below
@@ -48,7 +53,12 @@ run projection 90 $PY -m benchmarks.projection --model resnet101 --reps 7 --pass
 # COUNT=--count-kernels (default) also counts the kernels each method's step
 # launches (XLA's HLO dumps; where a constraint's time goes); COUNT= skips it.
 COUNT=${COUNT---count-kernels}
-[ -n "$R101" ] && run resnet101 "$LIMIT" $PY benchmarks/overhead.py --model resnet101 --image-size 224 --batch 32 \
-  --reps 5 --steps 20 --loop "$LOOP" --methods "$R101" --out "$OUT/resnet101.json" $COUNT
-[ -n "$EFF" ] && run efficientnetb0 "$LIMIT" $PY benchmarks/overhead.py --model efficientnetb0 --image-size 224 --batch 32 \
-  --reps 5 --steps 20 --loop "$LOOP" --methods "$EFF" --out "$OUT/efficientnetb0.json"
+if [ -n "$R101" ]; then
+  run resnet101 "$LIMIT" $PY benchmarks/overhead.py --model resnet101 --image-size 224 --batch 32 \
+    --reps 5 --steps 20 --loop "$LOOP" --methods "$R101" --out "$OUT/resnet101.json" $COUNT
+fi
+if [ -n "$EFF" ]; then
+  run efficientnetb0 "$LIMIT" $PY benchmarks/overhead.py --model efficientnetb0 --image-size 224 --batch 32 \
+    --reps 5 --steps 20 --loop "$LOOP" --methods "$EFF" --out "$OUT/efficientnetb0.json"
+fi
+exit 0   # each stage's exit status is printed above ("== name: exit N")

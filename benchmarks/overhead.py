@@ -223,6 +223,13 @@ def main():
                     loss = models[m].train_on_batch(xd, yd)
                 float(np.asarray(loss).ravel()[0])  # synchronise
             times[m].append((time.perf_counter() - t0) / a.steps)
+        # Each rep as it ends, so a run stopped at its time limit keeps them.
+        print(f"rep {rep + 1}/{a.reps} (ms per step): "
+              + ", ".join(f"{m} {1000 * times[m][-1]:.2f}" for m in methods), flush=True)
+        if a.out:
+            with open(a.out, "w") as f:
+                json.dump({"model": a.model, "partial": True, "step_s": times,
+                           **({"kernels": kernels} if dump else {})}, f, indent=1)
     rows = []
     for m in methods:
         ratios = [t / b for t, b in zip(times[m], times["none"])]

@@ -217,6 +217,9 @@ def main():
             t0 = time.perf_counter()
             wait_for(fns[n](ws, anchors))
             times[n].append((time.perf_counter() - t0) / a.passes)
+        # Each rep as it ends, so a run stopped at its time limit keeps them.
+        print(f"rep {rep + 1}/{a.reps} (ms per pass): "
+              + ", ".join(f"{n} {1000 * times[n][-1]:.2f}" for n in names), flush=True)
     floor = statistics.median(times["floor"]) if "floor" in times else None
     print(f"\n{a.model}: {len(specs)} kernels, {nbytes:,} bytes; backend {keras.backend.backend()}; {a.reps} interleaved reps of {a.passes} pass(es)")
     print("| projection | median time per pass (ms) | ratio to floor | effective GB/s (3 x kernel bytes / time) |")
