@@ -187,7 +187,10 @@ class RadiusOptimizer(keras.optimizers.Optimizer):
         `wrap_pretrained` calls it when it wraps a model whose optimizer this
         is, already built: the state of the old constraints (their radii and
         anchors, the radii's Adam moments) is dropped and that of the new
-        ones taken up; the inner optimizer's state is kept.
+        ones taken up; the inner optimizer's state is kept. After setting
+        constraints by hand, call it and compile the model again
+        (`model.compile(optimizer=model.optimizer, ...)`): TensorFlow and JAX
+        compiled the train step with the constraints it saw.
         """
         drop = {id(v) for v in self._bound}
         # In place: Keras' tracker appends to this very list.

@@ -438,6 +438,15 @@ def test_wrapping_again_rebinds_a_built_radius_optimizer():
     with pytest.raises(ValueError, match="constraints changed after this optimizer was built"):
         model.get_layer("head").kernel.constraint = keras_spft.MARSDistance(None, 1.0, name="manual")
         opt.apply([keras.ops.zeros(v.shape) for v in model.trainable_variables], model.trainable_variables)
+    # The documented way for a constraint set by hand: rebind() and compile
+    # again (TensorFlow and JAX kept projecting onto the compiled step's
+    # constraint, 0.5, without the compile; a review found the docs silent).
+    head = model.get_layer("head").kernel
+    head.constraint = keras_spft.MARSDistance(None, 0.2, name="manual")
+    opt.rebind()
+    model.compile(optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x, y, epochs=1, batch_size=8, verbose=0)
+    assert 0.19 < float(np.abs(to_np(head)).sum(axis=0).max()) <= 0.2 * (1 + 1e-5)
 
 
 def test_layers_load_model_would_rebuild_without_their_anchors_are_named():
