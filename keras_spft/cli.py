@@ -70,6 +70,9 @@ class UsageError(SystemExit):
         return self.message
 
 
+MAX_SEED_COUNT = 1000   # runs per method: a count of 2**32 ran out of memory making the list
+
+
 def _seeds(text):
     text = str(text).strip()
     try:
@@ -82,13 +85,13 @@ def _seeds(text):
                     f"--seeds {text!r}: a seed given twice would count one run twice in the table.")
         else:
             n = int(text)
-            if n < 1:
+            if not 1 <= n <= MAX_SEED_COUNT:
                 raise ValueError
             seeds = list(range(n))
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"--seeds {text!r}: give a count (3 means seeds 0,1,2) or a comma list of seeds "
-            "from 0 to 2**32-1 (0,4,7)."
+            f"--seeds {text!r}: give a count from 1 to {MAX_SEED_COUNT} (3 means seeds 0,1,2) or a comma "
+            "list of seeds from 0 to 2**32-1 (0,4,7)."
         ) from None
     return seeds
 

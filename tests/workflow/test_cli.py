@@ -358,6 +358,7 @@ def test_usage_errors_exit_with_status_2_and_bad_values_are_refused(tiny, capsys
     assert e.value.code == 2
     assert "is a finished run with other settings (radius: 2.0 on disk vs 5.0 now)" in capsys.readouterr().err
     for bad, said in [(["--seeds", ","], "--seeds ','"),
+                      (["--seeds", "4294967296"], "--seeds '4294967296': give a count from 1 to 1000"),  # MemoryError
                       (["--image-size", "0"], "--image-size: expected an integer of at least 1, got '0'"),
                       (["--epochs", "0"], "--epochs: expected an integer of at least 1")]:
         with pytest.raises(SystemExit) as e:
