@@ -234,14 +234,16 @@ def _data_key(data):
     return data if data.startswith("tfds:") else os.path.realpath(os.path.expanduser(data))
 
 
-def _data_files(data):
+def _data_files(data, contents=True):
     """What an image folder holds, as recorded in the settings: the number of
     images the loader reads (`keras_spft.data.scan_image_folder`: hidden and
     non-image files are not among them), their bytes, and a digest of their
-    paths, labels and sizes (another folder at the same path, or images
-    added, removed or replaced, differ); None for TFDS, whose name (and
-    version, `tfds:NAME:1.2.0`) says it, and for a folder the loader refuses
-    (its error comes when the data is loaded)."""
+    paths, labels, sizes and contents (another folder at the same path, or
+    images added, removed or replaced, differ; `contents=False`: without the
+    contents, as older versions recorded it, so that two images swapped
+    between classes went unseen); None for TFDS, whose name (and version,
+    `tfds:NAME:1.2.0`) says it, and for a folder the loader refuses (its
+    error comes when the data is loaded)."""
     if data.startswith("tfds:"):
         return None
     from keras_spft.data import scan_image_folder
@@ -256,8 +258,12 @@ def _data_files(data):
         for path, label in sorted(files[split]):
             n = os.path.getsize(path)
             digest.update(f"{os.path.relpath(path, root)}\0{label}\0{n}\0".encode())
+            if contents:
+                with open(path, "rb") as f:
+                    for block in iter(lambda: f.read(1 << 20), b""):
+                        digest.update(block)
             count, size = count + 1, size + n
-    return f"{count} files, {size} bytes, {digest.hexdigest()[:12]}"
+    return f"{count} files, {size} bytes, {'contents ' if contents else ''}{digest.hexdigest()[:12]}"
 
 
 class Session:
@@ -412,6 +418,11 @@ class Session:
             # (taken as relative to here), without the folder's contents.
             out["data"] = _data_key(out.get("data", ""))
             out["data_files"] = self.data_files if out["data"] == _data_key(self.args.data) else None
+        elif out["data_files"] and "contents" not in out["data_files"] and out["data"] == _data_key(self.args.data):
+            # Recorded by older versions without the images' contents:
+            # compared as they recorded it.
+            if out["data_files"] == _data_files(self.args.data, contents=False):
+                out["data_files"] = self.data_files
         if out.get("alpha") is None and out.get("model") == self.backbone.name and self.backbone.has_alpha:
             out["alpha"] = float(inspect.signature(self.backbone.constructor).parameters["alpha"].default)
         if method not in batchnorm_methods(out["batchnorm"]):

@@ -260,6 +260,33 @@ def test_runs_are_reused_only_for_the_same_data_folder_and_files(tiny, monkeypat
         cli.run(["finetune"] + _args("data", out, *run))
 
 
+def test_images_swapped_between_classes_are_other_data(tiny, monkeypatch, tmp_path):
+    """BMPs of one size have one byte size: the record held names, labels
+    and sizes only, and a folder whose classes were swapped (every label
+    wrong) reused the old runs. Records of older versions (no contents) are
+    still compared as they were recorded."""
+    _, out, _ = tiny
+    data = make_image_folder(tmp_path / "bmp", classes=("a", "b"), fmt="bmp")
+    run = ["--method", "l2-pgm", "--radius", "2"]
+    cli.run(["finetune"] + _args(data, out, *run))
+    record = out / "runs" / "l2-pgm" / "seed0.json"
+    done = json.loads(record.read_text())
+    assert " bytes, contents " in done["settings"]["data_files"]
+    monkeypatch.setattr(cli, "train_one", lambda *a, **k: pytest.fail("re-ran a finished run"))
+    old = dict(done, settings=dict(done["settings"], data_files=cli._data_files(data, contents=False)))
+    record.write_text(json.dumps(old))
+    cli.run(["finetune"] + _args(data, out, *run))                    # an older version's record: reused
+    record.write_text(json.dumps(done))
+    for split in ("train", "val", "test"):
+        a, b = tmp_path / "bmp" / split / "a", tmp_path / "bmp" / split / "b"
+        a.rename(tmp_path / "swap")
+        b.rename(a)
+        (tmp_path / "swap").rename(b)
+    with pytest.raises(SystemExit, match=r"data_files: '14 files, (\d+) bytes, contents \w+' on disk vs "
+                                         r"'14 files, \1 bytes, contents \w+' now"):
+        cli.run(["finetune"] + _args(data, out, *run))
+
+
 def test_unfinished_search_resumes_only_with_its_settings(tiny, monkeypatch):
     data, out, _ = tiny
     import keras_spft.tuning as tuning
