@@ -13,6 +13,8 @@ This module imports TensorFlow (tf.data); `import keras_spft` does not.
 """
 
 import dataclasses
+import functools
+import inspect
 import numbers
 import os
 import warnings
@@ -179,6 +181,13 @@ def scan_image_folder(path, splits=SPLITS, check_images=True):
         if not names:
             raise ValueError(f"split folder '{split_dir}' has no class subfolders.")
         classes[split] = names
+        loose = sorted(f for f in os.listdir(split_dir) if not f.startswith(".")
+                       and os.path.isfile(os.path.join(split_dir, f)) and f.lower().endswith(IMAGE_EXTENSIONS))
+        if loose:   # no class to take them from: left out, as Keras' loader does, but said
+            warnings.warn(
+                f"'{split_dir}': {len(loose)} image(s) outside the class folders left out (no class): "
+                f"{', '.join(loose[:5])}{', ...' if len(loose) > 5 else ''}; move them into their class's folder.",
+                stacklevel=2)
         entries, others = [], []
         for label, name in enumerate(names):
             class_dir = os.path.join(split_dir, name)
@@ -337,6 +346,15 @@ def _tfds_dataset(builder, split, size):
 def _preprocess_fn(preprocess):
     if preprocess is None:
         return None
+    try:
+        takes_format = "data_format" in inspect.signature(preprocess).parameters
+    except (TypeError, ValueError):   # no signature to read (a builtin)
+        takes_format = False
+    if takes_format:
+        # The pipeline's images are height x width x channels; keras.applications'
+        # preprocess_input otherwise reads keras.config.image_data_format(), and
+        # with "channels_first" there it normalised rows as channels.
+        preprocess = functools.partial(preprocess, data_format="channels_last")
     if keras.backend.backend() == "tensorflow":
         return preprocess
 

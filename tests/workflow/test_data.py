@@ -62,6 +62,16 @@ def test_preprocess_input_is_applied_and_range_right(image_folder):
     xc, _ = _collect(caffe.eval)
     # "caffe" mode: RGB -> BGR and ImageNet mean subtracted.
     np.testing.assert_allclose(xc[..., 0], x_raw[..., 2] - 103.939, atol=1e-3)
+    # A keras.json with "channels_first": the pipeline's images stay channels
+    # last, and preprocess_input is told so (it normalised rows as channels).
+    keras.config.set_image_data_format("channels_first")
+    try:
+        first = load_data(image_folder, image_size=12, batch_size=64,
+                          preprocess=keras.applications.resnet.preprocess_input)
+        x_first, _ = _collect(first.eval)
+    finally:
+        keras.config.set_image_data_format("channels_last")
+    np.testing.assert_array_equal(x_first, xc)
 
 
 def test_train_pipeline_shuffles_and_eval_does_not(tmp_path):
@@ -105,6 +115,15 @@ def test_class_without_images_names_the_folder(image_folder):
     open(os.path.join(d, "notes.txt"), "w").write("not an image")
     with pytest.raises(ValueError, match=r"class folder '.*test/dog' has no images"):
         load_data(image_folder)
+
+
+def test_images_outside_the_class_folders_are_named(image_folder):
+    """They were left out without a word."""
+    cats = os.path.join(image_folder, "train", "cat")
+    shutil.copy(os.path.join(cats, sorted(os.listdir(cats))[0]), os.path.join(image_folder, "train", "loose.png"))
+    with pytest.warns(UserWarning, match=r"train': 1 image\(s\) outside the class folders left out \(no class\): loose\.png"):
+        splits = load_data(image_folder)
+    assert splits.train_size == sum(len(os.listdir(os.path.join(image_folder, "train", c))) for c in splits.class_names)
 
 
 def test_hidden_entries_are_ignored_and_other_files_named(image_folder):
