@@ -166,8 +166,7 @@ class Anchored(KerasSaveable):
     def _scale_value(self, dtype, traced_with=None):
         """The radius (or strength) in `dtype`; notes when a JAX trace
         compiles it in as a constant (see `_anchor_value`)."""
-        if (traced_with is not None and _is_jax_tracer(traced_with)
-                and not _in_stateless_mapping(self._scale)):
+        if _compiled_in(traced_with, self._scale):
             self._captured_by_jit = True
         self._check_ready()
         return ops.cast(self._scale.value, dtype)
@@ -194,8 +193,7 @@ class Anchored(KerasSaveable):
             )
 
     def _anchor_value(self, dtype, traced_with=None):
-        if (traced_with is not None and _is_jax_tracer(traced_with)
-                and not _in_stateless_mapping(self._anchor)):
+        if _compiled_in(traced_with, self._anchor):
             # The compiled JAX step now holds this anchor as a constant (an
             # optimizer that carries it as state, RadiusOptimizer, avoids it).
             self._captured_by_jit = True
@@ -387,6 +385,18 @@ def _is_jax_tracer(x):
     import jax
 
     return isinstance(x, jax.core.Tracer)
+
+
+def _compiled_in(traced_with, variable):
+    """Whether reading `variable` while computing on `traced_with` compiles
+    its value into a JAX step as a constant: a JAX trace, outside a
+    stateless scope that maps the variable to an input, and outside Keras'
+    symbolic scope (`fit` first traces the loss for its shapes alone, before
+    `BackupAndRestore` loads a backup: that trace compiles nothing)."""
+    from keras.src.backend.common.symbolic_scope import in_symbolic_scope
+
+    return (traced_with is not None and _is_jax_tracer(traced_with)
+            and not _in_stateless_mapping(variable) and not in_symbolic_scope())
 
 
 def _in_stateless_mapping(variable):

@@ -293,6 +293,43 @@ def test_jax_warns_when_loaded_anchors_differ_from_compiled_ones(tmp_path):
         assert_within_bound(c, var)
 
 
+def test_a_penalty_run_resumed_by_backup_and_restore_trains_to_the_backup_anchors(tmp_path):
+    """On JAX `fit` traces the loss for its shapes before BackupAndRestore
+    loads the backup: that trace was taken for the compiled step, and the
+    resume warned, once per kernel, that the old anchors stayed in force
+    (they did not)."""
+    import warnings
+
+    keras.utils.set_random_seed(4)
+    x, y = _data(16)
+
+    def wrapped():
+        model = small_cnn()
+        keras_spft.wrap_pretrained(model, method="l2-sp", strength=1.0, head_strength=0.1)
+        _compile(model)
+        return model
+
+    class Stop(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            raise RuntimeError("interrupted")
+
+    first = wrapped()
+    backup = str(tmp_path / "backup")
+    with pytest.raises(RuntimeError, match="interrupted"):
+        first.fit(x, y, batch_size=8, epochs=3, verbose=0,
+                  callbacks=[keras.callbacks.BackupAndRestore(backup), Stop()])
+    anchors = _anchors(first)
+    assert anchors
+    second = wrapped()   # other initial weights, so other anchors until the backup is loaded
+    assert any(not np.array_equal(v, anchors[i]) for i, v in _anchors(second).items())
+    with warnings.catch_warnings(record=True) as caught:   # (an "error" filter: Keras' loader catches it)
+        warnings.simplefilter("always")
+        second.fit(x, y, batch_size=8, epochs=2, verbose=0, callbacks=[keras.callbacks.BackupAndRestore(backup)])
+    assert not [w for w in caught if "compiled with the old ones" in str(w.message)]
+    for i, v in _anchors(second).items():
+        np.testing.assert_array_equal(v, anchors[i])
+
+
 def test_a_legacy_hdf5_file_with_a_radius_optimizer_says_what_happened(tmp_path):
     """Keras' legacy .h5 loader builds the optimizer on no variables; the
     error said the model was not wrapped or its kernels frozen."""
