@@ -119,7 +119,7 @@ def reestimate_batchnorm(model, x, batch_size=32, steps=None):
             labels are ignored. Usually the training data, without
             augmentation that the test data does not get.
         batch_size: batch size for array data (as in training: BatchNorm's
-            batch statistics depend on it).
+            batch statistics depend on it); `None` as in `fit`.
         steps: use at most this many batches (`None`: all of `x`; needed for
             an endless dataset).
 
@@ -141,7 +141,8 @@ def reestimate_batchnorm(model, x, batch_size=32, steps=None):
     model.evaluate(x_test, y_test)
     ```
     """
-    batch_size = check_count(batch_size, "batch_size", "reestimate_batchnorm")
+    if batch_size is not None:   # None: Keras' default for arrays (32); a dataset is batched already
+        batch_size = check_count(batch_size, "batch_size", "reestimate_batchnorm")
     if steps is not None:
         steps = check_count(steps, "steps", "reestimate_batchnorm")
     layers = _batchnorm_layers(model)

@@ -137,6 +137,7 @@ def test_refusals_name_the_reason():
         for b, v in zip(before, (bn.moving_mean, bn.moving_variance)):
             np.testing.assert_array_equal(to_np(v), b)
     assert keras_spft.reestimate_batchnorm(model, x, batch_size=4, steps=2) == ["base/bn"]   # stops before it
+    assert keras_spft.reestimate_batchnorm(model, x, batch_size=None) == ["base/bn"]      # as fit: 32
 
 
 def test_statistics_that_fit_left_as_nan_are_replaced():
