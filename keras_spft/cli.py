@@ -349,9 +349,19 @@ class Session:
         return self._probes[stage]
 
     def attention_cache(self):
-        """The `.npz` file under `--out` holding DELTA's attention of this backbone."""
+        """The `.npz` file under `--out` holding DELTA's attention of this
+        backbone: one an earlier version wrote, without the images' contents
+        in its key, when that one is there and no newer one."""
+        path = self._attention_cache(self.data_files)
+        if not os.path.isfile(path) and self.data_files is not None:
+            earlier = self._attention_cache(_data_files(self.args.data, contents=False))
+            if os.path.isfile(earlier):
+                return earlier
+        return path
+
+    def _attention_cache(self, data_files):
         a = self.args
-        key = [_data_key(a.data), self.data_files, self.backbone.name, self.weights, a.alpha, a.image_size, a.head,
+        key = [_data_key(a.data), data_files, self.backbone.name, self.weights, a.alpha, a.image_size, a.head,
                ATTENTION_BATCHES, a.batch_size, a.augment]
         if self.weights_file is not None:   # (not in the key of earlier versions: their caches are found)
             key.append(self.weights_file)

@@ -618,6 +618,18 @@ def test_delta_attention_caches_of_earlier_versions_are_found(tiny):
     args = cli.build_parser().parse_args(["finetune", "--method", "delta", *_args(data, out)])
     session = cli.Session(args)
     a = args
-    old_key = json.dumps([cli._data_key(a.data), session.data_files, session.backbone.name, session.weights, a.alpha,
+    def name(data_files):
+        key = json.dumps([cli._data_key(a.data), data_files, session.backbone.name, session.weights, a.alpha,
                           a.image_size, a.head, cli.ATTENTION_BATCHES, a.batch_size, a.augment])
-    assert session.attention_cache().endswith(f"_{hashlib.sha1(old_key.encode()).hexdigest()[:10]}.npz")
+        return f"_{hashlib.sha1(key.encode()).hexdigest()[:10]}.npz"
+
+    assert session.attention_cache().endswith(name(session.data_files))
+    # Earlier versions recorded the folder without the images' contents: their
+    # cache, when there, is read (a review found it recomputed beside the old one).
+    earlier = out / "delta" / ("attention_" + session.backbone.name + name(cli._data_files(data, contents=False)))
+    earlier.parent.mkdir(parents=True)
+    earlier.write_bytes(b"")
+    assert session.attention_cache() == str(earlier)
+    newer = out / "delta" / ("attention_" + session.backbone.name + name(session.data_files))
+    newer.write_bytes(b"")
+    assert session.attention_cache() == str(newer)   # a newer one first
