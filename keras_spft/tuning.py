@@ -474,6 +474,19 @@ def _result(tuner, method, objective):
     return SearchResult(method, best, rows[0]["score"], objective, rows, tuner, failed)
 
 
+def _array_data(data, what):
+    """`data` as `search` hands it on: arrays come as `(x, y)` or `(x, y,
+    sample_weight)`, a list taken as a tuple (as in Keras' own data
+    handling); any other tuple or list, or an array alone (no targets), is
+    refused up front, not in every trial."""
+    if isinstance(data, list):
+        data = tuple(data)
+    if (isinstance(data, tuple) and len(data) not in (2, 3)) or isinstance(data, np.ndarray):
+        got = f"a sequence of {len(data)}" if isinstance(data, tuple) else "an array alone"
+        raise ValueError(f"search: array data `{what}` must be `(x, y)` or `(x, y, sample_weight)`, got {got}.")
+    return data
+
+
 def search(
     build_model,
     train,
@@ -562,14 +575,8 @@ def search(
     ```
     """
     epochs = check_count(epochs, "epochs", "search")
-    # Arrays come as `(x, y)` or `(x, y, sample_weight)` (a list too, as in
-    # Keras' own data handling); `fit` takes them apart.
-    if isinstance(train, list) and len(train) in (2, 3):
-        train = tuple(train)
-    arrays = isinstance(train, tuple)
-    if (arrays and len(train) not in (2, 3)) or isinstance(train, np.ndarray):
-        what = f"a tuple of {len(train)}" if arrays else "an array alone"
-        raise ValueError(f"search: array data `train` must be `(x, y)` or `(x, y, sample_weight)`, got {what}.")
+    train, val = _array_data(train, "train"), _array_data(val, "val")
+    arrays = isinstance(train, tuple)   # `fit` takes them apart
     if batch_size is not None and not arrays:
         raise ValueError("`batch_size` applies to array data `(x, y)`; a dataset or generator is batched already.")
     if isinstance(objective, str):

@@ -441,10 +441,12 @@ def test_search_without_validation_data_and_a_misspelt_value_are_named_up_front(
     with pytest.raises(ValueError, match=r"`batch_size` applies to array data `\(x, y\)`; a dataset"):
         search(tiny_model, train, train, tuner="random", max_trials=1, epochs=1, directory=str(tmp_path),
                batch_size=4)
-    for bad, what in (((x,), "a tuple of 1"), ((x, y, y, y), "a tuple of 4"), (x, "an array alone")):
-        with pytest.raises(ValueError, match=r"search: array data `train` must be `\(x, y\)` or "
-                                             r"`\(x, y, sample_weight\)`, got " + what):
-            search(tiny_model, bad, (x, y), tuner="random", max_trials=1, epochs=1, directory=str(tmp_path))
+    for bad, what in (((x,), "a sequence of 1"), ((x, y, y, y), "a sequence of 4"), ([x], "a sequence of 1"),
+                      (x, "an array alone")):
+        for name, args in (("train", (bad, (x, y))), ("val", ((x, y), bad))):
+            with pytest.raises(ValueError, match=f"search: array data `{name}` must be " + r"`\(x, y\)` or "
+                                                 r"`\(x, y, sample_weight\)`, got " + what):
+                search(tiny_model, *args, tuner="random", max_trials=1, epochs=1, directory=str(tmp_path))
     assert not (tmp_path / "spft_mars-pgm").exists()   # nothing trained, nothing stored
     with pytest.raises(ValueError, match=r"unknown hyper-parameter\(s\) \['head-radius'\] for method 'mars-pgm'"):
         recipe.wrap(tiny_model(), "mars-pgm", {"radius": 2.0, "head-radius": 5.0})
