@@ -505,7 +505,7 @@ def _check_batch(x, y, sample_weight, owner):
     (inputs, targets, sample weights) holds the same number of examples:
     Keras' losses broadcast a single target (or a mean squared error a
     target of shape `(1, n)`) over the whole batch without a word."""
-    sizes = {}
+    sizes, scalar_y = {}, False
     for what, part in (("x", x), ("y", y), ("sample_weight", sample_weight)):
         for leaf in keras.tree.flatten(part):
             shape = getattr(leaf, "shape", None)
@@ -513,8 +513,10 @@ def _check_batch(x, y, sample_weight, owner):
                 shape = np.shape(leaf)
             if len(shape):
                 sizes.setdefault(int(shape[0]), what)
-    if len(sizes) > 1:
-        found = ", ".join(f"{n} ({what})" for n, what in sizes.items())
+            elif what == "y":   # (a 0-d sample weight is Keras' scalar weight)
+                scalar_y = True
+    if len(sizes) > 1 or (scalar_y and sizes):
+        found = ", ".join([f"{n} ({what})" for n, what in sizes.items()] + (["a single value (y)"] if scalar_y else []))
         raise ValueError(f"{owner}: the probe batch's arrays must hold the same number of examples, "
                          f"got {found}.")
 
