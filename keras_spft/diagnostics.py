@@ -508,6 +508,8 @@ def _check_batch(x, y, sample_weight, owner):
     sizes, scalar_y = {}, False
     for what, part in (("x", x), ("y", y), ("sample_weight", sample_weight)):
         for leaf in keras.tree.flatten(part):
+            if leaf is None:   # y of a model trained with add_loss alone
+                continue
             shape = getattr(leaf, "shape", None)
             if shape is None:
                 shape = np.shape(leaf)
