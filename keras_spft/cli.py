@@ -1022,6 +1022,11 @@ def cmd_finetune(args):
 def _pipeline(args, methods, stem, diagnostics=False):
     start = time.time()
     session = Session(args)
+    if session.distribution is not None:
+        # Both stages' batches before any search: the final stage's were
+        # checked only after the searches had run.
+        for stage in ("tune", "final"):
+            session.check_batches(session.splits(stage))
     results, searches = {}, {}
     for method in methods:
         values, record = tune_method(session, method)

@@ -135,3 +135,13 @@ def test_data_parallel_trains_every_run_and_trial_on_all_devices(tmp_path):
     assert ("--distribute data-parallel splits every batch over 2 devices, but --batch-size 3 gives the 12 "
             "images of split 'train' a batch of 3") in proc.stderr, proc.stderr[-3000:]
     assert "COMPILE" not in proc.stdout
+    # The final stage's test split (9 images: a last batch of 1) is refused
+    # before the search, not after it (a review found the search run first).
+    odd = make_image_folder(tmp_path / "odd", classes=("a", "b", "c"), per_split={"train": 4, "val": 2, "test": 3})
+    common[1] = odd
+    proc = subprocess.run([sys.executable, "-c", DATA_PARALLEL, "tune", "--trials", "1", "--tuner", "random",
+                           "--batch-size", "4", "--out", str(tmp_path / "out_odd"), *common], capture_output=True,
+                          text=True, timeout=300, cwd=REPO, env=env)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "--batch-size 4 gives the 9 images of split 'test' a batch of 1" in proc.stderr, proc.stderr[-3000:]
+    assert "COMPILE" not in proc.stdout
