@@ -117,6 +117,7 @@ class Anchored(KerasSaveable):
             value, dtype=str(value.dtype), trainable=False, autocast=False,
             name="anchor",
         )
+        _lay_out_like(self._anchor, anchor)
 
     def _init_scale(self, value, what, shape):
         """Stores a positive scalar or per-row array as a variable."""
@@ -385,6 +386,18 @@ def _is_jax_tracer(x):
     import jax
 
     return isinstance(x, jax.core.Tracer)
+
+
+def _lay_out_like(anchor, kernel):
+    """On JAX under a Keras distribution: `anchor` sharded as the kernel
+    variable it copies. Made by the distribution from its own path, which
+    no `LayoutMap` entry names, it was otherwise replicated in full on
+    every device, whatever `ModelParallel` did with the kernel."""
+    layout = getattr(kernel, "_layout", None)
+    if keras.backend.backend() != "jax" or layout is None or anchor._layout is layout:
+        return
+    anchor._layout = layout
+    anchor._direct_assign(anchor.value)
 
 
 def _compiled_in(traced_with, variable):

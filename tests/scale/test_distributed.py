@@ -98,6 +98,44 @@ check(model, report, shards,
       radius=lambda w: 0.5 if w.role == "head" else float(keras.ops.convert_to_numpy(w.obj.radius)))
 """
 
+JAX_MODEL_PARALLEL = """
+import os
+os.environ["KERAS_BACKEND"] = "jax"
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+""" + COMMON + """
+mesh = keras.distribution.DeviceMesh((1, 2), ["batch", "model"], devices=keras.distribution.list_devices())
+layouts = keras.distribution.LayoutMap(mesh)
+layouts["base/c/kernel"] = (None, None, None, "model")   # output channels: the rows MARS sums within
+layouts["base/fc/kernel"] = ("model", None)              # input units: each row's sum spans both devices
+keras.distribution.set_distribution(keras.distribution.ModelParallel(layout_map=layouts, batch_dim_name="batch"))
+model = build()
+start = {v.path: np.array(v.value) for v in model.trainable_variables}
+report = keras_spft.wrap_pretrained(model, radius=0.05, head_radius=0.5)
+model.compile(optimizer=keras.optimizers.Adam(0.05),
+              loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+for path in ("base/c/kernel", "base/fc/kernel"):
+    var = next(v for v in model.trainable_variables if v.path == path)
+    anchor = var.constraint.anchor
+    # Sharded as its kernel (it was replicated in full on every device).
+    assert anchor.value.sharding.spec == var.value.sharding.spec, (path, anchor.value.sharding.spec)
+    assert anchor.value.addressable_shards[0].data.size * 2 == anchor.value.size, path
+model.fit(x, y, batch_size=8, epochs=2, verbose=0)
+n_at_bound = 0
+for w in report.wrapped:
+    var = next(v for v in model.trainable_variables if v.constraint is w.obj)
+    v = np.asarray(var.value, "float64")
+    anchor = 0.0 if w.obj.anchor is None else np.asarray(w.obj.anchor.value, "float64")
+    if w.obj.anchor is not None:
+        np.testing.assert_array_equal(np.asarray(w.obj.anchor.value), start[var.path])
+        assert w.obj.anchor.value.sharding.spec == var.value.sharding.spec
+    r = 0.5 if w.role == "head" else 0.05
+    d = np.abs(v - anchor).sum(axis=tuple(range(v.ndim - 1)))
+    assert d.max() <= r * (1 + 1e-5) + 1e-6, (w.path, d.max())
+    n_at_bound += int((d > 0.99 * r).sum())
+assert n_at_bound > 0
+print("OK", n_at_bound)
+"""
+
 TF_MIRRORED_LEARNED_REFUSED = TF_TWO_REPLICAS + """
 with strategy.scope():
     model = build()
@@ -113,9 +151,9 @@ except ValueError as e:
 
 
 @pytest.mark.parametrize("script", [TF_MIRRORED, JAX_DATA_PARALLEL, JAX_DATA_PARALLEL_LEARNED,
-                                    TF_MIRRORED_LEARNED_REFUSED],
+                                    JAX_MODEL_PARALLEL, TF_MIRRORED_LEARNED_REFUSED],
                          ids=["tf-mirrored", "jax-data-parallel", "jax-data-parallel-learned",
-                              "tf-mirrored-learned-refused"])
+                              "jax-model-parallel", "tf-mirrored-learned-refused"])
 def test_bound_holds_on_every_replica(script):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     env.pop("KERAS_BACKEND", None)
