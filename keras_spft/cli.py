@@ -356,7 +356,11 @@ class Session:
         if not os.path.isfile(path) and self.data_files is not None:
             earlier = self._attention_cache(_data_files(self.args.data, contents=False))
             if os.path.isfile(earlier):
-                return earlier
+                # Taken under the new name, once: images changed later (same
+                # sizes) then miss both names and the attention is computed again.
+                os.replace(earlier, path)
+                _log(f"[delta] attention cache of an earlier version (its key without the images' contents) "
+                     f"adopted as {path}")
         return path
 
     def _attention_cache(self, data_files):
@@ -834,6 +838,8 @@ def tune_method(session, method):
     # from where the methods searched before it in this process left it.
     splits = run_splits(session, "tune", 0)
     session.check_batches(splits)
+    if session.distribution is not None:   # the final runs' batches too, before the search, not after it
+        session.check_batches(session.splits("final"))
     wrap_options = session.wrap_options(method)
     atomic_json(started_path, settings_search)
     budget = (f"its own budget (--trials does not apply; up to {epochs} epochs per model, factor 3)"
@@ -1022,11 +1028,6 @@ def cmd_finetune(args):
 def _pipeline(args, methods, stem, diagnostics=False):
     start = time.time()
     session = Session(args)
-    if session.distribution is not None:
-        # Both stages' batches before any search: the final stage's were
-        # checked only after the searches had run.
-        for stage in ("tune", "final"):
-            session.check_batches(session.splits(stage))
     results, searches = {}, {}
     for method in methods:
         values, record = tune_method(session, method)

@@ -145,3 +145,11 @@ def test_data_parallel_trains_every_run_and_trial_on_all_devices(tmp_path):
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "--batch-size 4 gives the 9 images of split 'test' a batch of 1" in proc.stderr, proc.stderr[-3000:]
     assert "COMPILE" not in proc.stdout
+    # No search (--trials 0): the tune stage's batches (3 training images: a
+    # last batch of 1) are not refused; the final run's split evenly.
+    common[1] = make_image_folder(tmp_path / "notune", classes=("a", "b", "c"),
+                                  per_split={"train": 1, "val": 1, "test": 2})
+    proc = subprocess.run([sys.executable, "-c", DATA_PARALLEL, "tune", "--trials", "0", "--radius", "0.5",
+                           "--batch-size", "2", "--out", str(tmp_path / "out_notune"), *common], capture_output=True,
+                          text=True, timeout=300, cwd=REPO, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
