@@ -481,7 +481,7 @@ def _array_data(data, what):
     refused up front, not in every trial."""
     if isinstance(data, list):
         data = tuple(data)
-    if (isinstance(data, tuple) and len(data) not in (2, 3)) or isinstance(data, np.ndarray):
+    if (isinstance(data, tuple) and len(data) not in (2, 3)) or getattr(data, "shape", None) is not None:
         got = f"a sequence of {len(data)}" if isinstance(data, tuple) else "an array alone"
         raise ValueError(f"search: array data `{what}` must be `(x, y)` or `(x, y, sample_weight)`, got {got}.")
     return data

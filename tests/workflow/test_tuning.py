@@ -442,7 +442,7 @@ def test_search_without_validation_data_and_a_misspelt_value_are_named_up_front(
         search(tiny_model, train, train, tuner="random", max_trials=1, epochs=1, directory=str(tmp_path),
                batch_size=4)
     for bad, what in (((x,), "a sequence of 1"), ((x, y, y, y), "a sequence of 4"), ([x], "a sequence of 1"),
-                      (x, "an array alone")):
+                      (x, "an array alone"), (tf.constant(x), "an array alone")):
         for name, args in (("train", (bad, (x, y))), ("val", ((x, y), bad))):
             with pytest.raises(ValueError, match=f"search: array data `{name}` must be " + r"`\(x, y\)` or "
                                                  r"`\(x, y, sample_weight\)`, got " + what):
