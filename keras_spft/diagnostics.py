@@ -505,7 +505,7 @@ def _check_batch(x, y, sample_weight, owner):
     (inputs, targets, sample weights) holds the same number of examples:
     Keras' losses broadcast a single target (or a mean squared error a
     target of shape `(1, n)`) over the whole batch without a word."""
-    sizes, scalar_y = {}, False
+    sizes, scalar_y = {}, 0
     for what, part in (("x", x), ("y", y), ("sample_weight", sample_weight)):
         for leaf in keras.tree.flatten(part):
             if leaf is None:   # y of a model trained with add_loss alone
@@ -516,9 +516,11 @@ def _check_batch(x, y, sample_weight, owner):
             if len(shape):
                 sizes.setdefault(int(shape[0]), what)
             elif what == "y":   # (a 0-d sample weight is Keras' scalar weight)
-                scalar_y = True
+                scalar_y += 1
     if len(sizes) > 1 or (scalar_y and sizes):
-        found = ", ".join([f"{n} ({what})" for n, what in sizes.items()] + (["a single value (y)"] if scalar_y else []))
+        single = ["a single value (y)" if scalar_y == 1 else
+                  f"{scalar_y} separate numbers (y: a Python list? give an array)"] if scalar_y else []
+        found = ", ".join([f"{n} ({what})" for n, what in sizes.items()] + single)
         raise ValueError(f"{owner}: the probe batch's arrays must hold the same number of examples, "
                          f"got {found}.")
 

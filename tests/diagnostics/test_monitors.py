@@ -230,7 +230,8 @@ def test_a_probe_batch_of_unequal_lengths_is_refused():
     assert keras_spft.gradient_norms(model, x, y, sample_weight=np.ones(8))["loss"] > 0
     for args, owner, found in (((x, y[:1]), "gradient_norms", r"8 \(x\), 1 \(y\)"),
                                ((x, y, np.ones(4)), "gradient_norms", r"8 \(x\), 4 \(sample_weight\)"),
-                               ((x, np.float32(0.5)), "gradient_norms", r"8 \(x\), a single value \(y\)")):
+                               ((x, np.float32(0.5)), "gradient_norms", r"8 \(x\), a single value \(y\)"),
+                               ((x, [0.5] * 8), "gradient_norms", r"8 \(x\), 8 separate numbers \(y: a Python list\? give an array\)")):
         with pytest.raises(ValueError, match=owner + r": the probe batch's arrays must hold the same "
                                                      r"number of examples, got " + found):
             keras_spft.gradient_norms(model, *args)
