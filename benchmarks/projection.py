@@ -6,7 +6,7 @@ implementation projects all kernels inside one compiled function
 (`jit`: tf.function(jit_compile=True) on TensorFlow, jax.jit on JAX; eager on
 PyTorch). Interleaved repetitions; median time per pass and its ratio to
 "floor", the physical minimum of any projection: read W and W0, write W (here
-`where(isnan(W0), W0, W)`, which no compiler can drop).
+`W0 + (W - W0)`, which no compiler folds away in floating point).
 
 `--passes N` runs N passes in one call (a `keras.ops.fori_loop` whose carry
 is the kernels, so no pass can be hoisted or skipped) and divides by N: the
@@ -15,7 +15,7 @@ waiting for the device) are then spread over N passes instead of being
 counted as projection time, which matters on a GPU where one pass is a
 fraction of a millisecond.
 
-    python benchmarks/projection.py --model resnet101
+    python -m benchmarks.projection --model resnet101
 """
 
 import argparse
