@@ -15,7 +15,6 @@ import os
 import warnings
 from dataclasses import dataclass, field
 
-import numpy as np
 import keras_tuner
 
 from keras_spft import recipe
