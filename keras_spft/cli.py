@@ -259,9 +259,7 @@ def _data_files(data, contents=True):
             n = os.path.getsize(path)
             digest.update(f"{os.path.relpath(path, root)}\0{label}\0{n}\0".encode())
             if contents:
-                with open(path, "rb") as f:
-                    for block in iter(lambda: f.read(1 << 20), b""):
-                        digest.update(block)
+                _hash_file(digest, path)
             count, size = count + 1, size + n
     return f"{count} files, {size} bytes, {'contents ' if contents else ''}{digest.hexdigest()[:12]}"
 
@@ -354,7 +352,7 @@ class Session:
         in its key, when that one is there and no newer one."""
         path = self._attention_cache(self.data_files)
         if not os.path.isfile(path) and self.data_files is not None:
-            earlier = self._attention_cache(_data_files(self.args.data, contents=False))
+            earlier = self._attention_cache(self.data_files_by_size)
             if os.path.isfile(earlier):
                 # Taken under the new name, once: images changed later (same
                 # sizes) then miss both names and the attention is computed again.
@@ -435,7 +433,7 @@ class Session:
         elif out["data_files"] and "contents" not in out["data_files"] and out["data"] == _data_key(self.args.data):
             # Recorded by older versions without the images' contents:
             # compared as they recorded it.
-            if out["data_files"] == _data_files(self.args.data, contents=False):
+            if out["data_files"] == self.data_files_by_size:
                 out["data_files"] = self.data_files
         if out.get("alpha") is None and out.get("model") == self.backbone.name and self.backbone.has_alpha:
             out["alpha"] = float(inspect.signature(self.backbone.constructor).parameters["alpha"].default)
@@ -455,6 +453,14 @@ class Session:
         if not hasattr(self, "_data_files"):
             self._data_files = _data_files(self.args.data)
         return self._data_files
+
+    @property
+    def data_files_by_size(self):
+        """`_data_files` of `--data` without the contents, as versions before
+        2026-11-28 recorded it (compared with their records), worked out once."""
+        if not hasattr(self, "_data_files_by_size"):
+            self._data_files_by_size = _data_files(self.args.data, contents=False)
+        return self._data_files_by_size
 
     @property
     def radius_lr(self):
@@ -496,13 +502,18 @@ class Session:
         return {"batchnorm": bn} if bn != "none" and method in batchnorm_methods(bn) else {}
 
 
+def _hash_file(digest, path):
+    """Feeds the bytes of the file at `path` to `digest`, a block at a time."""
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+
+
 def _file_digest(path):
     """A weights file as recorded in the settings: its size and a digest of
     its bytes (a file replaced at the same path differs)."""
     digest = hashlib.sha1()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
+    _hash_file(digest, path)
     return f"{os.path.getsize(path)} bytes, {digest.hexdigest()[:12]}"
 
 
