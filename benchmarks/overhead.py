@@ -167,9 +167,8 @@ def main():
         print("|---|---|---|---|---|---|", flush=True)
     # Timed steps read a batch already on the device: no host-to-device copy
     # of the images inside the timed blocks (19 MB a step at 224 px, batch 32).
-    # The warm-ups take the same tensors: on TensorFlow a NumPy batch there
-    # and a tensor in the timed blocks retraced the step inside the first
-    # timed block of every method not compiled through RadiusOptimizer.
+    # The warm-ups take the same tensors, so they compile the very step the
+    # timed blocks run (the retrace on TensorFlow had another cause: below).
     xd, yd = ops.convert_to_tensor(x), ops.convert_to_tensor(y)
     for m in methods:
         model = build(a.model, a.image_size, 10, seed=0, alpha=a.alpha)
