@@ -143,12 +143,6 @@ class RadiusOptimizer(keras.optimizers.Optimizer):
                 "`LossScaleOptimizer(RadiusOptimizer(...))`, which "
                 "`model.compile` does itself under the mixed_float16 policy."
             )
-        if inner_optimizer.gradient_accumulation_steps:
-            raise ValueError(
-                "RadiusOptimizer: the inner optimizer accumulates gradients "
-                "(`gradient_accumulation_steps`); learned radii need one "
-                "update per batch."
-            )
         try:
             ok = 0 < float(radius_learning_rate) < float("inf")
         except (TypeError, ValueError):
@@ -216,6 +210,13 @@ class RadiusOptimizer(keras.optimizers.Optimizer):
                 "(`wrap_pretrained(model, radius=\"learned\")` first)."
             )
         learned = [(v, c) for v, c in constrained if c.learn_radius]
+        accumulating = _accumulating(self.inner_optimizer)
+        if learned and accumulating:
+            raise ValueError(
+                f"RadiusOptimizer: {accumulating} accumulates gradients "
+                "(`gradient_accumulation_steps`), but learned radii need one "
+                "update per batch: the radii would step on every batch, the "
+                "kernels only on every k-th. Fixed radii work with it.")
         self._learned = learned
         self._constraint_of = {id(v): id(c) for v, c in constrained}
         before = len(self._variables)
@@ -253,6 +254,14 @@ class RadiusOptimizer(keras.optimizers.Optimizer):
     @property
     def variables(self):
         return self._variables + self.inner_optimizer.variables
+
+    @property
+    def _model_variables_moving_average(self):
+        # The inner optimizer's moving averages (`use_ema=True`), for Keras'
+        # SwapEMAWeights: it looks through one wrapper only, which under
+        # mixed_float16 is the LossScaleOptimizer around this one. Missing
+        # (AttributeError) where the inner optimizer keeps none.
+        return self.inner_optimizer._model_variables_moving_average
 
     def _update_radii(self, grads, trainable_variables):
         if not self._learned:
@@ -393,6 +402,14 @@ class RadiusOptimizer(keras.optimizers.Optimizer):
             _portable(config["inner_optimizer"]), custom_objects=custom_objects
         )
         return cls(**config)
+
+
+def _accumulating(optimizer):
+    """Which of `optimizer` and its sub-optimizers (`MultiOptimizer`)
+    accumulates gradients, in words, or `""`."""
+    found = [o for o in [optimizer] + list(getattr(optimizer, "optimizers", []))
+             if getattr(o, "gradient_accumulation_steps", None)]
+    return ", ".join(f"the {'inner ' if o is optimizer else 'sub-'}optimizer {o.name!r}" for o in found)
 
 
 def _portable(config):

@@ -16,6 +16,7 @@ from keras_spft import ops as spft_ops
 from keras_spft.constraints import MIN_LEARNED_RADIUS
 from tests.core.helpers import assert_within_bound, l1_projection_reference, to_np
 from tests.core.models import small_cnn
+from tests.core.test_training import BoundChecker
 
 
 # -- the radius gradient ------------------------------------------------------
@@ -488,8 +489,6 @@ def test_radius_optimizer_argument_errors():
         with pytest.raises(ValueError, match=f"does not take {key}: set them on the inner optimizer"):
             keras_spft.RadiusOptimizer(keras.optimizers.Adam(), **{key: 0.99})
     keras_spft.RadiusOptimizer(keras.optimizers.Adam(), ema_momentum=0.99, clipnorm=None)   # defaults: fine
-    with pytest.raises(ValueError, match="gradient_accumulation_steps"):
-        keras_spft.RadiusOptimizer(keras.optimizers.Adam(gradient_accumulation_steps=2))
     with pytest.raises(ValueError, match="already learns radii"):
         keras_spft.RadiusOptimizer(keras_spft.RadiusOptimizer(keras.optimizers.Adam()))
     # its gradients are still scaled (inf on overflow steps) when the radii
@@ -512,6 +511,89 @@ def test_recipe_compiles_with_radius_optimizer_when_needed(radius):
     # Learned radii need it; on JAX fixed radii get it too (anchors as state).
     assert wrapped == (radius == "learned" or (radius is not None and keras.backend.backend() == "jax"))
     assert float(to_np(model.optimizer.learning_rate)) == pytest.approx(1e-3)
+
+
+def _multi(default, head):
+    return keras.optimizers.MultiOptimizer(keras.optimizers.OptimizerMap(default_optimizer=default,
+                                                                         optimizer_map={".*dense.*": head}))
+
+
+@pytest.mark.parametrize("inner", ["adam", "multi"])
+def test_gradient_accumulation_is_refused_with_learned_radii_only(inner):
+    """Learned radii would step on every batch, the kernels on every k-th:
+    refused, also where a sub-optimizer of a MultiOptimizer accumulates
+    (once let through). Fixed radii (anchors as optimizer state on JAX) train
+    with it, kernels moving on update steps only, within the bound."""
+    def accumulating():
+        adam = keras.optimizers.Adam(0.05, gradient_accumulation_steps=2)
+        return adam if inner == "adam" else _multi(adam, keras.optimizers.SGD(0.1))
+    x, y = _data(16)
+    keras.utils.set_random_seed(0)
+    model = small_cnn()
+    keras_spft.wrap_pretrained(model, radius="learned")
+    model.compile(optimizer=keras_spft.RadiusOptimizer(accumulating()),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    which = "inner optimizer 'adam[_0-9]*'" if inner == "adam" else "sub-optimizer 'adam[_0-9]*'"
+    with pytest.raises(ValueError, match=f"RadiusOptimizer: the {which} accumulates gradients.*Fixed radii work"):
+        model.fit(x, y, epochs=1, batch_size=4, verbose=0)
+
+    keras.utils.set_random_seed(0)
+    model = small_cnn()
+    keras_spft.wrap_pretrained(model, radius=0.05, head_radius=0.5)
+    model.compile(optimizer=keras_spft.RadiusOptimizer(accumulating()),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    seen = []
+
+    class Record(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):   # self.model syncs JAX state
+            seen.append(to_np(self.model.trainable_variables[0]).copy())
+    checker = BoundChecker()
+    model.fit(x, y, epochs=1, batch_size=4, verbose=0, callbacks=[Record(), checker])
+    assert checker.checks == 4
+    start = to_np(model.trainable_variables[0].constraint.anchor)
+    moved = [float(np.abs(a - b).max()) for a, b in zip([start] + seen[:-1], seen)]
+    assert moved[0] == 0.0 and moved[2] < 1e-6 < moved[1] and moved[3] > 1e-6   # updates on batches 2 and 4
+
+
+def test_swap_ema_weights_under_mixed_float16():
+    """Keras' SwapEMAWeights looks through one wrapper: under mixed_float16
+    that is the LossScaleOptimizer, which reached RadiusOptimizer and failed
+    ("Received: use_ema=False") though the inner optimizer has use_ema=True.
+    It now swaps the inner optimizer's averages in for evaluation and back."""
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        keras.utils.set_random_seed(0)
+        model = small_cnn()
+        keras_spft.wrap_pretrained(model, radius=0.05, head_radius=0.5)
+        model.compile(optimizer=keras_spft.RadiusOptimizer(keras.optimizers.Adam(0.01, use_ema=True)),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+        x, y = _data(16)
+        seen = {}
+
+        class Record(keras.callbacks.Callback):   # after SwapEMAWeights in the list
+            def _weights(self):
+                return [to_np(v).copy() for v in self.model.trainable_variables]
+
+            def on_train_batch_end(self, batch, logs=None):
+                seen["trained"] = self._weights()
+
+            def on_test_begin(self, logs=None):
+                seen["validated"] = self._weights()
+
+            def on_epoch_end(self, epoch, logs=None):
+                seen["after"] = self._weights()
+        model.fit(x, y, epochs=2, batch_size=8, verbose=0, validation_data=(x, y),
+                  callbacks=[keras.callbacks.SwapEMAWeights(), Record()])
+        averages = model.optimizer.inner_optimizer.inner_optimizer._model_variables_moving_average
+        # validated with the moving averages, trained on with the weights
+        # (TensorFlow swaps by adding and subtracting: rounding)
+        for v, e, t, a in zip(seen["validated"], averages, seen["trained"], seen["after"]):
+            np.testing.assert_allclose(v, to_np(e), rtol=1e-6, atol=1e-7)
+            np.testing.assert_allclose(a, t, rtol=1e-6, atol=1e-7)
+        assert any(not np.array_equal(v, t) for v, t in zip(seen["validated"], seen["trained"]))
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
 
 
 def test_mixed_float16_wraps_radius_optimizer_in_loss_scaling():
