@@ -37,10 +37,14 @@ run() {  # name, timeout, command...
 # "none#2" is a second compilation of the plain model in the same process:
 # XLA keeps its GPU autotuning results process-wide, so it shows the noise of
 # recompiling, not of autotuning (compare runs of separate processes for that).
-R101=${R101-none,none#2,floor,mars-pgm,l2-pgm}
+# "mars-pgm-grouped" projects same-shape kernels together: compiled for an
+# H200 without one (benchmarks/gpu_kernels.py) it added 134 kernels to the
+# plain step where mars-pgm added 390; this times whether that pays.
+R101=${R101-none,none#2,floor,mars-pgm,l2-pgm,mars-pgm-grouped}
 EFF=${EFF-none,floor,mars-pgm,mars-pgm-learned}
 # Seconds per model: 240 each with both models (90 + 2 x 240 = 570 s); with
-# EFF= the ResNet101 stage may take 420 (its five warm-ups took 45-70 s each).
+# EFF= the ResNet101 stage may take 420 (its warm-ups took 45-70 s each: six
+# methods fit).
 if [ -n "$EFF" ]; then LIMIT=${LIMIT:-240}; else LIMIT=${LIMIT:-420}; fi
 LOOP=${LOOP:-fit}   # fit: steps_per_execution, no per-step host round trip; or train_on_batch
 # --passes 20: the pass time without the call's fixed costs (earlier GPU runs

@@ -8,7 +8,9 @@ repetitions of (method step time / plain step time), with the min-max spread.
 frozen copy and the attention weights. "mars-pgm-state" ("l2-pgm-state") is
 mars-pgm (l2-pgm) with a fixed radius compiled through
 `keras_spft.RadiusOptimizer` (anchors as optimizer state: what the CLI does on
-JAX). "floor" ("floor-state") gives every kernel the least an anchored
+JAX). "mars-pgm-grouped" is mars-pgm with the projections of same-shape kernels
+stacked into one (`GroupedAdam`), a candidate for fewer kernels on a GPU.
+"floor" ("floor-state") gives every kernel the least an anchored
 constraint can do (`AnchorFloor`: read W and W0, write W), so its ratio is the
 floor of any per-kernel projection. "naive" is a reference port of the MARS
 projection written the obvious way (rows moved into a matrix, norms, rescale,
@@ -38,6 +40,7 @@ import keras
 from keras import ops
 
 import keras_spft
+from keras_spft import ops as sops
 
 try:
     from benchmarks import hlo_kernels
@@ -46,7 +49,7 @@ except ImportError:   # run as a script: benchmarks/ itself is on the path
 
 METHODS = ["none", "l2-sp", "mars-sp", "l2-pgm", "mars-pgm", "mars-pgm-exact", "delta", "naive",
            "mars-pgm-learned", "l2-pgm-learned", "mars-pgm-state", "l2-pgm-state",
-           "floor", "floor-state"]
+           "floor", "floor-state", "mars-pgm-grouped"]
 APPS = {"resnet101": keras.applications.ResNet101, "efficientnetb0": keras.applications.EfficientNetB0,
         "mobilenet": keras.applications.MobileNet}
 
@@ -82,6 +85,49 @@ class AnchorFloor(keras_spft.MARSDistance):
         return t
 
 
+class GroupedAdam(keras.optimizers.Adam):
+    """Adam whose MARS-PGM "scale" projections run per group of kernels of
+    one shape, stacked (one row-norm reduction and one rescale per group
+    instead of per kernel), after the update ("mars-pgm-grouped"): a
+    candidate for fewer kernels per step on a GPU, where each launch costs
+    a few microseconds whatever it moves (`benchmarks/gpu_kernels.py` counts
+    them). Other constraints are left to Keras, per kernel."""
+
+    def apply(self, grads, trainable_variables=None):
+        tvs = self._trainable_variables if trainable_variables is None else list(trainable_variables)
+        grouped = [(v, v.constraint) for v in tvs
+                   if isinstance(v.constraint, keras_spft.MARSDistance) and v.constraint.anchor is not None
+                   and v.constraint.projection == "scale" and not v.constraint.learn_radius]
+        for v, _ in grouped:
+            v.constraint = None   # Keras would project each one in its update
+        try:
+            super().apply(grads, tvs)
+        finally:
+            for v, c in grouped:
+                v.constraint = c
+        groups = {}
+        for v, c in grouped:
+            groups.setdefault((tuple(v.shape), c._axis_for(v)), []).append((v, c))
+        for (shape, axis), members in groups.items():
+            w = ops.stack([v.value for v, _ in members])
+            a = ops.stack([c._anchor_value(w.dtype, traced_with=v) for v, c in members])
+            radius = ops.stack([ops.broadcast_to(c._scale_value(w.dtype, traced_with=v), c._row_shape(shape, axis))
+                                for v, c in members])
+            p = a + sops.scale_to_l1_ball(w - a, radius, tuple(x + 1 for x in axis))
+            for k, (v, _) in enumerate(members):
+                v.assign(p[k])
+
+
+def make_optimizer(kind):
+    """The optimizer a method trains with (Adam 1e-4, as every method)."""
+    if kind.endswith("-grouped"):
+        return GroupedAdam(1e-4)
+    optimizer = keras.optimizers.Adam(1e-4)
+    if kind.endswith(("-learned", "-state")):
+        optimizer = keras_spft.RadiusOptimizer(optimizer)
+    return optimizer
+
+
 def build(name, size, classes, seed, alpha=None):
     keras.utils.set_random_seed(seed)
     extra = {} if alpha is None else {"alpha": alpha}
@@ -107,8 +153,8 @@ def wrap(model, method):
         for w in report.wrapped:
             w.obj.__class__ = AnchorFloor  # same anchor variable, identity projection
         return report.anchor_bytes
-    if method.endswith("-state"):  # fixed radius, anchors carried by RadiusOptimizer
-        method = method[: -len("-state")]
+    if method.endswith(("-state", "-grouped")):  # fixed radius, anchors as optimizer state / grouped
+        method = method.rsplit("-", 1)[0]
     if method.endswith("-learned"):
         report = keras_spft.wrap_pretrained(model, method=method[: -len("-learned")], radius="learned",
                                             head_radius=1.0)
@@ -181,10 +227,7 @@ def main():
                            if not any(v is w for w in model.model.non_trainable_variables))
         else:
             extra[m] = wrap(model, kind)
-        optimizer = keras.optimizers.Adam(1e-4)
-        if kind.endswith(("-learned", "-state")):
-            optimizer = keras_spft.RadiusOptimizer(optimizer)
-        model.compile(optimizer=optimizer,
+        model.compile(optimizer=make_optimizer(kind),
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=jit,
                       steps_per_execution=a.steps if a.loop == "fit" else 1)
         models[m] = model

@@ -145,3 +145,37 @@ def test_kernel_counts_read_a_real_xla_dump(tmp_path):
     assert len(mods) == 1
     total, fusions, _, _ = hlo_kernels.summary(hlo_kernels.kernel_counts(mods[0][1]))
     assert 1 <= fusions <= total
+
+
+def test_grouped_adam_steps_like_adam_with_the_core_constraints():
+    """"mars-pgm-grouped" stacks same-shape kernels into one projection: one
+    step from the same gradients lands where Adam with the per-kernel
+    constraints lands (a group of 2 kernels with different radii, one of 1;
+    the head, anchored at the origin, is left to its constraint)."""
+    import keras
+
+    import keras_spft
+    from benchmarks.overhead import GroupedAdam
+
+    def model():
+        keras.utils.set_random_seed(0)
+        m = keras.Sequential([keras.Input((6, 6, 4)), keras.layers.Conv2D(4, 3, padding="same"),
+                              keras.layers.Conv2D(4, 3, padding="same"), keras.layers.Conv2D(5, 1),
+                              keras.layers.Flatten(), keras.layers.Dense(3)])
+        keras_spft.wrap_pretrained(m, radius=0.02, head_radius=0.5)
+        return m
+    core, grouped = model(), model()
+    for m in (core, grouped):   # two radii within one group
+        m.layers[0].kernel.constraint.radius.assign(0.01)
+    rng = np.random.default_rng(0)
+    grads = [rng.normal(size=v.shape).astype("float32") for v in core.trainable_variables]
+    keras.optimizers.Adam(0.05).apply([ops.convert_to_tensor(g) for g in grads], core.trainable_variables)
+    GroupedAdam(0.05).apply([ops.convert_to_tensor(g) for g in grads], grouped.trainable_variables)
+    moved = 0
+    for a, b in zip(core.trainable_variables, grouped.trainable_variables):
+        np.testing.assert_allclose(ops.convert_to_numpy(b), ops.convert_to_numpy(a), rtol=1e-6, atol=1e-7)
+        if a.constraint is not None and a.constraint.anchor is not None:
+            d = np.abs(ops.convert_to_numpy(b) - ops.convert_to_numpy(b.constraint.anchor)).sum(axis=tuple(range(b.ndim - 1)))
+            moved += int(np.isclose(d, np.broadcast_to(ops.convert_to_numpy(b.constraint.radius).reshape(-1), d.shape)).sum())
+    assert moved >= 8    # rows projected onto their radius in every constrained conv
+    assert all(v.constraint is not None for v in grouped.trainable_variables if v.name == "kernel")
