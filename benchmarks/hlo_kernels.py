@@ -27,6 +27,7 @@ NOT_KERNELS = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast",
 
 _HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->.*\{\s*$")
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(?:\([^=]*?\)|\S+)\s+([a-z][\w\-]*)\(")
+_NAME = re.compile(r"^\s*(?:ROOT\s+)?%?([\w\-]+?)(?:[.\d]*)\s*=")
 _CALLED = re.compile(r"\b(?:body|condition|to_apply|true_computation|false_computation)=%?([\w.\-]+)"
                      r"|branch_computations=\{([^}]*)\}")
 
@@ -48,21 +49,14 @@ def _computations(text):
     return comps, entry
 
 
-def kernel_counts(text):
-    """Kernels per opcode in one optimized HLO module (text).
-
-    Args:
-        text: the module, as XLA dumps it (`*after_optimizations.txt`).
-
-    Returns:
-        A `collections.Counter` of opcode -> instructions that launch work,
-        over the entry computation and every computation it runs through
-        `while`, `conditional` and `call` (fusions count once, as `fusion`).
-    """
+def _kernel_lines(text):
+    """`(opcode, instruction line)` of every instruction that launches work,
+    over the entry computation and every computation it runs through `while`,
+    `conditional` and `call` (a fusion is one, its body is not followed)."""
     comps, entry = _computations(text)
     if entry is None:
         raise ValueError("no ENTRY computation: not an HLO module text dump.")
-    counts, todo, seen = collections.Counter(), [entry], set()
+    todo, seen = [entry], set()
     while todo:
         name = todo.pop()
         if name in seen or name not in comps:
@@ -74,11 +68,40 @@ def kernel_counts(text):
                 continue
             op = m.group(1)
             if op not in NOT_KERNELS:
-                counts[op] += 1
+                yield op, line
             if op in ("while", "conditional", "call"):
                 for single, several in _CALLED.findall(line):
                     todo += [single] if single else [c.strip().lstrip("%") for c in several.split(",")]
-    return counts
+
+
+def kernel_counts(text):
+    """Kernels per opcode in one optimized HLO module (text).
+
+    Args:
+        text: the module, as XLA dumps it (`*after_optimizations.txt`), or
+            as `jax.stages.Compiled.as_text()` gives it.
+
+    Returns:
+        A `collections.Counter` of opcode -> instructions that launch work,
+        over the entry computation and every computation it runs through
+        `while`, `conditional` and `call` (fusions count once, as `fusion`).
+    """
+    return collections.Counter(op for op, _ in _kernel_lines(text))
+
+
+def kernel_names(text):
+    """Kernels per name stem in one optimized HLO module (text): XLA names a
+    fusion after what it does (`input_reduce_fusion.353`,
+    `wrapped_transpose.4`, `loop_add_subtract_fusion`), so the stems say
+    which kinds of kernel a change adds.
+
+    Args:
+        text: as for `kernel_counts`.
+
+    Returns:
+        A `collections.Counter` of name stem (numbering removed) -> kernels.
+    """
+    return collections.Counter(_NAME.match(line).group(1) for _, line in _kernel_lines(text))
 
 
 def summary(counts):

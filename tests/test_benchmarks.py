@@ -147,6 +147,57 @@ def test_kernel_counts_read_a_real_xla_dump(tmp_path):
     assert 1 <= fusions <= total
 
 
+def test_gpu_kernels_compiles_the_step_fit_runs(tmp_path):
+    """`gpu_kernels.compiled_step` (compiled ahead of time, here for the CPU)
+    counts the kernels of the very step `fit` compiles and runs, read from
+    XLA's own dump of that run (JAX, in a fresh process)."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.workflow.conftest import REPO
+
+    code = f"""
+import json, jax, keras, numpy as np, keras_spft
+from benchmarks import gpu_kernels, hlo_kernels
+def model():
+    keras.utils.set_random_seed(0)
+    m = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(4, 3), keras.layers.Flatten(),
+                          keras.layers.Dense(3)])
+    keras_spft.wrap_pretrained(m, method="mars-pgm", radius=0.1, head_radius=0.1)
+    m.compile(optimizer=keras.optimizers.Adam(1e-3),
+              loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return m
+x = np.random.default_rng(0).normal(size=(2, 8, 8, 3)).astype("float32")
+model().fit(x, np.array([0, 2]), batch_size=2, epochs=1, verbose=0)
+ran = [hlo_kernels.kernel_counts(t) for _, t in hlo_kernels.modules({str(tmp_path)!r}, "train_step")]
+text = gpu_kernels.compiled_step(model(), (2, 8, 8, 3), gpu_kernels.target_device("cpu"))
+json.dump(dict(ran=ran, aot=hlo_kernels.kernel_counts(text)), open({str(tmp_path / "counts.json")!r}, "w"))
+"""
+    env = {**__import__("os").environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": f"--xla_dump_to={tmp_path} --xla_dump_hlo_as_text"}
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, env=env, timeout=300)
+    counts = json.load(open(tmp_path / "counts.json"))
+    assert len(counts["ran"]) == 1          # fit compiled one train step
+    assert counts["aot"] == counts["ran"][0]
+    assert counts["aot"].get("fusion", 0) > 0
+
+
+def test_gpu_kernels_target_errors():
+    from benchmarks import gpu_kernels
+
+    with pytest.raises(ValueError, match="--target 'h300'"):
+        gpu_kernels.target_device("h300")
+    assert gpu_kernels.target_device("cpu").platform == "cpu"
+
+
+def test_kernel_names_are_stems_of_kernels_only():
+    from benchmarks import hlo_kernels
+
+    # the kernels kernel_counts finds, by name with XLA's numbering removed
+    assert hlo_kernels.kernel_names(HLO) == {"copy": 1, "fusion": 1, "custom-call": 1, "lt": 1}
+
+
 def test_grouped_adam_steps_like_adam_with_the_core_constraints():
     """"mars-pgm-grouped" stacks same-shape kernels into one projection: one
     step from the same gradients lands where Adam with the per-kernel
