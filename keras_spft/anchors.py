@@ -309,14 +309,14 @@ class Anchored(KerasSaveable):
             current = ops.convert_to_numpy(var)
             differs = not np.array_equal(value, current)
             if (differs and key == self._scale_name and value.ndim == 0 and not self._scale_from_config
-                    and not getattr(self, "learn_radius", False)
+                    and not getattr(self, "learn_radius", False) and not getattr(self, "relative", False)
                     and not np.isclose(value, current, rtol=1e-6, atol=0)):
                 # A fixed radius or strength given to this wrap call, replaced
                 # by the file's: right for resuming, a trap for a new run
-                # started from a checkpoint with another value. Per-row
-                # radii are worked out from the anchor (relative=True,
-                # batchnorm="reference"): the file's, from the loaded anchor,
-                # are the right ones. One message for all kernels alike
+                # started from a checkpoint with another value. Radii worked
+                # out from the anchor (relative=True, per row or, for the
+                # Frobenius norm, one per kernel; batchnorm="reference"): the
+                # file's, from the loaded anchor, are the right ones. One message for all kernels alike
                 # (Python shows a repeated warning once).
                 warnings.warn(
                     f"keras-spft: the weights file's {key} ({value[()]:g}) replaces {current[()]:g} on the "

@@ -161,6 +161,18 @@ def test_load_weights_across_wrap_options_says_what_it_restores(tmp_path):
         keras.models.load_model(tmp_path / "rel.keras")
     np.testing.assert_array_equal(to_np(again.layers[0].get_layer("c1").kernel.constraint.radius),
                                   to_np(rel.layers[0].get_layer("c1").kernel.constraint.radius))
+    # The same for a relative Frobenius radius, a scalar (it warned per
+    # kernel, advising a re-wrap that gives the file's radius again).
+    l2 = small_cnn()
+    keras_spft.wrap_pretrained(l2, method="l2-pgm", radius=0.05, relative=True)
+    l2.save_weights(tmp_path / "l2rel.weights.h5")
+    again = small_cnn()
+    report = keras_spft.wrap_pretrained(again, method="l2-pgm", radius=0.05, relative=True)
+    assert float(to_np(report["c1"].radius)) != pytest.approx(float(to_np(l2.layers[0].get_layer("c1").kernel.constraint.radius)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        again.load_weights(tmp_path / "l2rel.weights.h5")
+    assert float(to_np(report["c1"].radius)) == float(to_np(l2.layers[0].get_layer("c1").kernel.constraint.radius))
 
     # A constraint's file into a penalty: the error names both causes.
     sp = small_cnn()
