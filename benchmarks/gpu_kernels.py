@@ -26,10 +26,8 @@ import json
 import os
 import time
 
-os.environ.setdefault("KERAS_BACKEND", "jax")
-
-import numpy as np  # noqa: E402
-import keras  # noqa: E402
+import numpy as np
+import keras
 
 try:
     from benchmarks import hlo_kernels, overhead

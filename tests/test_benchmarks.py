@@ -230,3 +230,16 @@ def test_grouped_adam_steps_like_adam_with_the_core_constraints():
             moved += int(np.isclose(d, np.broadcast_to(ops.convert_to_numpy(b.constraint.radius).reshape(-1), d.shape)).sum())
     assert moved >= 8    # rows projected onto their radius in every constrained conv
     assert all(v.constraint is not None for v in grouped.trainable_variables if v.name == "kernel")
+
+
+def test_importing_gpu_kernels_leaves_the_environment_alone():
+    """It set KERAS_BACKEND=jax in os.environ on import, which every later
+    subprocess of the test run (and of a user's script) inherited."""
+    import importlib
+    import os
+    import sys
+
+    before = dict(os.environ)
+    sys.modules.pop("benchmarks.gpu_kernels", None)
+    importlib.import_module("benchmarks.gpu_kernels")
+    assert dict(os.environ) == before
