@@ -35,6 +35,10 @@ def read_json(path, what, remedy):
     `ValueError` naming it as a keras-spft `what`, with the `remedy`."""
     try:
         with open(path) as f:
-            return json.load(f)
+            value = json.load(f)
     except (ValueError, UnicodeDecodeError) as e:
         raise ValueError(f"'{path}' is not a readable keras-spft {what} ({e}); {remedy}.") from None
+    if not isinstance(value, dict):   # valid JSON, but no record of ours (each is an object)
+        raise ValueError(f"'{path}' is not a readable keras-spft {what} (it holds a JSON "
+                         f"{type(value).__name__}, not an object); {remedy}.")
+    return value

@@ -270,7 +270,8 @@ class SearchResult:
         best_score: its objective value.
         objective: the objective's name, e.g. `"val_accuracy"`.
         trials: one dict per completed trial (`trial_id`, the values, `score`),
-            best first.
+            best first; tied scores in the order the trials were made (the
+            earliest tied trial is the best).
         tuner: the KerasTuner tuner (for `tuner.results_summary()` etc.).
         failed: one dict per failed trial (`trial_id`, `error`: the last line
             of its traceback); a search with failed trials also warns.
@@ -451,6 +452,11 @@ def _result(tuner, method, objective):
         t for t in tuner.oracle.get_best_trials(num_trials=10**6)
         if t.score is not None
     ]
+    # Best first, ties to the earliest trial: KerasTuner leaves tied trials in
+    # the order of their files on disk after a reload, so the same finished
+    # search could name another best each time it was read.
+    sign = -1.0 if tuner.oracle.objective.direction == "max" else 1.0
+    trials.sort(key=lambda t: (sign * float(t.score), _trial_order(t.trial_id)))
     # Hyperband adds its own bookkeeping ("tuner/epochs", "tuner/bracket",
     # ...) to each trial's values: not hyper-parameters of the method.
     rows = [
@@ -471,6 +477,12 @@ def _result(tuner, method, objective):
                            + (f" First error: {failed[0]['error']}" if failed else ""))
     best = {k: v for k, v in rows[0].items() if k not in ("trial_id", "score")}
     return SearchResult(method, best, rows[0]["score"], objective, rows, tuner, failed)
+
+
+def _trial_order(trial_id):
+    """KerasTuner's trial ids ("00", "01", ...; Hyperband's too) in the order
+    they were made."""
+    return (0, int(trial_id), "") if str(trial_id).isdigit() else (1, 0, str(trial_id))
 
 
 def _array_data(data, what):

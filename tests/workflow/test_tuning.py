@@ -524,6 +524,13 @@ def test_a_write_that_fails_midway_keeps_the_old_file_and_leaves_no_temporary(tm
         f.write('{"a": ')
     with pytest.raises(ValueError, match=r"record.json' is not a readable keras-spft record .*; redo it\."):
         read_json(path, "record", "redo it")
+    # valid JSON that is no record (each is an object): named, not an
+    # AttributeError from the reader's first `.get`
+    with open(path, "w") as f:
+        f.write("[1, 2]")
+    with pytest.raises(ValueError, match=r"record.json' is not a readable keras-spft record \(it holds a JSON "
+                                         r"list, not an object\); redo it\."):
+        read_json(path, "record", "redo it")
 
 
 def test_sample_weights_reach_fit_and_compile_model_refuses_two_outputs(tmp_path):
@@ -544,3 +551,29 @@ def test_sample_weights_reach_fit_and_compile_model_refuses_two_outputs(tmp_path
     two = keras.Model(inputs, [keras.layers.Dense(3)(inputs), keras.layers.Dense(5)(inputs)], name="two")
     with pytest.raises(ValueError, match=r"compile_model compiles a classifier with one output; 'two' has 2"):
         recipe.compile_model(two)
+
+
+@pytest.mark.parametrize("direction", ["max", "min"])
+def test_tied_trials_resolve_to_the_earliest_whatever_order_keras_tuner_lists_them(direction):
+    """After a reload KerasTuner lists tied trials in the order of their files
+    on disk, so the same finished search named another best on each read."""
+    import types
+
+    import keras_tuner
+
+    from keras_spft.tuning import _result
+
+    def trial(tid, score, radius):
+        hp = keras_tuner.HyperParameters()
+        hp.Fixed("radius", radius)
+        t = keras_tuner.engine.trial.Trial(hp, trial_id=tid, status="COMPLETED")
+        t.score = score
+        return t
+    worse = 0.1 if direction == "max" else 0.9
+    listed = [trial("10", 0.5, 3.0), trial("2", worse, 1.0), trial("01", 0.5, 2.0), trial("03", 0.5, 4.0)]
+    oracle = types.SimpleNamespace(objective=types.SimpleNamespace(direction=direction),
+                                   trials={t.trial_id: t for t in listed})
+    oracle.get_best_trials = lambda num_trials: [t for t in listed if t.score == 0.5] + [listed[1]]
+    result = _result(types.SimpleNamespace(oracle=oracle), "mars-pgm", "val_accuracy")
+    assert result.best == {"radius": 2.0} and result.best_score == 0.5
+    assert [r["trial_id"] for r in result.trials] == ["01", "03", "10", "2"]
