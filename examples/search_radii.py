@@ -48,10 +48,13 @@ def fresh_model():
                        image_size=args.image_size, alpha=0.25)
 
 
-# Tune on train -> val.
+# Tune on train -> val. The search checks its own settings when it resumes,
+# but not what fresh_model reads from `args`: the project name holds those,
+# so another image size or weights file starts its own search.
+project = f"mars-pgm_{args.image_size}px_{os.path.splitext(os.path.basename(args.weights))[0]}"
 result = search(fresh_model, tune.train, tune.eval, method="mars-pgm", epochs=args.epochs,
                 tuner=args.tuner, max_trials=args.trials, lr=args.lr,
-                directory=args.directory, project_name="mars-pgm", verbose=2)
+                directory=args.directory, project_name=project, verbose=2)
 print(result)
 
 # Final run with the best radii: train on train+val, report test.

@@ -650,6 +650,7 @@ def search(
             "build_model": build_model, "seed": seed,
             "method": method, "objective": [objective.name, objective.direction], "tuner": cls.__name__,
             "ranges": hypermodel.ranges, "grid_points": hypermodel.grid_points, "epochs": epochs,
+            "batch_size": None if batch_size is None else int(batch_size),
             "lr": hypermodel.lr, "radius_lr": hypermodel.radius_lr, "wrap_options": hypermodel.wrap_options,
             "tuner_kwargs": {k: v for k, v in {**tuner_kwargs, **({"max_epochs": kwargs["max_epochs"]}
                                                                   if "max_epochs" in kwargs else {})}.items()

@@ -402,6 +402,12 @@ def test_resuming_checks_build_model_and_seed_and_explains_a_grid(tmp_path):
         _run(lambda: other_model(size=16), x, y, tmp_path, tuner="random", max_trials=1)
     with pytest.raises(ValueError, match=r"other settings \(seed: 0 stored vs 7 now\)"):
         _run(tiny_model, x, y, tmp_path, tuner="random", max_trials=1, seed=7)
+    # not recorded before: trials of one batch size were resumed with another
+    arrays = dict(tuner="random", max_trials=1, epochs=1, verbose=0, directory=str(tmp_path / "b"),
+                  ranges={"radius": (2.0, 4.0), "head_radius": (5.0, 9.0)})
+    search(tiny_model, (x, y), (x, y), "mars-pgm", batch_size=4, **arrays)
+    with pytest.raises(ValueError, match=r"other settings \(batch_size: 4 stored vs 8 now\)"):
+        search(tiny_model, (x, y), (x, y), "mars-pgm", batch_size=8, **arrays)
     # A settings file of an earlier version, without these keys, still resumes.
     path = os.path.join(tmp_path, "spft_mars-pgm", "keras_spft_search.json")
     with open(path) as f:
