@@ -352,6 +352,10 @@ def test_compare_applies_an_option_to_the_methods_that_have_it(tiny):
     with pytest.raises(SystemExit, match=r"--radius does not apply to any of none, l2-sp \(their hyper-parameters: "
                                          r"--head-strength, --strength\)"):
         cli.run(["compare"] + _args(data, out, "--methods", "none,l2-sp", "--radius", "2"))
+    # a value and a range for one hyper-parameter: the range was dropped silently
+    with pytest.raises(SystemExit, match=r"--radius and --radius-range both given: a value fixes it, a range "
+                                         r"searches it; give one"):
+        cli.run(["tune"] + _args(data, out, "--method", "mars-pgm", "--radius", "5", "--radius-range", "2", "20"))
     with pytest.raises(SystemExit, match=r"--lr-range does not apply to any of l2-pgm, mars-pgm-learned"):
         cli.run(["compare"] + _args(data, out, "--methods", "l2-pgm,mars-pgm-learned", "--lr-range", "1e-4", "1e-2"))
     # --radius fixes mars-pgm's radius; the learned method (no radius) runs beside it.
