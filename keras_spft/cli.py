@@ -425,6 +425,10 @@ class Session:
             # Older versions recorded the weights file by its path only: taken
             # as the file there now.
             out["weights_file"] = self.weights_file if out.get("weights") == self.weights else None
+        if out.get("weights_file") and out["weights_file"] == self.weights_file:
+            # The same bytes under another name (moved, copied, or given
+            # through a link): the same weights.
+            out["weights"] = self.weights
         if "data_files" not in out:
             # Recorded by older versions as a path relative to where they ran
             # (taken as relative to here), without the folder's contents.

@@ -554,7 +554,7 @@ def test_user_mistakes_found_before_training_and_named(tiny, monkeypatch, tmp_pa
 
 
 def test_a_weights_file_replaced_at_the_same_path_is_another_setting(tiny, tmp_path):
-    data, out, _ = tiny
+    data, out, built = tiny
     weights = tmp_path / "w.weights.h5"
     weights.write_bytes(b"first")   # build_model is patched: the bytes are only recorded
     run = ["--method", "l2-pgm", "--radius", "2"]
@@ -562,6 +562,14 @@ def test_a_weights_file_replaced_at_the_same_path_is_another_setting(tiny, tmp_p
     settings = json.load(open(out / "runs" / "l2-pgm" / "seed0.json"))["settings"]
     assert settings["weights"] == str(weights) and settings["weights_file"].startswith("5 bytes, ")
     cli.run(["finetune"] + _args(data, out, *run)[2:] + ["--data", data, "--weights", str(weights)])   # reused
+    # The same bytes through a link or as a copy elsewhere: reused too (a
+    # link was "other settings", though the digest matched)
+    (tmp_path / "link.weights.h5").symlink_to(weights)
+    (tmp_path / "copy.weights.h5").write_bytes(b"first")
+    runs = len(built)
+    for name in ("link.weights.h5", "copy.weights.h5"):
+        cli.run(["finetune"] + _args(data, out, *run)[2:] + ["--data", data, "--weights", str(tmp_path / name)])
+    assert len(built) == runs
     weights.write_bytes(b"other")
     with pytest.raises(SystemExit, match=r"weights_file: '5 bytes, \w+' on disk vs '5 bytes, \w+' now"):
         cli.run(["finetune"] + _args(data, out, *run)[2:] + ["--data", data, "--weights", str(weights)])
