@@ -170,8 +170,10 @@ class RadiusOptimizer(keras.optimizers.Optimizer):
     def build(self, var_list):
         if self.built:   # as Keras' optimizers: a second call (e.g. before load_weights) keeps the state
             return
-        self._bind_constraints(var_list)
+        # The inner optimizer first: a MultiOptimizer knows which
+        # sub-optimizer trains which variable only once built.
         self.inner_optimizer.build(var_list)
+        self._bind_constraints(var_list)
         super().build(var_list)
 
     @tracking.no_automatic_dependency_tracking
@@ -186,6 +188,7 @@ class RadiusOptimizer(keras.optimizers.Optimizer):
         (`model.compile(optimizer=model.optimizer, ...)`): TensorFlow and JAX
         compiled the train step with the constraints it saw.
         """
+        self._check_accumulation(distance_constraints(self._trainable_variables))   # before dropping anything
         drop = {id(v) for v in self._bound}
         # In place: Keras' tracker appends to this very list.
         self._variables[:] = [v for v in self._variables if id(v) not in drop]
@@ -210,13 +213,7 @@ class RadiusOptimizer(keras.optimizers.Optimizer):
                 "(`wrap_pretrained(model, radius=\"learned\")` first)."
             )
         learned = [(v, c) for v, c in constrained if c.learn_radius]
-        accumulating = _accumulating(self.inner_optimizer)
-        if learned and accumulating:
-            raise ValueError(
-                f"RadiusOptimizer: {accumulating} accumulates gradients "
-                "(`gradient_accumulation_steps`), but learned radii need one "
-                "update per batch: the radii would step on every batch, the "
-                "kernels only on every k-th. Fixed radii work with it.")
+        self._check_accumulation(constrained)
         self._learned = learned
         self._constraint_of = {id(v): id(c) for v, c in constrained}
         before = len(self._variables)
@@ -250,6 +247,12 @@ class RadiusOptimizer(keras.optimizers.Optimizer):
                 self._track_variable(c.anchor)
                 self._anchors.append(c.anchor)
         self._bound = self._variables[before:]   # what `rebind` drops
+
+    def _check_accumulation(self, constrained):
+        """Refuses learned radii among `constrained` (`[(variable,
+        constraint)]`) whose kernels an accumulating optimizer steps."""
+        check_learned_accumulation(self.inner_optimizer, [v for v, c in constrained if c.learn_radius],
+                                   "RadiusOptimizer: ")
 
     @property
     def variables(self):
@@ -376,7 +379,7 @@ class RadiusOptimizer(keras.optimizers.Optimizer):
 
     def finalize_variable_values(self, var_list):
         self.inner_optimizer.finalize_variable_values(var_list)
-        if self.inner_optimizer.use_ema:
+        if _uses_ema(self.inner_optimizer):
             # Keras updates the moving average before its constraints project
             # the step, so the average of unprojected iterates (and the
             # head's random start) replaces the weights at the end of `fit`:
@@ -404,12 +407,38 @@ class RadiusOptimizer(keras.optimizers.Optimizer):
         return cls(**config)
 
 
-def _accumulating(optimizer):
-    """Which of `optimizer` and its sub-optimizers (`MultiOptimizer`)
-    accumulates gradients, in words, or `""`."""
-    found = [o for o in [optimizer] + list(getattr(optimizer, "optimizers", []))
-             if getattr(o, "gradient_accumulation_steps", None)]
-    return ", ".join(f"the {'inner ' if o is optimizer else 'sub-'}optimizer {o.name!r}" for o in found)
+def _sub_optimizers(optimizer):
+    """The optimizers inside `optimizer` that step variables: a (built)
+    `MultiOptimizer`'s sub-optimizers, with the variables each was built on;
+    else `optimizer` itself, stepping all."""
+    subs = list(getattr(optimizer, "optimizers", []) or [])
+    if not subs:
+        return [(optimizer, None)]
+    return [(o, {id(v) for v in getattr(o, "_trainable_variables", [])}) for o in subs]
+
+
+def check_learned_accumulation(optimizer, learned_variables, who):
+    """Raises `ValueError` when an optimizer (the inner optimizer, or the
+    sub-optimizer of an inner `MultiOptimizer` that trains them) steps
+    kernels with learned radii while it accumulates gradients: the radii
+    would step on every batch, the kernels only on every k-th."""
+    if not learned_variables:
+        return
+    ids = {id(v) for v in learned_variables}
+    found = [o for o, trains in _sub_optimizers(optimizer)
+             if getattr(o, "gradient_accumulation_steps", None) and (trains is None or trains & ids)]
+    if found:
+        which = ", ".join(f"the {'inner ' if o is optimizer else 'sub-'}optimizer {o.name!r}" for o in found)
+        raise ValueError(
+            f"{who}{which} accumulates gradients (`gradient_accumulation_steps`), but learned radii "
+            "need one update per batch: the radii would step on every batch, the kernels only on every "
+            "k-th. Fixed radii work with it.")
+
+
+def _uses_ema(optimizer):
+    """Whether `optimizer`, or a sub-optimizer of it (`MultiOptimizer`),
+    keeps a moving average (`use_ema=True`)."""
+    return any(getattr(o, "use_ema", False) for o, _ in [(optimizer, None)] + _sub_optimizers(optimizer))
 
 
 def _portable(config):

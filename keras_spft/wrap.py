@@ -734,6 +734,11 @@ def wrap_pretrained(
             f"weight(s) that have moved from them: {shown}{', ...' if len(dropped) > 6 else ''}. A later "
             "call would anchor them at their fine-tuned values. To keep them, pass the earlier call's options for these layers "
             "(e.g. batchnorm=, exclude=, head=); to free them and forget their anchors, pass drop_anchors=True.")
+    # A RadiusOptimizer already built for this model takes up the new objects
+    # at the end (`rebind`); one that cannot (learned radii, kernels stepped
+    # by an accumulating optimizer) is refused before anything changes.
+    _check_radius_optimizer_takes(model, [spec.variable for _, spec, obj, pgm in attachments
+                                          if pgm and getattr(obj, "learn_radius", False)])
     for layer, spec, obj, is_constraint in attachments:
         _attach(layer, spec, obj, is_constraint)
     if not_restored:
@@ -775,14 +780,31 @@ def wrap_pretrained(
     return report
 
 
-def _rebind_radius_optimizer(model, removed=False):
-    """A `RadiusOptimizer` already built for this model holds the state of
-    the objects just replaced: it takes up the new ones (see its `rebind`)."""
+def _radius_optimizer(model):
+    """The `RadiusOptimizer` `model` is compiled with (also inside a
+    LossScaleOptimizer), or `None`."""
     from keras_spft.learned import RadiusOptimizer
 
     opt = getattr(model, "optimizer", None)
     while opt is not None and not isinstance(opt, RadiusOptimizer):
         opt = getattr(opt, "inner_optimizer", None)   # LossScaleOptimizer(RadiusOptimizer(...))
+    return opt
+
+
+def _check_radius_optimizer_takes(model, learned_variables):
+    from keras_spft.learned import check_learned_accumulation
+
+    opt = _radius_optimizer(model)
+    if opt is not None and opt.built:
+        check_learned_accumulation(
+            opt.inner_optimizer, learned_variables,
+            f"wrap_pretrained (nothing was changed): in the RadiusOptimizer '{model.name}' is compiled with, ")
+
+
+def _rebind_radius_optimizer(model, removed=False):
+    """A `RadiusOptimizer` already built for this model holds the state of
+    the objects just replaced: it takes up the new ones (see its `rebind`)."""
+    opt = _radius_optimizer(model)
     if opt is not None and removed:
         # method="none": the model holds no keras-spft object, but its
         # compiled optimizer is one, which `model.save` records.

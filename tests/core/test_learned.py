@@ -518,7 +518,7 @@ def _multi(default, head):
                                                                          optimizer_map={".*dense.*": head}))
 
 
-@pytest.mark.parametrize("inner", ["adam", "multi"])
+@pytest.mark.parametrize("inner", ["adam", "multi", "callable"])
 def test_gradient_accumulation_is_refused_with_learned_radii_only(inner):
     """Learned radii would step on every batch, the kernels on every k-th:
     refused, also where a sub-optimizer of a MultiOptimizer accumulates
@@ -526,6 +526,9 @@ def test_gradient_accumulation_is_refused_with_learned_radii_only(inner):
     with it, kernels moving on update steps only, within the bound."""
     def accumulating():
         adam = keras.optimizers.Adam(0.05, gradient_accumulation_steps=2)
+        if inner == "callable":   # its sub-optimizers are known only once it is built
+            sgd = keras.optimizers.SGD(0.1)
+            return keras.optimizers.MultiOptimizer(lambda v: sgd if "head" in v.path else adam)
         return adam if inner == "adam" else _multi(adam, keras.optimizers.SGD(0.1))
     x, y = _data(16)
     keras.utils.set_random_seed(0)
@@ -533,8 +536,8 @@ def test_gradient_accumulation_is_refused_with_learned_radii_only(inner):
     keras_spft.wrap_pretrained(model, radius="learned")
     model.compile(optimizer=keras_spft.RadiusOptimizer(accumulating()),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    which = "inner optimizer 'adam[_0-9]*'" if inner == "adam" else "sub-optimizer 'adam[_0-9]*'"
-    with pytest.raises(ValueError, match=f"RadiusOptimizer: the {which} accumulates gradients.*Fixed radii work"):
+    which = "the inner optimizer 'adam[_0-9]*'" if inner == "adam" else "the sub-optimizer 'adam[_0-9]*'"
+    with pytest.raises(ValueError, match=f"RadiusOptimizer: {which} accumulates gradients.*Fixed radii work"):
         model.fit(x, y, epochs=1, batch_size=4, verbose=0)
 
     keras.utils.set_random_seed(0)
@@ -553,6 +556,54 @@ def test_gradient_accumulation_is_refused_with_learned_radii_only(inner):
     start = to_np(model.trainable_variables[0].constraint.anchor)
     moved = [float(np.abs(a - b).max()) for a, b in zip([start] + seen[:-1], seen)]
     assert moved[0] == 0.0 and moved[2] < 1e-6 < moved[1] and moved[3] > 1e-6   # updates on batches 2 and 4
+
+
+def test_accumulation_is_refused_only_where_it_steps_learned_kernels_and_before_a_rewrap_changes_anything():
+    x, y = _data(16)
+    # A sub-optimizer that accumulates for BatchNorm only steps no learned kernel.
+    keras.utils.set_random_seed(0)
+    model = small_cnn()
+    keras_spft.wrap_pretrained(model, radius="learned")
+    bn = keras.optimizers.Adam(0.01, gradient_accumulation_steps=2)
+    opt = keras.optimizers.MultiOptimizer(keras.optimizers.OptimizerMap(
+        default_optimizer=keras.optimizers.Adam(0.01), optimizer_map={".*bn1.*": bn}))
+    model.compile(optimizer=keras_spft.RadiusOptimizer(opt),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x, y, epochs=1, batch_size=4, verbose=0)
+    # Fixed radii over an accumulating optimizer, then learned ones: refused
+    # before the model or the optimizer changes (rebind raised at the end, with
+    # the learned constraints attached and the optimizer's state half dropped).
+    keras.utils.set_random_seed(0)
+    model = small_cnn()
+    keras_spft.wrap_pretrained(model, radius=0.05, head_radius=0.5)
+    model.compile(optimizer=keras_spft.RadiusOptimizer(keras.optimizers.Adam(0.01, gradient_accumulation_steps=2)),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x, y, epochs=1, batch_size=4, verbose=0)
+    before = ([id(v.constraint) for v in model.trainable_variables], len(model.optimizer.variables))
+    with pytest.raises(ValueError, match=r"wrap_pretrained \(nothing was changed\): in the RadiusOptimizer "
+                                         r"'\w+' is compiled with, the inner optimizer 'adam[_0-9]*' accumulates"):
+        keras_spft.wrap_pretrained(model, radius="learned")
+    assert ([id(v.constraint) for v in model.trainable_variables], len(model.optimizer.variables)) == before
+    model.fit(x, y, epochs=1, batch_size=4, verbose=0)   # still trains as it was
+
+
+def test_a_sub_optimizers_moving_average_is_projected_at_the_end_of_fit():
+    """`use_ema=True` on a MultiOptimizer's sub-optimizer: its unprojected
+    average replaced the weights at the end of fit (only the inner
+    optimizer's own use_ema was looked at)."""
+    keras.utils.set_random_seed(0)
+    model = small_cnn()
+    keras_spft.wrap_pretrained(model, radius=0.05, head_radius=0.5)
+    opt = keras.optimizers.MultiOptimizer(keras.optimizers.OptimizerMap(
+        default_optimizer=keras.optimizers.Adam(0.05, use_ema=True),
+        optimizer_map={".*head.*": keras.optimizers.SGD(0.1)}))
+    model.compile(optimizer=keras_spft.RadiusOptimizer(opt),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x, y = _data()
+    model.fit(x, y, epochs=2, batch_size=8, verbose=0)
+    for v in model.trainable_variables:
+        if isinstance(v.constraint, keras_spft.MARSDistance):
+            assert_within_bound(v.constraint, v)
 
 
 def test_swap_ema_weights_under_mixed_float16():
