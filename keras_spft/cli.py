@@ -752,16 +752,6 @@ def _refuse_unused_options(args, methods):
         unused.append("--radius-lr")  # only learned radii have a step size
     if not set(methods) & set(batchnorm_methods(args.batchnorm)):
         unused.append(f"--batchnorm {args.batchnorm}")
-    # A value fixes a hyper-parameter, a range searches it: both at once
-    # (the value won, the range was dropped without a word) is an error.
-    # (--lr with --lr-range is not: the range is the baseline's, the value
-    # the regularised methods'.)
-    both = [arg for arg in sorted({ARG_NAMES.get(n, n) for m in recipe.METHODS
-                                   for n in recipe.hyperparameter_names(m)} - {"lr"})
-            if getattr(args, arg, None) is not None and getattr(args, arg + "_range", None) is not None]
-    if both:
-        flags = "; ".join(f"--{a.replace('_', '-')} and --{a.replace('_', '-')}-range" for a in both)
-        raise UsageError(f"{flags} both given: a value fixes it, a range searches it; give one.")
     if unused:
         uses = ", ".join("--" + ARG_NAMES.get(n, n).replace("_", "-") for n in sorted(own)) or "none"
         which = (f"{methods[0]} (its hyper-parameters: {uses})" if len(methods) == 1 else
@@ -769,6 +759,15 @@ def _refuse_unused_options(args, methods):
         raise UsageError(
             f"{', '.join(unused)} {'does' if len(unused) == 1 else 'do'} not apply to {which}."
         )
+    # A value fixes a hyper-parameter, a range searches it: both at once
+    # (the value won, the range was dropped without a word) is an error.
+    # (--lr with --lr-range is not: the range is the baseline's, the value
+    # the regularised methods'.)
+    both = [arg for arg in sorted({ARG_NAMES.get(n, n) for n in own} - {"lr"})
+            if getattr(args, arg, None) is not None and getattr(args, arg + "_range", None) is not None]
+    if both:
+        flags = "; ".join(f"--{a.replace('_', '-')} and --{a.replace('_', '-')}-range" for a in both)
+        raise UsageError(f"{flags} both given: a value fixes it, a range searches it; give one.")
 
 
 def _differences(old, new):
