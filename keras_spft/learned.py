@@ -170,10 +170,10 @@ class RadiusOptimizer(keras.optimizers.Optimizer):
     def build(self, var_list):
         if self.built:   # as Keras' optimizers: a second call (e.g. before load_weights) keeps the state
             return
-        # The inner optimizer first: a MultiOptimizer knows which
-        # sub-optimizer trains which variable only once built.
-        self.inner_optimizer.build(var_list)
+        # Checked before the inner optimizer is built: built on the variables
+        # of a refused attempt, it would refuse the next one's.
         self._bind_constraints(var_list)
+        self.inner_optimizer.build(var_list)
         super().build(var_list)
 
     @tracking.no_automatic_dependency_tracking
@@ -407,14 +407,19 @@ class RadiusOptimizer(keras.optimizers.Optimizer):
         return cls(**config)
 
 
-def _sub_optimizers(optimizer):
-    """The optimizers inside `optimizer` that step variables: a (built)
-    `MultiOptimizer`'s sub-optimizers, with the variables each was built on;
-    else `optimizer` itself, stepping all."""
-    subs = list(getattr(optimizer, "optimizers", []) or [])
-    if not subs:
-        return [(optimizer, None)]
-    return [(o, {id(v) for v in getattr(o, "_trainable_variables", [])}) for o in subs]
+def _steppers(optimizer, variables):
+    """The optimizers that step `variables`: for a `MultiOptimizer`, the
+    sub-optimizers its map gives them (asked of the map, so built or not);
+    else `optimizer` itself."""
+    mapping = getattr(optimizer, "_optimizer_map", None)
+    if not (callable(mapping) and hasattr(optimizer, "optimizers")):
+        return [optimizer]
+    found = []
+    for v in variables:
+        o = mapping(v)
+        if all(o is not f for f in found):
+            found.append(o)
+    return found
 
 
 def check_learned_accumulation(optimizer, learned_variables, who):
@@ -424,9 +429,7 @@ def check_learned_accumulation(optimizer, learned_variables, who):
     would step on every batch, the kernels only on every k-th."""
     if not learned_variables:
         return
-    ids = {id(v) for v in learned_variables}
-    found = [o for o, trains in _sub_optimizers(optimizer)
-             if getattr(o, "gradient_accumulation_steps", None) and (trains is None or trains & ids)]
+    found = [o for o in _steppers(optimizer, learned_variables) if getattr(o, "gradient_accumulation_steps", None)]
     if found:
         which = ", ".join(f"the {'inner ' if o is optimizer else 'sub-'}optimizer {o.name!r}" for o in found)
         raise ValueError(
@@ -438,7 +441,7 @@ def check_learned_accumulation(optimizer, learned_variables, who):
 def _uses_ema(optimizer):
     """Whether `optimizer`, or a sub-optimizer of it (`MultiOptimizer`),
     keeps a moving average (`use_ema=True`)."""
-    return any(getattr(o, "use_ema", False) for o, _ in [(optimizer, None)] + _sub_optimizers(optimizer))
+    return any(getattr(o, "use_ema", False) for o in [optimizer] + list(getattr(optimizer, "optimizers", []) or []))
 
 
 def _portable(config):

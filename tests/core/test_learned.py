@@ -261,8 +261,17 @@ def test_radius_optimizer_without_constraints_is_refused():
     # error says so instead of asking to wrap.
     keras_spft.wrap_pretrained(model, radius="learned")
     model.layers[0].trainable = False
+    opt = keras_spft.RadiusOptimizer(keras.optimizers.Adam())
     with pytest.raises(ValueError, match="constrained kernels are frozen.*inner optimizer alone"):
-        keras_spft.RadiusOptimizer(keras.optimizers.Adam()).build(model.trainable_variables)
+        opt.build(model.trainable_variables)
+    # Unfrozen, the same optimizer builds and trains (its inner optimizer was
+    # built on the refused attempt's variables, and refused these).
+    model.layers[0].trainable = True
+    assert not opt.built and not opt.inner_optimizer.built
+    model.compile(optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x, y = _data(8)
+    model.fit(x, y, epochs=1, batch_size=8, verbose=0)
+    assert opt.built and int(to_np(opt.iterations)) == 1
 
 
 @pytest.mark.skipif(keras.backend.backend() == "jax",
