@@ -126,7 +126,7 @@ def check_weights(weights):
         `"imagenet"`, `None` or the absolute path.
 
     Raises:
-        ValueError: a path that does not exist.
+        ValueError: a path that does not exist, or a folder.
 
     Example:
 
@@ -138,6 +138,9 @@ def check_weights(weights):
     if weights == "imagenet":
         return weights
     path = os.path.abspath(os.path.expanduser(str(weights)))
+    if os.path.isdir(path):
+        raise ValueError(f"weights '{path}' is a folder, not a weights file (expected 'imagenet', None or "
+                         "the path of a weights file for the model without its top).")
     if not os.path.isfile(path):
         raise ValueError(
             f"weights file '{path}' does not exist (expected 'imagenet', None or the "

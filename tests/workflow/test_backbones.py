@@ -45,6 +45,9 @@ def test_missing_weights_file_is_named(tmp_path):
     missing = tmp_path / "nope.h5"
     with pytest.raises(ValueError, match=r"weights file '.*nope.h5' does not exist"):
         build_model("mobilenet", 3, weights=str(missing), image_size=32, alpha=0.25)
+    # a folder is one (it was said not to exist)
+    with pytest.raises(ValueError, match=r"weights '.*' is a folder, not a weights file"):
+        build_model("mobilenet", 3, weights=str(tmp_path), image_size=32, alpha=0.25)
 
 
 def test_offline_imagenet_download_is_one_clear_error(monkeypatch):
