@@ -105,17 +105,43 @@ class GroupedAdam(keras.optimizers.Adam):
         finally:
             for v, c in grouped:
                 v.constraint = c
-        groups = {}
-        for v, c in grouped:
-            groups.setdefault((tuple(v.shape), c._axis_for(v)), []).append((v, c))
-        for (shape, axis), members in groups.items():
-            w = ops.stack([v.value for v, _ in members])
-            a = ops.stack([c._anchor_value(w.dtype, traced_with=v) for v, c in members])
-            radius = ops.stack([ops.broadcast_to(c._scale_value(w.dtype, traced_with=v), c._row_shape(shape, axis))
-                                for v, c in members])
-            p = a + sops.scale_to_l1_ball(w - a, radius, tuple(x + 1 for x in axis))
-            for k, (v, _) in enumerate(members):
-                v.assign(p[k])
+        ws = [v.value for v, _ in grouped]
+        projected = project_grouped(ws, [c._anchor_value(w.dtype, traced_with=v) for w, (v, c) in zip(ws, grouped)],
+                                    [c._scale_value(w.dtype, traced_with=v) for w, (v, c) in zip(ws, grouped)],
+                                    [c._axis_for(v) for v, c in grouped])
+        for (v, _), p in zip(grouped, projected):
+            v.assign(p)
+
+
+def project_grouped(ws, anchors, radius, axes):
+    """MARS-PGM "scale" of every kernel in `ws` towards its anchor, the
+    kernels of one shape and row axes stacked on a new leading axis and
+    projected together (one row-norm reduction and one rescale per group).
+
+    Args:
+        ws, anchors: lists of kernels and their anchors.
+        radius: one radius for all, or a list of one per kernel (each
+            broadcastable to that kernel's row shape).
+        axes: each kernel's row axes.
+
+    Returns:
+        The projected kernels, in the order of `ws`.
+    """
+    groups = {}
+    for i, (w, axis) in enumerate(zip(ws, axes)):
+        groups.setdefault((tuple(w.shape), tuple(axis)), []).append(i)
+    out = [None] * len(ws)
+    for (shape, axis), idx in groups.items():
+        w = ops.stack([ws[i] for i in idx])
+        a = ops.stack([anchors[i] for i in idx])
+        r = radius
+        if isinstance(radius, (list, tuple)):
+            rows = tuple(1 if d in axis else n for d, n in enumerate(shape))
+            r = ops.stack([ops.broadcast_to(radius[i], rows) for i in idx])
+        p = a + sops.scale_to_l1_ball(w - a, r, tuple(x + 1 for x in axis))
+        for k, i in enumerate(idx):
+            out[i] = p[k]
+    return out
 
 
 def make_optimizer(kind):

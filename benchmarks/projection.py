@@ -29,7 +29,7 @@ from keras import ops
 
 from keras_spft import ops as sops
 from keras_spft.kernels import kernel_specs
-from benchmarks.overhead import APPS
+from benchmarks.overhead import APPS, project_grouped
 
 
 def _as_rows(t, axis):
@@ -91,27 +91,12 @@ def learned_scale_unshared(t, radius, axis):
     return sops.scale_to_l1_ball(t, ops.maximum(r, 1e-4), axis)
 
 
-def _groups(shapes_axes):
-    """Indices of the kernels grouped by (shape, axis)."""
-    groups = {}
-    for i, key in enumerate(shapes_axes):
-        groups.setdefault(key, []).append(i)
-    return list(groups.values())
-
-
 def scale_grouped(ws, anchors, radius, axes):
     """Candidate: "scale" over all kernels of one shape at once (stacked on a
     new leading axis), so one group of same-shape kernels is one set of
-    element-wise passes instead of one per kernel."""
-    out = [None] * len(ws)
-    for idx in _groups([(tuple(w.shape), axis) for w, axis in zip(ws, axes)]):
-        axis = tuple(a + 1 for a in axes[idx[0]])
-        w = ops.stack([ws[i] for i in idx])
-        a = ops.stack([anchors[i] for i in idx])
-        p = a + sops.scale_to_l1_ball(w - a, radius, axis)
-        for k, i in enumerate(idx):
-            out[i] = p[k]
-    return out
+    element-wise passes instead of one per kernel (`overhead.project_grouped`,
+    which `GroupedAdam` runs inside a training step)."""
+    return project_grouped(ws, anchors, radius, axes)
 
 
 #: Implementations that take the whole list of kernels (and anchors) at once.
