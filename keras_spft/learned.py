@@ -251,7 +251,7 @@ class RadiusOptimizer(keras.optimizers.Optimizer):
     def _check_accumulation(self, constrained):
         """Refuses learned radii among `constrained` (`[(variable,
         constraint)]`) whose kernels an accumulating optimizer steps."""
-        check_learned_accumulation(self.inner_optimizer, [v for v, c in constrained if c.learn_radius],
+        _check_learned_accumulation(self.inner_optimizer, [v for v, c in constrained if c.learn_radius],
                                    "RadiusOptimizer: ")
 
     @property
@@ -422,7 +422,7 @@ def _steppers(optimizer, variables):
     return found
 
 
-def check_learned_accumulation(optimizer, learned_variables, who):
+def _check_learned_accumulation(optimizer, learned_variables, who):
     """Raises `ValueError` when an optimizer (the inner optimizer, or the
     sub-optimizer of an inner `MultiOptimizer` that trains them) steps
     kernels with learned radii while it accumulates gradients: the radii

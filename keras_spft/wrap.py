@@ -792,11 +792,11 @@ def _radius_optimizer(model):
 
 
 def _check_radius_optimizer_takes(model, learned_variables):
-    from keras_spft.learned import check_learned_accumulation
+    from keras_spft.learned import _check_learned_accumulation
 
     opt = _radius_optimizer(model)
     if opt is not None and opt.built:
-        check_learned_accumulation(
+        _check_learned_accumulation(
             opt.inner_optimizer, learned_variables,
             f"wrap_pretrained (nothing was changed): in the RadiusOptimizer '{model.name}' is compiled with, ")
 
